@@ -1,0 +1,44 @@
+"""hizli: fast LoRA/QLoRA fine-tuning of chat models.
+
+The names below mirror the Unsloth recipe so that its code runs with only the imports changed.
+They are imported lazily: ``import hizli`` stays quick and needs no GPU, torch is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "FastLanguageModel": "hizli.api",
+    "get_chat_template": "hizli.api",
+    "standardize_sharegpt": "hizli.api",
+    "train_on_responses_only": "hizli.api",
+    "SFTTrainer": "hizli.api",
+    "TrainingArguments": "hizli.api",
+    "DataCollatorForSeq2Seq": "hizli.api",
+    "is_bfloat16_supported": "hizli.api",
+    "train": "hizli.api",
+    "unsloth_train": "hizli.api",
+    "memory_report": "hizli.api",
+    "load_recipe": "hizli.config",
+    "Recipe": "hizli.config",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hizli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,39 @@
+"""User-facing messages: one logger, and warnings that are said once per process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger("hizli")
+_said: set[str] = set()
+
+
+def setup(level: int = logging.INFO) -> None:
+    """Print hizli's messages as ``hizli: ...`` lines on stderr (idempotent)."""
+    if not any(getattr(h, "_hizli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("hizli: %(message)s"))
+        handler._hizli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+def info(message: str) -> None:
+    setup_default()
+    logger.info(message)
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn the first time ``key`` is seen in this process, stay silent afterwards."""
+    if key in _said:
+        return
+    _said.add(key)
+    setup_default()
+    logger.warning(message)
+
+
+def setup_default() -> None:
+    if not logger.handlers:
+        setup()

@@ -1,0 +1,87 @@
+"""Turn a .gguf file into a cached transformers folder once, so later loads take about a second.
+
+transformers reads GGUF (``gguf_file=``) but converts the tokenizer and de-quantizes every tensor
+on each load (about 20-45 s for SmolLM2-135M on a 2-core CPU), and refuses ``save_pretrained`` on
+the result. A fresh model built from the same config without ``quantization_config``, given the
+loaded state dict, saves to safetensors; that folder is what we cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hizli import _log
+
+CACHE_ENV = "HIZLI_CACHE"
+
+
+def cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hizli"
+    )
+    return Path(root)
+
+
+def _key(gguf: Path) -> str:
+    import transformers
+
+    st = gguf.stat()
+    # path + size + mtime identify the file without reading 100s of MB; the transformers major
+    # version is part of the key because the conversion code belongs to it
+    raw = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__.split('.')[0]}"
+    return f"{gguf.stem[:60]}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def converted_folder(gguf: Path) -> Path:
+    """Return a transformers folder (safetensors + tokenizer) equivalent to ``gguf``, converting once.
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted
+    conversion is never mistaken for a finished one.
+    """
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    final = cache_root() / "gguf" / _key(gguf)
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _log.info(f"converting {gguf.name} to a cached transformers folder (once; later loads are fast)")
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        _convert(gguf, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log.info(f"cached at {final}")
+    return final
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(gguf)
+    state = loaded.state_dict()
+    del loaded
+    fresh_config = AutoConfig.for_model(**config.to_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(fresh_config, dtype=torch.float32)
+    model.load_state_dict(state, assign=True)
+    if getattr(fresh_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,122 @@
+"""Switching a model between training and generation, and one chat turn through the chat template."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable
+
+
+def accept_encodings_in_generate(model) -> None:
+    """Let ``model.generate(input_ids=tokenizer.apply_chat_template(..., return_tensors="pt"))`` work.
+
+    transformers 5 returns a BatchEncoding (a dict) from ``apply_chat_template(tokenize=True)``
+    where 4.x returned a tensor; the recipe passes it as ``input_ids``. We unpack it.
+    """
+    if getattr(model.generate, "_hizli_wrapped", False):
+        return
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any):
+        enc = kwargs.get("input_ids")
+        if enc is None and args and isinstance(args[0], dict):
+            enc, args = args[0], args[1:]
+        if isinstance(enc, dict) and "input_ids" in enc:
+            kwargs["input_ids"] = enc["input_ids"]
+            if "attention_mask" in enc and "attention_mask" not in kwargs:
+                kwargs["attention_mask"] = enc["attention_mask"]
+        return original(*args, **kwargs)
+
+    generate._hizli_wrapped = True  # type: ignore[attr-defined]
+    model.generate = generate
+
+
+def for_inference(model):
+    """Evaluation mode with the KV cache on; returns the model (the recipe ignores the result)."""
+    model.eval()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "config"):
+        base.config.use_cache = True
+    if hasattr(base, "generation_config") and base.generation_config is not None:
+        base.generation_config.use_cache = True
+    return model
+
+
+def for_training(model):
+    """Back to training mode (checkpointing, as chosen in get_peft_model, applies again)."""
+    model.train()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(model, "hizli_checkpointing", "off") != "off" and hasattr(base, "config"):
+        base.config.use_cache = False
+    return model
+
+
+def chat_input_ids(tokenizer, messages: Iterable[dict], device) -> Any:
+    """Token ids of ``messages`` through the chat template, ending with the assistant prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this tokenizer has no chat template; set one with hizli.get_chat_template(tokenizer, 'NAME') "
+            "(`hizli templates` lists them)"
+        )
+    enc = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def generate_reply(
+    model,
+    tokenizer,
+    messages: Iterable[dict],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    min_p: float | None = None,
+    stream: bool = True,
+    seed: int | None = None,
+) -> str:
+    """Answer the last user message; with ``stream`` the text is printed as it is produced.
+
+    ``temperature=0`` decodes greedily (reproducible answers for scripts and tests).
+    """
+    import torch
+    from transformers import TextStreamer
+
+    for_inference(model)
+    input_ids, attention_mask = chat_input_ids(tokenizer, messages, model.device)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, use_cache=True,
+                                  pad_token_id=tokenizer.pad_token_id)
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+        if min_p:
+            kwargs["min_p"] = min_p
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    eos = _stop_ids(tokenizer, model)
+    if eos:
+        kwargs["eos_token_id"] = eos
+    if stream:
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _stop_ids(tokenizer, model) -> list[int]:
+    """EOS ids of the generation config plus the template's end-of-turn tokens that exist."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.append(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.extend(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for token in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "</s>"):
+        if token in vocab:
+            ids.append(vocab[token])
+    return list(dict.fromkeys(ids))

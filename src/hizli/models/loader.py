@@ -1,0 +1,315 @@
+"""Load a causal LM and its tokenizer the way the recipe asks: hub id, folder, .gguf, or embedded name.
+
+``load(...)`` is what ``FastLanguageModel.from_pretrained`` calls. It resolves where the weights
+come from, picks the dtype, quantizes to NF4 when asked and possible, and fixes the tokenizer's pad
+token. What it did is recorded on the model as ``model.hizli_info`` and shown by the memory report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hizli import _log
+from hizli.models.embedded import EMBEDDED, embedded_path
+
+# Tried in order when the tokenizer has no pad token or pads with EOS. Llama 3.1/3.2 reserve
+# <|finetune_right_pad_id|> for exactly this.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
+
+
+@dataclass
+class LoadInfo:
+    """What ``load`` actually did; printed in reports and used to reload saved adapters."""
+
+    source: str  # what the user passed, absolutised for local paths
+    kind: str  # embedded | gguf | folder | hub | adapter
+    dtype: str
+    device: str
+    max_seq_length: int
+    load_in_4bit_requested: bool
+    quantization: str  # "nf4" or "none (<reason>)"
+    adapter: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.quantization == "nf4"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+_DTYPE_NAMES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+
+
+def resolve_dtype(dtype: Any, device: str):
+    """``None``/"auto": bf16 where the GPU supports it, else fp16 on a GPU, fp32 on a CPU."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    else:
+        name = _DTYPE_NAMES.get(str(dtype).lower())
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(
+            f"dtype={dtype!r} is not supported; use None (auto), 'bfloat16', 'float16' or 'float32'"
+        )
+    if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"dtype='bfloat16' was asked for, but {torch.cuda.get_device_name()} has no bfloat16 "
+            "support; use dtype=None (picks float16 here) or dtype='float16'"
+        )
+    return getattr(torch, name)
+
+
+def _bnb_4bit_problem(device: str) -> str | None:
+    """Why NF4 cannot be used here, or None if it can."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+@dataclass
+class Source:
+    kind: str  # embedded | gguf | folder | hub | adapter
+    path: str  # what to hand to transformers (folder or hub id)
+    source: str  # what to record
+
+
+def resolve_source(model_name: str) -> Source:
+    """Work out what ``model_name`` names. Local paths win over hub ids of the same spelling."""
+    if not isinstance(model_name, (str, os.PathLike)) or not str(model_name).strip():
+        raise ValueError(
+            f"model_name={model_name!r}: pass a hub id (e.g. 'unsloth/Llama-3.2-3B-Instruct'), a local "
+            f"folder, a .gguf file, or an embedded model ({', '.join(EMBEDDED)})"
+        )
+    name = str(model_name)
+    embedded = embedded_path(name) if name.lower() in EMBEDDED else None
+    if embedded is not None:
+        from hizli.models.gguf_cache import converted_folder
+
+        return Source("embedded", str(converted_folder(embedded)), name.lower())
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"model_name={name!r} is a file but not a .gguf file; pass its folder instead"
+            )
+        from hizli.models.gguf_cache import converted_folder
+
+        return Source("gguf", str(converted_folder(p)), str(p.resolve()))
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            return Source("adapter", str(p.resolve()), str(p.resolve()))
+        if (p / "config.json").is_file():
+            return Source("folder", str(p.resolve()), str(p.resolve()))
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_source(str(ggufs[0]))
+        raise ValueError(
+            f"model folder {str(p)!r} holds neither config.json (a transformers model), "
+            "adapter_config.json (a LoRA adapter) nor a single .gguf file"
+        )
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+    if looks_local:
+        raise FileNotFoundError(f"model_name={name!r}: no such file or folder")
+    return Source("hub", name, name)
+
+
+def load(
+    model_name: str,
+    max_seq_length: int = 2048,
+    dtype: Any = None,
+    load_in_4bit: bool = True,
+    *,
+    token: str | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+    adapter_trainable: bool = True,
+):
+    """Load ``(model, tokenizer)``; see ``FastLanguageModel.from_pretrained`` for the arguments."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(max_seq_length, int) or max_seq_length < 8:
+        raise ValueError(f"max_seq_length={max_seq_length!r} must be an integer >= 8 (the recipe uses 2048)")
+    src = resolve_source(model_name)
+    if src.kind == "adapter":
+        return _load_adapter(
+            src, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
+            device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+            attn_implementation=attn_implementation, trainable=adapter_trainable,
+        )
+
+    device = default_device() if device_map is None else _device_of(device_map)
+    torch_dtype = resolve_dtype(dtype, device)
+    quantization = "none (load_in_4bit=False)"
+    kwargs: dict[str, Any] = {}
+    if load_in_4bit:
+        problem = _bnb_4bit_problem(device)
+        if problem is None:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype,
+            )
+            quantization = "nf4"
+        else:
+            quantization = f"none ({problem})"
+            _log.warn_once(
+                "no-4bit",
+                f"load_in_4bit=True but {problem}: loading in full precision ({_short(torch_dtype)}) "
+                "instead; memory use will be about 4x higher. Install bitsandbytes>=0.46 for 4-bit.",
+            )
+    hub = dict(token=token, revision=revision) if src.kind == "hub" else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path,
+            dtype=torch_dtype,
+            device_map=device_map if device_map is not None else {"": device},
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            **kwargs,
+            **hub,
+        )
+    except OSError as e:
+        raise _explain_load_error(src, e, allow_pickle) from e
+    if _is_prequantized_4bit(model) and quantization != "nf4":
+        quantization = "nf4"
+    tokenizer = load_tokenizer(src.path, token=token if src.kind == "hub" else None,
+                               trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
+    model.hizli_info = LoadInfo(
+        source=src.source, kind=src.kind, dtype=_short(torch_dtype), device=device,
+        max_seq_length=max_seq_length, load_in_4bit_requested=bool(load_in_4bit), quantization=quantization,
+    )
+    model.max_seq_length = max_seq_length
+    from hizli.models.inference import accept_encodings_in_generate
+
+    accept_encodings_in_generate(model)
+    return model, tokenizer
+
+
+def load_tokenizer(path: str, *, token: str | None = None, trust_remote_code: bool = False,
+                   max_seq_length: int | None = None):
+    """The tokenizer with a pad token distinct from EOS where the vocabulary has one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, token=token, trust_remote_code=trust_remote_code)
+    set_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    if max_seq_length:
+        tokenizer.model_max_length = max_seq_length
+    return tokenizer
+
+
+def set_pad_token(tokenizer) -> None:
+    """Pad with a token that is not EOS, so EOS is never confused with padding."""
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and candidate != eos:
+            tokenizer.pad_token = candidate
+            return
+    if tokenizer.pad_token is None:
+        # No spare token: pad with EOS. Harmless for training here, since hizli's collators mask
+        # padding by length, never by token id.
+        tokenizer.pad_token = eos
+        _log.warn_once("pad-eos", "the tokenizer has no spare token for padding; padding with EOS")
+
+
+def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, device_map,
+                  trust_remote_code, allow_pickle, attn_implementation, trainable):
+    from peft import PeftModel
+
+    config = json.loads((Path(src.path) / "adapter_config.json").read_text())
+    base_name = config.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(
+            f"{src.path}/adapter_config.json does not say which base model it was trained on "
+            "(base_model_name_or_path); load the base yourself and use peft.PeftModel.from_pretrained"
+        )
+    base, tokenizer = load(
+        base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
+        device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        attn_implementation=attn_implementation,
+    )
+    info: LoadInfo = base.hizli_info
+    model = PeftModel.from_pretrained(base, src.path, is_trainable=trainable)
+    if any((Path(src.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
+    info.adapter = src.path
+    model.hizli_info = info
+    from hizli.models.lora import attach_methods
+
+    attach_methods(model)
+    return model, tokenizer
+
+
+def _is_prequantized_4bit(model) -> bool:
+    q = getattr(model.config, "quantization_config", None)
+    if q is None:
+        return False
+    q = q if isinstance(q, dict) else q.to_dict()
+    return bool(q.get("load_in_4bit")) and q.get("bnb_4bit_quant_type", "nf4") == "nf4"
+
+
+def _device_of(device_map: Any) -> str:
+    if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) == 1:
+        value = next(iter(device_map.values()))
+        return f"cuda:{value}" if isinstance(value, int) else str(value)
+    if isinstance(device_map, int):
+        return f"cuda:{device_map}"
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential"):
+        return device_map
+    return default_device()
+
+
+def _short(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _explain_load_error(src: Source, e: OSError, allow_pickle: bool) -> Exception:
+    text = str(e)
+    if "safetensors" in text.lower() and not allow_pickle:
+        return ValueError(
+            f"{src.source!r} has no safetensors weights. hizli loads only safetensors or GGUF by default, "
+            "because pickle files (.bin/.pt) can run code when loaded; pass allow_pickle=True if you "
+            "trust this model"
+        )
+    if src.kind == "hub":
+        return OSError(
+            f"could not load {src.source!r} from the Hugging Face Hub ({text.splitlines()[0] if text else e!r}). "
+            "Check the name and your network or HF_TOKEN, or pass a local folder or .gguf file"
+        )
+    return OSError(f"could not load the model at {src.path!r}: {text}")
