@@ -1,0 +1,107 @@
+"""Small helpers shared by the Triton launchers (block sizes, warps, grid sizes).
+
+Nothing here imports triton at module level: the launchers import this module only once they have
+decided to run a kernel.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from hizli.kernels.dispatch import interpreting
+
+
+class LazyJit:
+    """A Triton kernel whose ``triton.jit`` happens at its first launch, not at module import.
+
+    Kernel files define their kernels at module level (readable, and Triton needs the source and
+    module globals of each kernel) but must import without Triton. At the first launch of any lazy
+    kernel of a module, every lazy kernel of that module is swapped in place for the real
+    ``JITFunction`` and ``triton``/``tl`` are bound in the module's globals, so kernels that call
+    helper kernels resolve them as Triton expects. The kernels' ``tl.constexpr`` annotations stay
+    unevaluated strings thanks to ``from __future__ import annotations``, which Triton accepts
+    (checked with Triton 3.6: the interpreter and a full sm_90 compile to cubin).
+    ``TRITON_INTERPRET`` is read by ``triton.jit`` at that moment, so set it before the first launch.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def materialize(self) -> Any:
+        module_globals = self.fn.__globals__
+        import triton
+        import triton.language as tl
+
+        if interpreting():
+            _patch_interpreter_index()
+        module_globals.setdefault("triton", triton)
+        module_globals.setdefault("tl", tl)
+        for name, value in list(module_globals.items()):
+            if isinstance(value, LazyJit):
+                assert value.fn.__name__ == name, f"lazy kernel {value.fn.__name__} bound as {name}"
+                module_globals[name] = triton.jit(value.fn)
+        return module_globals[self.fn.__name__]
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self.materialize()[grid]
+
+
+@lru_cache(maxsize=1)
+def _patch_interpreter_index() -> None:
+    """Let Triton 3.6's interpreter use run-time scalars as loop bounds under NumPy >= 2.4.
+
+    The interpreter holds every scalar as a 1-element array and converts it with ``int(array)``,
+    which NumPy 2.4 rejects for arrays with a dimension ("only 0-dimensional arrays can be converted
+    to Python scalars"), so ``for i in range(0, n)`` with a kernel argument ``n`` fails. This wraps
+    its per-launch patching to convert through ``.item()`` instead. Interpreter only: compiled
+    kernels never go through this code.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def lazy_jit(fn: Callable[..., Any]) -> LazyJit:
+    """Decorator: ``@lazy_jit`` in place of ``@triton.jit`` (see :class:`LazyJit`)."""
+    return LazyJit(fn)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (>= 1): Triton block shapes must be powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def row_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel over ``block`` elements.
+
+    About 256 elements per warp (8 per thread, one 16-byte vector of bf16) with at most 8 warps:
+    the rule of Triton's layer-norm tutorial, which keeps every thread on wide loads without
+    spilling. For a Llama-3B row (3,072 -> block 4,096) that is 8 warps, 16 elements a thread.
+    """
+    return max(1, min(8, block // 256))
+
+
+@lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def program_count(device: torch.device, rows: int, per_sm: int = 4) -> int:
+    """A grid size for kernels that loop over rows and keep per-program partial sums.
+
+    ``per_sm`` programs per multiprocessor gives enough warps in flight to cover memory latency
+    while keeping the partial-sum buffer (programs x columns, fp32) small. Under the interpreter a
+    handful of programs keeps the test fast while still exercising the row loop.
+    """
+    if device.type != "cuda" or interpreting():
+        return max(1, min(rows, 3))
+    return max(1, min(rows, _sm_count(device.index or 0) * per_sm))
