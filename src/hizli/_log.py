@@ -9,10 +9,22 @@ logger = logging.getLogger("hizli")
 _said: set[str] = set()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and tools may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup(level: int = logging.INFO) -> None:
     """Print hizli's messages as ``hizli: ...`` lines on stderr (idempotent)."""
     if not any(getattr(h, "_hizli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("hizli: %(message)s"))
         handler._hizli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -212,6 +212,10 @@ def load(
         max_seq_length=max_seq_length, load_in_4bit_requested=bool(load_in_4bit), quantization=quantization,
     )
     model.max_seq_length = max_seq_length
+    from hizli.models.patch import use_hizli_attention
+
+    if attn_implementation == "sdpa":
+        use_hizli_attention(model)
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)

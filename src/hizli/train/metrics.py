@@ -1,0 +1,100 @@
+"""What a run reports while it trains: a progress bar, a line per logging step, metrics.jsonl, loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Writes one JSON line per optimizer step to ``OUTPUT_DIR/metrics.jsonl`` and drives the bar.
+
+    The file is appended to and flushed every step, so a crashed run keeps its history; a resumed
+    run truncates entries past the checkpoint's step first, so the file reads as one clean run.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, total_steps: int, start_step: int,
+                 logging_steps: int, disable_bar: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a")
+        self.logging_steps = logging_steps
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+                        disable=disable_bar, dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+            if entry.get("step", 0) <= step:
+                keep.append(line)
+        self.path.write_text("".join(x + "\n" for x in keep))
+
+    def step(self, entry: dict[str, Any]) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        self.bar.update(1)
+        postfix = {"loss": f"{entry['loss']:.4f}", "lr": f"{entry['lr']:.2e}",
+                   "tok/s": f"{entry['tokens_per_s']:.0f}"}
+        if entry.get("peak_reserved_gib") is not None:
+            postfix["mem"] = f"{entry['peak_reserved_gib']:.2f}G"
+        self.bar.set_postfix(postfix, refresh=False)
+        if entry["step"] % self.logging_steps == 0:
+            shown = {k: entry[k] for k in ("step", "loss", "grad_norm", "lr", "tokens_per_s", "epoch") if k in entry}
+            self.bar.write(json.dumps(_round(shown)))
+
+    def note(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+
+
+def _round(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(output_dir: str | os.PathLike, eval_points: list[tuple[int, float]] | None = None) -> Path | None:
+    """Write ``OUTPUT_DIR/loss.png`` from metrics.jsonl (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    entries = read_metrics(output_dir)
+    if not entries:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], label="train loss", lw=1.2)
+    if eval_points:
+        ax.plot([s for s, _ in eval_points], [v for _, v in eval_points], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(output_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,125 @@
+"""``hizli train RECIPE``: the whole recipe, end to end, with where the time went.
+
+load model (4-bit) -> LoRA -> chat template -> data (standardise, render, tokenise, check) ->
+memory report -> train -> memory report -> save adapter + tokenizer -> one chat answer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from hizli import _log
+from hizli.config import Recipe, load_recipe
+
+
+class Timings:
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, float]] = []
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts.append((name, time.perf_counter() - t0))
+
+    def lines(self) -> list[str]:
+        total = sum(t for _, t in self.parts) or 1.0
+        rows = [f"  {name:<22} {t:8.1f} s  {100 * t / total:5.1f} %" for name, t in self.parts]
+        return ["where the time went:"] + rows + [f"  {'total':<22} {total:8.1f} s"]
+
+
+def _existing_run(recipe: Recipe) -> list[str]:
+    from hizli.train.checkpoint import list_checkpoints
+
+    found = [p.name for p in list_checkpoints(recipe.train.output_dir)]
+    adapter = Path(recipe.output.adapter_dir)
+    if adapter.is_dir() and any(adapter.iterdir()):
+        found.append(str(adapter))
+    return found
+
+
+def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout) -> dict[str, Any]:
+    """Run ``recipe``; returns the train metrics, memory figures, adapter path, answer and timings."""
+    from hizli.api import FastLanguageModel, SFTTrainer, get_chat_template, memory_report
+    from hizli.data.load import load_conversations
+    from hizli.models.inference import generate_reply
+
+    if resume in (None, False) and not recipe.output.overwrite:
+        found = _existing_run(recipe)
+        if found:
+            raise ValueError(f"{recipe.train.output_dir} / {recipe.output.adapter_dir} already hold an earlier run "
+                             f"({', '.join(found[:4])}). Continue it with --resume, or replace it with "
+                             "--set output.overwrite=true")
+    timings = Timings()
+    m, lo, d = recipe.model, recipe.lora, recipe.data
+    with timings.part("load model"):
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            m.name, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
+            trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+        model = FastLanguageModel.get_peft_model(
+            model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.lora_alpha,
+            lora_dropout=lo.lora_dropout, bias=lo.bias, use_gradient_checkpointing=lo.use_gradient_checkpointing,
+            random_state=lo.random_state, use_rslora=lo.use_rslora, loftq_config=lo.loftq_config)
+        tokenizer = get_chat_template(tokenizer, chat_template=d.chat_template)
+    with timings.part("prepare data"):
+        rows = load_conversations(d.dataset, split=d.split, schema=d.schema, max_rows=d.max_rows,
+                                  unknown_roles=d.unknown_roles, bad_rows=recipe.train.bad_rows)
+        eval_rows = rows[len(rows) - d.eval_rows:] if d.eval_rows else None
+        train_rows = rows[: len(rows) - d.eval_rows] if d.eval_rows else rows
+        trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
+                             max_seq_length=m.max_seq_length, dataset_num_proc=d.dataset_num_proc,
+                             packing=d.packing, args=recipe.train,
+                             train_on="assistant" if d.train_on_responses_only else "all")
+        trainer.recipe = recipe.to_dict()
+        print(trainer.train_dataset.report.summary(), file=out)
+    before = memory_report(printed=False)
+    with timings.part("train"):
+        stats = trainer.train(resume_from_checkpoint=resume)
+    print("\n".join(stats.memory.lines()), file=out)
+    with timings.part("save adapter"):
+        model.save_pretrained(recipe.output.adapter_dir)
+        tokenizer.save_pretrained(recipe.output.adapter_dir)
+        print(f"adapter saved to {recipe.output.adapter_dir}/ (load it with FastLanguageModel.from_pretrained"
+              f"('{recipe.output.adapter_dir}') or peft.PeftModel.from_pretrained)", file=out)
+        if recipe.output.push_to_hub:
+            from hizli.export import hub
+
+            hub.push_adapter(model, recipe.output.push_to_hub, tokenizer)
+    answer = None
+    if recipe.chat.prompt:
+        with timings.part("chat answer"):
+            print(f"\n>>> {recipe.chat.prompt}", file=out)
+            answer = generate_reply(model, tokenizer, [{"role": "user", "content": recipe.chat.prompt}],
+                                    max_new_tokens=recipe.chat.max_new_tokens,
+                                    temperature=recipe.chat.temperature, min_p=recipe.chat.min_p, stream=True,
+                                    seed=recipe.train.seed)
+    print("\n" + "\n".join(timings.lines()), file=out)
+    return {"metrics": stats.metrics, "memory_before": before, "memory": stats.memory.figures(),
+            "adapter_dir": recipe.output.adapter_dir, "answer": answer, "timings": dict(timings.parts)}
+
+
+def run_recipe_cli(path: str | None, overrides: list[str], resume: str | None = None, dry_run: bool = False) -> int:
+    from hizli.train.trainer import TrainingInterrupted
+
+    if path is None:
+        raise ValueError("pass a recipe file, e.g. `hizli train configs/demo-cpu.yaml` (CPU demo) or "
+                         "`hizli train configs/reference.yaml` (the reference recipe, needs a GPU and the hub)")
+    recipe = load_recipe(path, overrides)
+    if dry_run:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        return 0
+    resume_arg: str | bool | None = True if resume == "true" else resume
+    try:
+        run_recipe(recipe, resume=resume_arg)
+    except TrainingInterrupted as e:
+        _log.info(str(e))
+        return 130
+    return 0
