@@ -98,6 +98,10 @@ class SFTTrainer:
         self.formatting_func = formatting_func
         self.train_on = train_on
         self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks: {type(cb).__name__} is not callable. hizli calls each callback "
+                                "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)")
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
@@ -216,6 +220,8 @@ class SFTTrainer:
                                  "peak_reserved_gib": _peak_gib(device)}
                         log.step(entry)
                         self.state["log_history"].append(entry)
+                        for callback in self.callbacks:
+                            callback(entry)
                     if self._should_eval(step_no, total_steps):
                         ev = self.evaluate()
                         eval_points.append((step_no, ev["eval_loss"]))
