@@ -93,8 +93,12 @@ def _names() -> dict[str, str]:
     names: dict[str, str] = {}
     for info in registry().values():
         for n in (info.name, *info.aliases):
-            names[n.lower()] = info.name
+            names[_key(n)] = info.name
     return names
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
 
 
 def lookup(name: str) -> TemplateInfo:
@@ -103,7 +107,7 @@ def lookup(name: str) -> TemplateInfo:
     Raises:
         ValueError: unknown name; the message lists the closest valid names.
     """
-    key = str(name).strip().lower().replace("_", "-")
+    key = _key(name)
     names = _names()
     if key in names:
         return registry()[names[key]]
