@@ -1,0 +1,125 @@
+"""``hizli data check FILE``: every problem of a data file at once, before any training.
+
+For the trainer and scripts::
+
+    from hizli.data.check import check_rows, DataError
+    report = check_rows("data.jsonl", tokenizer, max_seq_length=2048, train_on="assistant")
+    if not report.ok:
+        raise DataError(report)          # a ValueError whose message lists every unusable row
+
+``check_rows`` reads the whole source (file, hub id, Dataset or list of rows), renders every
+conversation with the chat template and tokenizes it exactly as training will, and returns a
+``DataReport``: ``skipped`` lists the unusable rows (invalid JSON, a truncated file, no
+conversation, a malformed message, an empty turn, no assistant turn, a row left without a trained
+token after truncation), ``warnings`` the usable rows worth a look (unknown roles mapped, rows
+truncated to ``max_seq_length``), ``stats()`` the token lengths. ``rows_in == rows_used + len(skipped)``.
+
+``check_cli`` prints that report with file line numbers and exits 1 if any row is unusable, else 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hizli.data.problems import DataError, DataReport
+
+__all__ = ["check_rows", "check_cli", "DataError", "DataReport"]
+DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+
+
+def check_rows(data: Any, tokenizer=None, *, template: str | None = None, max_seq_length: int = 2048,
+               schema: str = "auto", train_on: str = "all", num_proc: int = 1, unknown_roles: str = "assistant",
+               show_progress: bool = False) -> DataReport:
+    """Check every row of ``data`` as training would use it; return the full report (never raises on bad rows).
+
+    Args:
+        data: a path (``.jsonl``/``.json``/``.parquet``), hub dataset id, ``datasets.Dataset``, list of
+            rows, or ``hizli.data.load.Conversations``.
+        tokenizer: the tokenizer training uses (default: the embedded SmolLM2's).
+        template: a chat template name to render with instead of the tokenizer's own (the
+            tokenizer passed in is not changed).
+        max_seq_length: the training ``max_seq_length``.
+        schema: ``"auto"``, ``"sharegpt"``, ``"messages"`` or ``"alpaca"``.
+        train_on: ``"all"`` or ``"assistant"`` (as ``train_on_responses_only``).
+        num_proc: processes for tokenization.
+        unknown_roles: the role policy (see ``hizli.data.sharegpt``).
+        show_progress: tqdm progress bar.
+    """
+    from hizli.data.load import Conversations, load_conversations
+    from hizli.data.tokenize import tokenize_dataset
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(None)
+    if template is not None:
+        from hizli.data.templates import get_chat_template
+
+        # A shallow copy: the caller's tokenizer keeps its template; EOS is not touched.
+        tokenizer = get_chat_template(copy.copy(tokenizer), template, map_eos_token=False, warn=False)
+    rows = data if isinstance(data, Conversations) else load_conversations(
+        data, schema=schema, unknown_roles=unknown_roles, bad_rows="skip")
+    ds = tokenize_dataset(rows, tokenizer, max_seq_length=max_seq_length, messages_field="messages",
+                          train_on=train_on, num_proc=num_proc, bad_rows="skip", show_progress=show_progress)
+    return ds.report
+
+
+def check_cli(args) -> int:
+    """``hizli data check FILE [--template NAME] [--max-seq-length N] [--tokenizer T] [--schema S] [--responses-only]``."""
+    from hizli import _log
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{args.file}: no such file")
+    tokenizer = load_tokenizer(args.tokenizer)
+    train_on = "assistant" if args.responses_only else "all"
+    template = None if str(args.template).lower() in ("own", "none") else args.template
+    quiet = _log.logger.level
+    _log.logger.setLevel("WARNING")  # the report below says it all; skip the progress log lines
+    try:
+        report = check_rows(path, tokenizer, template=template, max_seq_length=args.max_seq_length,
+                            schema=args.schema, train_on=train_on, show_progress=sys.stderr.isatty())
+    finally:
+        _log.logger.setLevel(quiet)
+    print(format_report(report, str(path), template=template or "the tokenizer's own",
+                        tokenizer=args.tokenizer or DEFAULT_TOKENIZER, train_on=train_on))
+    return 0 if report.ok else 1
+
+
+def format_report(report: DataReport, name: str, *, template: str, tokenizer: str, train_on: str) -> str:
+    """The text ``hizli data check`` prints: one line per problem (by line), statistics, verdict."""
+    out = [f"{name}: {report.rows_in} rows; template {template}, tokenizer {tokenizer}, "
+           f"max_seq_length {report.max_seq_length}, training on {'assistant turns' if train_on == 'assistant' else 'all tokens'}"]
+    items = [(p, "") for p in report.skipped] + [(p, "warning: ") for p in report.warnings]
+    items.sort(key=lambda x: (x[0].line or 0, x[0].row if x[0].row is not None else 0, x[1]))
+    out += [f"{name}:{p.line if p.line is not None else 'row ' + str(p.row)}: {tag}{p.reason}" for p, tag in items]
+    s = report.stats()
+    out.append(f"tokens per usable row (before truncation): count {s['count']}, min {s['min']}, median {s['median']}, "
+               f"p95 {s['p95']}, max {s['max']}, total {s['total']:,}")
+    if report.truncated:
+        out.append(f"{report.truncated} rows are longer than max_seq_length {report.max_seq_length} and would be "
+                   "truncated")
+    if report.ok:
+        out.append(f"OK: all {report.rows_used} rows are usable")
+    else:
+        kinds = Counter(p.kind for p in report.skipped)
+        out.append(f"{len(report.skipped)} of {report.rows_in} rows are unusable ("
+                   + ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + "). Fix them, or train with "
+                   "bad_rows='skip' (--set train.bad_rows=skip) to skip and count them.")
+    return "\n".join(out)
+
+
+def load_tokenizer(spec: str | None):
+    """A tokenizer from a ``tokenizer.json`` file, a folder, a hub id or an embedded model name."""
+    from hizli.models.loader import load_tokenizer as load, resolve_source
+
+    if spec and Path(spec).is_file() and spec.endswith(".json"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_file=spec)
+    if spec and Path(spec).is_dir():
+        return load(spec)
+    return load(resolve_source(spec or DEFAULT_TOKENIZER).path)
+
