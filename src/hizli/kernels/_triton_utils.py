@@ -80,14 +80,15 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def row_warps(block: int) -> int:
+def row_warps(block: int, most: int = 8) -> int:
     """Warps for a one-row-per-program kernel over ``block`` elements.
 
     About 256 elements per warp (8 per thread, one 16-byte vector of bf16) with at most 8 warps:
     the rule of Triton's layer-norm tutorial, which keeps every thread on wide loads without
     spilling. For a Llama-3B row (3,072 -> block 4,096) that is 8 warps, 16 elements a thread.
+    Kernels that keep more row-sized values live raise ``most`` (see the RMSNorm backward).
     """
-    return max(1, min(8, block // 256))
+    return max(1, min(most, block // 256))
 
 
 @lru_cache(maxsize=8)

@@ -126,7 +126,7 @@ def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, loss: torch.
 def _chunk_step_reference(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
                           ignore_index: int, logit_scale: float, softcap: float | None, write_grad: bool) -> None:
     n_cols = logits.shape[1]
-    z = logits.float() * logit_scale
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale  # fp64 stays fp64
     if softcap is not None:
         t = torch.tanh(z / softcap)
         z = softcap * t
@@ -197,7 +197,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 need_hidden_grad: bool, need_weight_grad: bool, step: ChunkStep) -> torch.Tensor:
         n_rows = hidden.shape[0]
         targets = targets.contiguous()
-        row_loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        # fp32 per-row losses (fp64 for fp64 inputs, so the reference can be checked to 1e-12)
+        row_loss = torch.empty(n_rows, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         # Accumulated in the weight's dtype by addmm (fp32 accumulation inside each product), as
         # Liger does: an fp32 copy would cost 1.6 GB at V = 128,256, H = 3,072.
@@ -216,7 +217,7 @@ class _FusedLinearCE(torch.autograd.Function):
         count = None
         if reduction == "mean":
             # A device tensor, never .item(): no host sync inside the step.
-            count = (targets != ignore_index).sum().clamp_(min=1).to(torch.float32)
+            count = (targets != ignore_index).sum().clamp_(min=1).to(loss.dtype)
             loss = loss / count
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss
@@ -224,7 +225,7 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
+        scale = grad_output
         if count is not None:
             scale = scale / count
         # Always multiply (a 74 MB pass at the recipe) rather than test grad_output == 1 on the host.
@@ -304,7 +305,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (after the scale).
 
     Returns:
-        A 0-d fp32 tensor.
+        A 0-d fp32 tensor (fp64 for fp64 inputs).
     """
     step = _chunk_step_triton if use_triton("fused_linear_cross_entropy", hidden, weight, targets) \
         else _chunk_step_reference

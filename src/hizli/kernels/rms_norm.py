@@ -15,7 +15,9 @@ Kernel design (learned from Triton's layer-norm tutorial and Unsloth's/Liger's R
 written here from scratch): one program per row in the forward, which also stores ``rstd`` so the
 backward never recomputes the reduction; the backward walks a contiguous range of rows per program
 so that the weight gradient is reduced in fp32 registers and written once per program
-(programs x H partial sums, summed by torch), instead of an atomic add per row.
+(programs x H partial sums, summed by torch), instead of an atomic add per row. The backward keeps
+six row-sized fp32 values live; at 8 warps on a 4,096 block ptxas (sm_90, Triton 3.6) capped it at
+128 registers and spilled 16 bytes, at 16 warps it uses 93 and spills nothing.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
         rows_per_program = -(-n_rows // programs)
         _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, partial, n_rows, n_cols,
                                           dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
-                                          BLOCK=block, HAS_DW=need_dw, num_warps=row_warps(block))
+                                          BLOCK=block, HAS_DW=need_dw, num_warps=row_warps(block, most=16))
     dw = None
     if need_dw:
         dw = partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)

@@ -122,7 +122,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch ``silu(gate) * up``, computed in fp32 and rounded once to the inputs' dtype.
+    """Pure-PyTorch ``silu(gate) * up``, computed in (at least) fp32 and rounded once to the inputs' dtype.
 
     Args:
         gate: ``[..., I]`` gate projection output.
@@ -132,7 +132,8 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ``[..., I]`` in the inputs' dtype.
     """
     _check(gate, up)
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    compute = torch.promote_types(gate.dtype, torch.float32)  # fp32 for half types, fp64 stays fp64
+    return (F.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
