@@ -24,11 +24,11 @@ measurement (``benchmarks/kernels_bench.py`` times each one at the recipe's shap
 candidate; otherwise CUDA tensors take the first available of flash_attn, torch_varlen, flex that
 supports their dtype (until the benchmark says otherwise), and CPU tensors the reference.
 
-FLOPs at the recipe shape (8 sequences of ~1,500 tokens, 12,000 tokens, 24 heads of 128): causal
-attention does 4 * D * Hq * sum(L_i^2) / 2 flops forward (QK^T and PV over the lower triangle), 2.5x
-that backward (5 products instead of 2): for L_i = 1,500, 4 * 128 * 24 * 8 * 1.125e6 / 2 = 55 GFLOP
-forward, 194 GFLOP forward + backward, 0.25 ms at 790 TFLOP/s; bytes (q, k, v, o, do, dq, dk, dv, lse
-once each) about 0.4 GB, 0.13 ms. Compute-bound at these lengths.
+FLOPs at the recipe shape (8 ShareGPT-like sequences of 1,006 to 2,048 tokens summing to 12,000;
+24 query heads of 128): causal attention keeps sum(L (L + 1) / 2) = 9.4e6 query-key pairs; QK^T and
+PV cost 4 * D * Hq flops a pair: 115 GFLOP forward, 2.5x that backward (5 products instead of 2),
+403 GFLOP in all, 0.51 ms at 790 TFLOP/s; bytes (q, k, v, o, do, dq, dk, dv, lse once each) 0.59 GB,
+0.20 ms at 3.0 TB/s. Compute-bound at these lengths.
 """
 
 from __future__ import annotations
