@@ -63,6 +63,11 @@ def _ce_chunk_kernel(logits_ptr, targets_ptr, loss_ptr, n_cols, row_stride, igno
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
+    # The target's logit, read before pass 2 overwrites the row in place. Warps run apart: without
+    # the barrier before pass 2, a warp that got there early could overwrite the target column
+    # before a slower warp (the one that stores the loss, say) had read it.
+    zt = tl.load(base + tl.where(valid & in_range, target, 0)).to(tl.float32) * logit_scale
+    zt, zt_tanh = _capped(zt, softcap, HAS_SOFTCAP)
 
     # Pass 1: online max and sum of exponentials over the row, block by block, in fp32.
     m = tl.zeros([], dtype=tl.float32) - float("inf")  # typed scalars: loop-carried values keep a type
@@ -71,20 +76,18 @@ def _ce_chunk_kernel(logits_ptr, targets_ptr, loss_ptr, n_cols, row_stride, igno
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        z, _ = _capped(z, softcap, HAS_SOFTCAP)
+        z, z_tanh = _capped(z, softcap, HAS_SOFTCAP)
         z = tl.where(mask, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
 
-    # The target's logit, read before pass 2 overwrites the row.
-    zt = tl.load(base + tl.where(valid & in_range, target, 0)).to(tl.float32) * logit_scale
-    zt, _ = _capped(zt, softcap, HAS_SOFTCAP)
     loss = tl.where(in_range, lse - zt, float("nan"))
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 
     if WRITE_GRAD:
+        tl.debug_barrier()  # every warp's reads of the row (zt, pass 1) before any store
         # Pass 2: d loss / d raw logit = (softmax - onehot) * d(capped)/d(scaled) * logit_scale.
         keep = tl.where(valid, 1.0, 0.0)
         for start in range(0, n_cols, BLOCK):
