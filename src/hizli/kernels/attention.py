@@ -82,7 +82,9 @@ def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     params = _varlen_params()
     kwargs: dict[str, Any] = {}
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)  # (left, right): unlimited history, no future = causal
+        # (left, right): unlimited history, no future = causal. A tuple, not a list: torch 2.13 tests
+        # `window_size == (-1, 0)` to pick its causal kernel, and a list compares unequal.
+        kwargs["window_size"] = (-1, 0)
     else:
         kwargs["is_causal"] = True
     if scale is not None:
