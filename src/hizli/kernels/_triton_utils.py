@@ -1,7 +1,7 @@
-"""Small helpers shared by the Triton launchers (block sizes, warps, grid sizes).
+"""Helpers shared by the kernel modules: lazy ``triton.jit``, block sizes, warps, grid sizes.
 
-Nothing here imports triton at module level: the launchers import this module only once they have
-decided to run a kernel.
+Nothing here imports triton at module level, so every kernel module (which imports this one) imports
+on a machine without Triton; Triton is imported at the first kernel launch (:class:`LazyJit`).
 """
 
 from __future__ import annotations
