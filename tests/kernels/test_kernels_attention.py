@@ -86,6 +86,8 @@ def test_dispatch_on_cpu(monkeypatch):
     monkeypatch.delenv("HIZLI_ATTENTION", raising=False)
     torch.testing.assert_close(varlen_attention(q, k, v, _cu([3, 2]), 3),
                                varlen_attention_reference(q, k, v, _cu([3, 2]), 3), rtol=0, atol=0)
+    torch.testing.assert_close(varlen_attention(q, k, v, _cu([3, 2]), 0),  # max_seqlen computed
+                               varlen_attention_reference(q, k, v, _cu([3, 2]), 3), rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown implementation"):
         varlen_attention(q, k, v, _cu([3, 2]), 3, impl="nope")
     with pytest.raises(ValueError, match="cannot run here"):

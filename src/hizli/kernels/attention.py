@@ -276,7 +276,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         k: ``[T, Hkv, D]`` keys, ``Hq % Hkv == 0``.
         v: ``[T, Hkv, D]`` values.
         cu_seqlens: ``[S+1]`` int32 on q's device, ``0 = c_0 <= ... <= c_S = T``.
-        max_seqlen: the longest sequence, ``max(c_{i+1} - c_i)`` (an int: no device read needed).
+        max_seqlen: the longest sequence, ``max(c_{i+1} - c_i)`` (an int: no device read needed);
+            0 or less computes it from ``cu_seqlens`` (one device-to-host read, a sync).
         scale: softmax scale, default ``1 / sqrt(D)``.
         impl: force a candidate by name (see :func:`attention_candidates`); default: module docstring.
 
@@ -284,4 +285,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         ``[T, Hq, D]`` in q's dtype.
     """
     _check(q, k, v, cu_seqlens)
+    if max_seqlen <= 0:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
     return _choose(q, impl)(q, k, v, cu_seqlens, int(max_seqlen), scale)
