@@ -7,8 +7,12 @@ Plain ``pytest`` is CPU-only and offline. GPU tests carry ``@pytest.mark.gpu`` a
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, shared by every test folder
+from helpers import tiny_llama_config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,20 +28,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def tiny_llama_config(vocab_size: int = 49152, **overrides):
-    """A 2-layer Llama small enough for CPU tests (GQA, tied embeddings, like Llama 3.2)."""
-    from transformers import LlamaConfig
-
-    values = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
 
 
 @pytest.fixture(scope="session")

@@ -93,8 +93,9 @@ def loss_sum(model, batch: DeviceBatch) -> torch.Tensor:
     if type(head) is torch.nn.Linear and head.bias is None:
         from hizli.kernels.cross_entropy import fused_linear_cross_entropy
 
-        return fused_linear_cross_entropy(hidden, head.weight, batch.targets, reduction="sum",
-                                          logit_scale=scale, softcap=softcap)
+        # norms kept in fp32 give fp32 hidden states while the head is bf16: meet in the head's dtype
+        return fused_linear_cross_entropy(hidden.to(head.weight.dtype), head.weight, batch.targets,
+                                          reduction="sum", logit_scale=scale, softcap=softcap or None)
     return _chunked_module_loss(head, hidden, batch.targets, scale, softcap)
 
 
