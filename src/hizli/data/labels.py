@@ -116,7 +116,7 @@ def span_mask(offsets: Any, spans: Sequence[tuple[int, int]]) -> np.ndarray:
         offsets: ``[n, 2]`` character offsets from the fast tokenizer (``return_offsets_mapping``).
         spans: ``(start, end)`` character ranges, end exclusive.
     """
-    starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
     mask = np.zeros(len(starts), dtype=bool)
     for s, e in spans:
         mask |= (starts >= s) & (starts < e)

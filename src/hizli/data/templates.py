@@ -193,7 +193,10 @@ def template_info(tokenizer) -> TemplateInfo | None:
     if not isinstance(text, str):
         return None
     for info in registry().values():
-        if text == info.jinja() or text.endswith(info.body):
+        if text == info.jinja():
+            return info
+    for info in registry().values():  # ours with a key mapping prelude
+        if text.endswith(info.body):
             return info
     # A template of the model's own: recognise the family by its control texts (most specific first).
     best = None
