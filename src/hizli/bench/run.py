@@ -96,6 +96,8 @@ def run(args) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = random_model_folder(args.model)
+    if not (Path(folder) / "tokenizer_config.json").is_file():  # random weights come without one
+        load_tokenizer(args.tokenizer).save_pretrained(folder)
     t_load = time.time()
     model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=args.seq_len, dtype=None,
                                                  load_in_4bit=not args.no_4bit)
@@ -103,8 +105,9 @@ def run(args) -> dict[str, Any]:
     checkpointing = "unsloth" if levers["checkpointing"] else False
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              use_gradient_checkpointing=checkpointing, random_state=3407)
-    data = args.data or "hizli:sample"
-    rows = load_conversations(data)
+    from hizli.train.run import dataset_source
+
+    rows = load_conversations(dataset_source(args.data or "hizli:sharegpt"), bad_rows="skip")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     targs = TrainingArguments(
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum, warmup_steps=5,
@@ -112,7 +115,7 @@ def run(args) -> dict[str, Any]:
         logging_steps=1, optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear", seed=3407,
         output_dir=os.path.join("/tmp", f"hizli-bench-out-{os.getpid()}"), save_strategy="no",
         padding_free=levers["padding_free"], merge_micro_batches=levers["merge_micro"] and levers["padding_free"],
-        max_memory_gib=args.max_memory_gib, disable_tqdm=True,
+        max_memory_gib=args.max_memory_gib, disable_tqdm=True, bad_rows="skip",
     )
     first_step: list[float] = []
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, max_seq_length=args.seq_len,

@@ -216,6 +216,10 @@ def load(
 
     if attn_implementation == "sdpa":
         use_hizli_attention(model)
+    if device.startswith("cuda"):
+        from hizli.models.patch import use_fused_ops
+
+        model.hizli_fused = use_fused_ops(model)
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)

@@ -80,3 +80,77 @@ def use_hizli_attention(model: torch.nn.Module) -> bool:
     else:
         config._attn_implementation = NAME
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused ops on the training path, per module instance (other models in the process are untouched).
+
+# Classes whose semantics the kernels reproduce exactly: RMSNorm as ``weight * normed`` (not Gemma's
+# ``1 + weight``), an MLP ``down(act(gate(x)) * up(x))`` with SiLU, attention with q/k/v/o projections
+# and rotate-half RoPE and no q/k norms.
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+
+
+def _norm_forward(self, hidden_states):
+    from hizli.kernels.rms_norm import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    from hizli.kernels.swiglu import swiglu
+
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _make_attention_forward(original):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # generation (a cache), eval and attention kinds we do not know keep transformers' own path
+        impl = self.config._attn_implementation
+        if (not self.training or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+                or impl not in ALL_ATTENTION_FUNCTIONS):
+            return original(hidden_states, position_embeddings=position_embeddings,
+                            attention_mask=attention_mask, **kwargs)
+        from hizli.kernels.rope import rope
+
+        input_shape = hidden_states.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = rope(q, k, cos, sin)
+        out, weights = ALL_ATTENTION_FUNCTIONS[impl](self, q, k, v, attention_mask, dropout=self.attention_dropout,
+                                                     scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    return forward
+
+
+def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
+    """Route RMSNorm, SwiGLU MLPs and RoPE of known classes through hizli's kernels (which dispatch
+    to Triton on CUDA and to their references elsewhere). Returns how many modules of each kind."""
+    import types
+
+    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        if getattr(module, "_hizli_fused", False):
+            continue
+        if name in _NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_norm_forward, module)
+            counts["rms_norm"] += 1
+        elif name in _MLPS and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
+            module.forward = types.MethodType(_mlp_forward, module)
+            counts["swiglu"] += 1
+        elif name in _ATTENTIONS and not hasattr(module, "q_norm"):
+            module.forward = types.MethodType(_make_attention_forward(module.forward), module)
+            counts["rope"] += 1
+        else:
+            continue
+        module._hizli_fused = True
+    return counts

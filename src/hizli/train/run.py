@@ -34,6 +34,15 @@ class Timings:
         return ["where the time went:"] + rows + [f"  {'total':<22} {total:8.1f} s"]
 
 
+def dataset_source(name: str) -> str:
+    """``hizli:NAME`` names a sample packaged with hizli (``hizli:sharegpt``); anything else is as given."""
+    if isinstance(name, str) and name.startswith("hizli:"):
+        from hizli.data.sample import sample_path
+
+        return sample_path(name.split(":", 1)[1])
+    return name
+
+
 def _existing_run(recipe: Recipe) -> list[str]:
     from hizli.train.checkpoint import list_checkpoints
 
@@ -68,7 +77,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
             random_state=lo.random_state, use_rslora=lo.use_rslora, loftq_config=lo.loftq_config)
         tokenizer = get_chat_template(tokenizer, chat_template=d.chat_template)
     with timings.part("prepare data"):
-        rows = load_conversations(d.dataset, split=d.split, schema=d.schema, max_rows=d.max_rows,
+        rows = load_conversations(dataset_source(d.dataset), split=d.split, schema=d.schema, max_rows=d.max_rows,
                                   unknown_roles=d.unknown_roles, bad_rows=recipe.train.bad_rows)
         eval_rows = rows[len(rows) - d.eval_rows:] if d.eval_rows else None
         train_rows = rows[: len(rows) - d.eval_rows] if d.eval_rows else rows
