@@ -270,9 +270,10 @@ def _merged_loader(layer, base_layer):
     def load(dtype):
         import torch
 
-        w = dense_weight(base_layer.weight)  # fp32, fresh memory
-        for name in _active_unmerged(layer):
-            w += _delta(layer, name, w.shape).to(w.device)
+        with torch.no_grad():
+            w = dense_weight(base_layer.weight)  # fp32, fresh memory
+            for name in _active_unmerged(layer):
+                w += _delta(layer, name, w.shape).to(w.device)
         return w.to(dtype).cpu().contiguous()
 
     return load
@@ -300,7 +301,7 @@ def _bias_loader(layer, pname, p):
             for name in _active_unmerged(layer):
                 lb = layer.lora_B[name]
                 if getattr(layer, "lora_bias", {}).get(name, False) and getattr(lb, "bias", None) is not None:
-                    t += lb.bias.detach().float()
+                    t += lb.bias.detach().float().to(t.device)
         return t.to(dtype).cpu().contiguous()
 
     return load
