@@ -10,7 +10,8 @@ from hizli.data.sharegpt import standardize_sharegpt
 
 ROWS = [
     {"id": "a", "score": 4.5, "conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello!"}]},
     {"id": "b", "score": 3.0, "conversations": [
         {"from": "user", "value": "Q"}, {"from": "chatgpt", "value": "A"}, {"from": "human", "value": "Q2"},
         {"from": "bing", "value": "A2"}, {"from": "human", "value": "Q3"}, {"from": "chatgpt", "value": "A3"}]},
@@ -63,7 +64,8 @@ def test_unknown_role_policies():
 
 
 def test_messages_column_and_rows_already_standard():
-    rows = [{"messages": EXPECTED[0]}, {"messages": [{"role": "USER ", "content": "x"}, {"role": "model", "content": "y"}]}]
+    odd_case = [{"role": "USER ", "content": "x"}, {"role": "model", "content": "y"}]
+    rows = [{"messages": EXPECTED[0]}, {"messages": odd_case}]
     out = standardize_sharegpt(rows)
     assert out[0]["messages"] == EXPECTED[0]
     assert [m["role"] for m in out[1]["messages"]] == ["user", "assistant"]

@@ -26,51 +26,161 @@ PROMPT = [
 # Each template's exact output, written from the model's published format (the spec; rendered
 # with the family's own BOS/EOS from the registry's `tokens`).
 GOLDEN_3TURN = {
-    'llama-3.1': '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>',
-    'llama-3': '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>',
-    'llama-4': '<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|><|header_start|>user<|header_end|>\n\nWhat is 2+2?<|eot|><|header_start|>assistant<|header_end|>\n\n4.<|eot|>',
+    'llama-3.1': (
+        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
+        'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are terse.<|eot_id|>'
+        '<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>'
+        'assistant<|end_header_id|>\n\n4.<|eot_id|>'
+    ),
+    'llama-3': (
+        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>'
+        '<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>'
+        'assistant<|end_header_id|>\n\n4.<|eot_id|>'
+    ),
+    'llama-4': (
+        '<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|>'
+        '<|header_start|>user<|header_end|>\n\nWhat is 2+2?<|eot|><|header_start|>'
+        'assistant<|header_end|>\n\n4.<|eot|>'
+    ),
     'llama-2': '<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>',
-    'chatml': '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n',
-    'qwen-2': '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n',
-    'qwen-2.5': '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n',
-    'qwen-3': '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n',
-    'smollm2': '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n',
+    'chatml': (
+        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n4.<|im_end|>\n'
+    ),
+    'qwen-2': (
+        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n4.<|im_end|>\n'
+    ),
+    'qwen-2.5': (
+        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n4.<|im_end|>\n'
+    ),
+    'qwen-3': (
+        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n4.<|im_end|>\n'
+    ),
+    'smollm2': (
+        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n4.<|im_end|>\n'
+    ),
     'mistral': '<s>[INST] You are terse.\n\nWhat is 2+2? [/INST]4.</s>',
     'mistral-v7': '<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT][INST]What is 2+2?[/INST]4.</s>',
     'zephyr': '<|system|>\nYou are terse.</s>\n<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4.</s>\n',
     'alpaca': 'You are terse.\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>\n\n',
     'vicuna': 'You are terse. USER: What is 2+2? ASSISTANT: 4.</s>',
-    'gemma': '<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4.<end_of_turn>\n',
-    'phi-3': '<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4.<|end|>\n',
-    'phi-4': '<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>4.<|im_end|>',
+    'gemma': (
+        '<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>'
+        'model\n4.<end_of_turn>\n'
+    ),
+    'phi-3': (
+        '<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4.<|end|>'
+        '\n'
+    ),
+    'phi-4': (
+        '<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>'
+        'What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>4.<|im_end|>'
+    ),
     'deepseek-v3': '<｜begin▁of▁sentence｜>You are terse.<｜User｜>What is 2+2?<｜Assistant｜>4.<｜end▁of▁sentence｜>',
-    'granite': '<|start_of_role|>system<|end_of_role|>You are terse.<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>What is 2+2?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>4.<|end_of_text|>\n',
-    'command-r': '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are terse.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>What is 2+2?<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4.<|END_OF_TURN_TOKEN|>',
-    'unsloth': '<|begin_of_text|>You are terse.\n>>> User: What is 2+2?\n>>> Assistant: 4.<|end_of_text|>\n',
+    'granite': (
+        '<|start_of_role|>system<|end_of_role|>You are terse.<|end_of_text|>\n<|start_of_role|>'
+        'user<|end_of_role|>What is 2+2?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>'
+        '4.<|end_of_text|>\n'
+    ),
+    'command-r': (
+        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are terse.<|END_OF_TURN_TOKEN|>'
+        '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>What is 2+2?<|END_OF_TURN_TOKEN|>'
+        '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4.<|END_OF_TURN_TOKEN|>'
+    ),
+    'unsloth': (
+        '<|begin_of_text|>You are terse.\n>>> User: What is 2+2?\n>>> Assistant: 4.<|end_of_text|>'
+        '\n'
+    ),
 }
 
 GOLDEN_PROMPT = {
-    'llama-3.1': '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
-    'llama-3': '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
-    'llama-4': '<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\nBye<|eot|><|header_start|>assistant<|header_end|>\n\n',
+    'llama-3.1': (
+        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
+        'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>'
+        '<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>'
+        'assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+        'Bye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    ),
+    'llama-3': (
+        '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>'
+        '<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>'
+        'user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    ),
+    'llama-4': (
+        '<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>'
+        'assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\nBye<|eot|>'
+        '<|header_start|>assistant<|header_end|>\n\n'
+    ),
     'llama-2': '<s>[INST] Hi [/INST] Hello! </s><s>[INST] Bye [/INST]',
-    'chatml': '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
-    'qwen-2': '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
-    'qwen-2.5': '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
-    'qwen-3': '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
-    'smollm2': '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
+    'chatml': (
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
+        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    ),
+    'qwen-2': (
+        '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>'
+        '\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>'
+        'assistant\n'
+    ),
+    'qwen-2.5': (
+        '<|im_start|>system\n'
+        'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n'
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
+        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    ),
+    'qwen-3': (
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
+        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    ),
+    'smollm2': (
+        '<|im_start|>system\n'
+        'You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n'
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
+        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    ),
     'mistral': '<s>[INST] Hi [/INST]Hello!</s>[INST] Bye [/INST]',
     'mistral-v7': '<s>[INST]Hi[/INST]Hello!</s>[INST]Bye[/INST]',
     'zephyr': '<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nBye</s>\n<|assistant|>\n',
-    'alpaca': 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nBye\n\n### Response:\n',
-    'vicuna': "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello!</s>USER: Bye ASSISTANT:",
-    'gemma': '<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n',
+    'alpaca': (
+        'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n'
+        '\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nBye\n\n'
+        '### Response:\n'
+    ),
+    'vicuna': (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello!</s>"
+        'USER: Bye ASSISTANT:'
+    ),
+    'gemma': (
+        '<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n'
+        '<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n'
+    ),
     'phi-3': '<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n',
-    'phi-4': '<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>Bye<|im_end|><|im_start|>assistant<|im_sep|>',
-    'deepseek-v3': '<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>',
-    'granite': '<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>Bye<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>',
-    'command-r': '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>',
-    'unsloth': '<|begin_of_text|>You are a helpful assistant to the user\n>>> User: Hi\n>>> Assistant: Hello!<|end_of_text|>\n>>> User: Bye\n>>> Assistant: ',
+    'phi-4': (
+        '<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>'
+        '<|im_start|>user<|im_sep|>Bye<|im_end|><|im_start|>assistant<|im_sep|>'
+    ),
+    'deepseek-v3': (
+        '<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>'
+        'Bye<｜Assistant｜>'
+    ),
+    'granite': (
+        '<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>'
+        'assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>'
+        'Bye<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>'
+    ),
+    'command-r': (
+        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|>'
+        '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>'
+        '<|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'
+    ),
+    'unsloth': (
+        '<|begin_of_text|>You are a helpful assistant to the user\n>>> User: Hi\n>>>'
+        ' Assistant: Hello!<|end_of_text|>\n>>> User: Bye\n>>> Assistant: '
+    ),
 }
 
 LLAMA31_HI = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"

@@ -67,7 +67,8 @@ def check_rows(data: Any, tokenizer=None, *, template: str | None = None, max_se
 
 
 def check_cli(args) -> int:
-    """``hizli data check FILE [--template NAME] [--max-seq-length N] [--tokenizer T] [--schema S] [--responses-only]``."""
+    """``hizli data check FILE [--template NAME] [--max-seq-length N] [--tokenizer T] [--schema S]
+    [--responses-only]``: print the report, return the exit code (1 if any row is unusable)."""
     from hizli import _log
 
     path = Path(args.file)
@@ -90,8 +91,9 @@ def check_cli(args) -> int:
 
 def format_report(report: DataReport, name: str, *, template: str, tokenizer: str, train_on: str) -> str:
     """The text ``hizli data check`` prints: one line per problem (by line), statistics, verdict."""
+    trained = "assistant turns" if train_on == "assistant" else "all tokens"
     out = [f"{name}: {report.rows_in} rows; template {template}, tokenizer {tokenizer}, "
-           f"max_seq_length {report.max_seq_length}, training on {'assistant turns' if train_on == 'assistant' else 'all tokens'}"]
+           f"max_seq_length {report.max_seq_length}, training on {trained}"]
     items = [(p, "") for p in report.skipped] + [(p, "warning: ") for p in report.warnings]
     items.sort(key=lambda x: (x[0].line or 0, x[0].row if x[0].row is not None else 0, x[1]))
     out += [f"{name}:{p.line if p.line is not None else 'row ' + str(p.row)}: {tag}{p.reason}" for p, tag in items]

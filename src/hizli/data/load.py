@@ -145,7 +145,8 @@ def load_conversations(source: Any, *, split: str = "train", schema: str = "auto
     if problems:
         msg += f", {len(problems)} unusable"
     if warnings:
-        msg += f", {len(warnings)} with unknown roles {'dropped' if unknown_roles == 'drop' else 'mapped to ' + unknown_roles}"
+        what = "dropped" if unknown_roles == "drop" else f"mapped to {unknown_roles}"
+        msg += f", {len(warnings)} with unknown roles {what}"
     _log.info(msg)
     if problems and bad_rows == "error":
         raise DataError(out.report(), what=name)

@@ -250,7 +250,7 @@ def templates_cli(args) -> int:
     info = lookup(name)
     text = render(info, SAMPLE_CONVERSATION, add_generation_prompt=True)
     print(f"# {info.name}  (aliases: {', '.join(info.aliases) or '-'}; source: {info.source})")
-    print(f"# ends a turn: {_show(info.end_of_turn)}   trained markers: "
+    print(f"# ends a turn: {_show(info.end_of_turn)}   turn markers (user / assistant): "
           f"{json.dumps(info.instruction_part)} / {json.dumps(info.response_part)}")
     if info.default_system is not None:
         print(f"# default system message: {json.dumps(info.default_system)}")
