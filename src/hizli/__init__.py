@@ -7,7 +7,13 @@ They are imported lazily: ``import hizli`` stays quick and needs no GPU, torch i
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Each optimizer step has another token count: with expandable segments the CUDA caching allocator
+# grows blocks in place instead of leaving odd-sized holes (measured: reserved memory stays close to
+# allocated). It only takes effect if set before CUDA is initialised; a user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 __version__ = "0.1.0"
 

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpointing); repeatable")
     b.add_argument("--json", help="write the result here as JSON")
     b.add_argument("--max-memory-gib", type=float, help="memory cap for the memory plan")
+    b.add_argument("--profile", metavar="DIR", help="profile optimizer steps 11-13 into DIR/profile.txt")
 
     d = sub.add_parser("data", help="check a dataset before training")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")

@@ -96,6 +96,8 @@ def run(args) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = random_model_folder(args.model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # making random weights cached GBs the run must not be charged for
     if not (Path(folder) / "tokenizer_config.json").is_file():  # random weights come without one
         load_tokenizer(args.tokenizer).save_pretrained(folder)
     t_load = time.time()
@@ -118,8 +120,11 @@ def run(args) -> dict[str, Any]:
         max_memory_gib=args.max_memory_gib, disable_tqdm=True, bad_rows="skip",
     )
     first_step: list[float] = []
+    callbacks = [lambda e: first_step.append(time.time())]
+    if getattr(args, "profile", None):
+        callbacks.append(_Profiler(args.profile, device))
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, max_seq_length=args.seq_len,
-                         dataset_num_proc=2, args=targs, callbacks=[lambda e: first_step.append(time.time())])
+                         dataset_num_proc=2, args=targs, callbacks=callbacks)
     if not levers["fused_ce"]:
         from hizli.train import step as step_mod
 
@@ -154,9 +159,32 @@ def run(args) -> dict[str, Any]:
         "measured_bf16_tflops": round(peak, 1) if peak else None,
         "mfu": round(tokens_per_s * flops_per_token / (peak * 1e12), 4) if peak and tokens_per_s else None,
         "losses": [round(e["loss"], 5) for e in log],
-        "memory_plan": getattr(trainer, "memory_plan", None),
+        "memory_plan": trainer.memory_plan,
+        "predicted_peak_gib": (trainer.memory_plan or {}).get("predicted_peak_gib"),
     }
     return result
+
+
+class _Profiler:
+    """torch.profiler over optimizer steps 11-13; writes the kernel table to DIR/profile.txt."""
+
+    def __init__(self, folder: str, device) -> None:
+        self.folder, self.device, self.prof = Path(folder), device, None
+
+    def __call__(self, entry: dict) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if entry["step"] == 10:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=acts)
+            self.prof.start()
+        elif entry["step"] == 13 and self.prof is not None:
+            self.prof.stop()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = self.prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+            (self.folder / "profile.txt").write_text(table)
+            self.prof = None
 
 
 def bench_cli(args) -> int:

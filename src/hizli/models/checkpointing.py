@@ -1,26 +1,87 @@
-"""Activation checkpointing per decoder layer: plain (recompute) or offloaded (layer input on CPU).
+"""What each decoder layer keeps for backward: everything, only its input, or its input in CPU memory.
 
-``use_gradient_checkpointing`` in the recipe takes True, False or "unsloth". "unsloth" means: keep
-only each layer's input, in pinned CPU memory, and recompute the layer in backward. On a CPU there
-is nowhere cheaper to put it, so it is plain checkpointing there.
+Per layer, one of three modes:
+- ``keep``: autograd keeps every activation (fastest, most memory);
+- ``recompute``: only the layer input is kept; the layer runs again in backward (PyTorch's
+  non-reentrant checkpoint);
+- ``offload``: as recompute, but the input goes to pinned CPU memory. The copy runs on a side stream
+  so it overlaps the next layers' compute, and in backward the input of the layer below is fetched
+  back while this one recomputes, so the transfers hide behind compute.
+
+``use_gradient_checkpointing`` in the recipe (True / False / "unsloth") sets what is *allowed*:
+False keeps everything, True allows recompute, "unsloth" also allows offload. On a GPU the memory
+plan (``hizli.train.memory_plan``) then picks each layer's mode within what is allowed; on a CPU
+there is nowhere cheaper to put activations, so "unsloth" means recompute there.
 
 transformers' ``GradientCheckpointingLayer`` calls ``self._gradient_checkpointing_func(fn, *args)``
-when ``self.gradient_checkpointing`` is set; we set both attributes per layer, which works across
-the transformers 5.x range (the enabling API itself was renamed inside it).
+when ``self.gradient_checkpointing`` is set; we set both attributes per layer, which works across the
+transformers 5.x range (the enabling API itself was renamed within it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
+MODES = ("keep", "recompute", "offload")
+
+
+class _Offloader:
+    """Side-stream copies between the GPU and pinned CPU memory, with one-layer-ahead prefetch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def to_cpu(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # cached by torch's host allocator
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            cpu.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        t.record_stream(self.stream)  # the allocator must not reuse t before the copy has read it
+        return cpu, done
+
+    def to_gpu(self, cpu: torch.Tensor, copied: torch.cuda.Event) -> tuple[torch.Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(copied)
+            gpu = cpu.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return gpu, done
+
+
+_offloaders: dict[torch.device, _Offloader] = {}
+
+
+def _offloader(device: torch.device) -> _Offloader:
+    if device not in _offloaders:
+        _offloaders[device] = _Offloader(device)
+    return _offloaders[device]
+
+
+class _Saved:
+    """One offloaded layer input, linked to the one saved before it (the layer below)."""
+
+    def __init__(self, cpu: torch.Tensor, copied: torch.cuda.Event, below: "_Saved | None") -> None:
+        self.cpu, self.copied, self.below = cpu, copied, below
+        self.gpu: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    def fetch(self, offloader: _Offloader) -> None:
+        if self.gpu is None and self.cpu is not None:
+            self.gpu, self.ready = offloader.to_gpu(self.cpu, self.copied)
+
+
+_last_saved: dict[torch.device, _Saved | None] = {}
+
 
 class _OffloadedCheckpoint(torch.autograd.Function):
-    """Run ``fn(hidden, *args)`` without keeping activations; keep ``hidden`` on the CPU.
+    """Run ``fn(hidden, *args)`` keeping only ``hidden``, in pinned CPU memory; recompute in backward.
 
-    Backward copies the input back, recomputes ``fn`` with grad enabled and backpropagates through
-    it; LoRA weight gradients accumulate into ``.grad`` there. RNG state is replayed so dropout
+    LoRA weight gradients accumulate into ``.grad`` inside backward. RNG state is replayed so dropout
     in the recompute matches the forward. Gradients flow to ``hidden`` only (the other positional
     arguments of a decoder layer are masks and position tensors that need none).
     """
@@ -29,40 +90,45 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, fn: Callable, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
         ctx.fn, ctx.args, ctx.device, ctx.n_args = fn, args, hidden.device, len(args)
         ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        if hidden.is_cuda:
-            saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            saved.copy_(hidden, non_blocking=True)
-            ctx.copied = torch.cuda.Event()
-            ctx.copied.record()
-        else:
-            saved = hidden.detach()
-        ctx.saved = saved
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
+        offloader = _offloader(hidden.device)
+        cpu, copied = offloader.to_cpu(hidden.detach())
+        ctx.saved = _Saved(cpu, copied, _last_saved.get(hidden.device))
+        _last_saved[hidden.device] = ctx.saved
         with torch.no_grad():
             return fn(hidden, *args)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if ctx.device.type == "cuda":
-            ctx.copied.synchronize()
-            hidden = ctx.saved.to(ctx.device, non_blocking=True)
-        else:
-            hidden = ctx.saved
+        offloader = _offloader(ctx.device)
+        saved: _Saved = ctx.saved
+        saved.fetch(offloader)
+        torch.cuda.current_stream(ctx.device).wait_event(saved.ready)
+        hidden = saved.gpu
+        hidden.record_stream(torch.cuda.current_stream(ctx.device))
+        if saved.below is not None:  # prefetch the next input backward will need, behind this compute
+            saved.below.fetch(offloader)
         hidden = hidden.detach().requires_grad_(True)
-        devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=[ctx.device]):
             torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             with torch.enable_grad():
                 out = ctx.fn(hidden, *ctx.args)
         torch.autograd.backward(out, grad_out)
+        saved.cpu = saved.gpu = saved.below = None
         ctx.saved = ctx.fn = ctx.args = None
         return (None, hidden.grad) + (None,) * ctx.n_args
 
 
+def new_forward_pass() -> None:
+    """Start a new chain of offloaded inputs (called before each decoder forward)."""
+    _last_saved.clear()
+
+
 def offloaded_checkpoint(fn: Callable, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
-    """Checkpoint function with the signature transformers' layers call."""
+    """Checkpoint function with the signature transformers' layers call. On a CPU: recompute."""
+    if not hidden.is_cuda:
+        return plain_checkpoint(fn, hidden, *args)
     if not hidden.requires_grad:
         # The LoRA weights live inside fn; the output must require grad for backward to reach them.
         hidden = hidden.detach().requires_grad_(True)
@@ -75,33 +141,58 @@ def plain_checkpoint(fn: Callable, *args: Any) -> torch.Tensor:
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
-    """Enable ``mode`` (True / False / "unsloth") on every decoder layer. Returns what was applied."""
-    if mode not in (True, False, "unsloth"):
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules transformers checkpoints (its decoder layers), in forward order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def allowed_modes(requested: bool | str, on_gpu: bool) -> tuple[str, ...]:
+    """What ``use_gradient_checkpointing=requested`` permits for each layer."""
+    if requested not in (True, False, "unsloth"):
         raise ValueError(
-            f"use_gradient_checkpointing={mode!r}: use True (recompute), \"unsloth\" "
-            "(recompute, layer inputs kept in CPU memory on a GPU) or False (keep all activations)"
+            f"use_gradient_checkpointing={requested!r}: use True (recompute), \"unsloth\" "
+            "(recompute, or offload layer inputs to CPU memory on a GPU) or False (keep all activations)"
         )
-    on_gpu = any(p.is_cuda for p in model.parameters())
-    applied = "off" if mode is False else ("offload" if mode == "unsloth" and on_gpu else "recompute")
-    func = offloaded_checkpoint if applied == "offload" else plain_checkpoint
-    found = False
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = applied != "off"
-            module._gradient_checkpointing_func = func
-            found = True
-    if not found and applied != "off":
-        raise ValueError(
-            f"{type(model).__name__} has no layers that support checkpointing; "
-            "pass use_gradient_checkpointing=False"
-        )
-    if applied != "off":
+    if requested is False:
+        return ("keep",)
+    if requested == "unsloth" and on_gpu:
+        return ("keep", "recompute", "offload")
+    return ("keep", "recompute")
+
+
+def apply_layer_modes(model: torch.nn.Module, modes: Sequence[str]) -> None:
+    """Set each decoder layer's mode (``keep`` / ``recompute`` / ``offload``)."""
+    layers = decoder_layers(model)
+    assert len(layers) == len(modes), (len(layers), len(modes))
+    for layer, mode in zip(layers, modes):
+        assert mode in MODES, mode
+        layer.gradient_checkpointing = mode != "keep"
+        layer._gradient_checkpointing_func = offloaded_checkpoint if mode == "offload" else plain_checkpoint
+    if any(m != "keep" for m in modes):
         # checkpointed layers need an input that requires grad for their LoRA gradients to flow
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
-        if hasattr(base, "config"):
-            base.config.use_cache = False
-    return applied
+    model.hizli_layer_modes = list(modes)
 
+
+def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
+    """Apply the recipe's ``use_gradient_checkpointing`` uniformly (before any memory plan).
+
+    Returns the mode every layer got: "off", "recompute" or "offload".
+    """
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    allowed = allowed_modes(mode, on_gpu)
+    layers = decoder_layers(model)
+    if not layers and mode is not False:
+        raise ValueError(f"{type(model).__name__} has no layers that support checkpointing; "
+                         "pass use_gradient_checkpointing=False")
+    uniform = allowed[-1]
+    apply_layer_modes(model, [uniform] * len(layers))
+    model.hizli_allowed_modes = allowed
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if mode is not False and hasattr(base, "config"):
+        base.config.use_cache = False
+    return {"keep": "off"}.get(uniform, uniform)

@@ -75,7 +75,10 @@ def loss_sum(model, batch: DeviceBatch) -> torch.Tensor:
 
     lm = causal_lm(model)
     decoder = lm.get_decoder()
+    from hizli.models.checkpointing import new_forward_pass
+
     varlen = padding_free() if "cu_seq_lens_q" in batch.inputs else nullcontext()
+    new_forward_pass()
     with varlen:
         hidden = decoder(**batch.inputs, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)

@@ -28,7 +28,9 @@ from hizli import _log
 from hizli.data.collate import DataCollatorForSeq2Seq, PaddingFreeCollator
 from hizli.train import checkpoint, memory, metrics, optim, step as step_mod
 from hizli.train.args import TrainingArguments, _unknown_message
+from hizli.models.checkpointing import apply_layer_modes
 from hizli.train.batches import BatchPlan, Position
+from hizli.train.memory_plan import plan_for, split_rows
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +105,7 @@ class SFTTrainer:
                 raise TypeError(f"callbacks: {type(cb).__name__} is not callable. hizli calls each callback "
                                 "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)")
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
+        self.memory_plan: dict[str, Any] | None = None
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -164,13 +167,13 @@ class SFTTrainer:
         model.train()
 
         collate = self._collator()
-        merge = self._merge_micro_batches(collate, device)
         plan = BatchPlan(self.train_dataset.lengths, args.per_device_train_batch_size,
                          args.gradient_accumulation_steps, args.data_seed or args.seed,
                          packing=self.packing, max_seq_length=self.max_seq_length)
         total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.build_optimizer(params, args)
+        parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype)
         scheduler = optim.build_scheduler(optimizer, args, total_steps)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -192,7 +195,7 @@ class SFTTrainer:
         _log.info(" ".join(start_mem.lines()))
         memory.reset_peak(device)
         log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps, args.disable_tqdm)
-        self._describe(log, plan, total_steps, collate, merge, amp_dtype, device)
+        self._describe(log, plan, total_steps, collate, parts, amp_dtype, device)
         t_start = time.perf_counter()
         losses: list[float] = []
         eval_points: list[tuple[int, float]] = []
@@ -203,8 +206,8 @@ class SFTTrainer:
                     if step_no >= total_steps:
                         break
                     t0 = time.perf_counter()
-                    batches = [collate([self.train_dataset[i] for i in sum(micro, [])])] if merge else \
-                        [collate([self.train_dataset[i] for i in rows]) for rows in micro]
+                    groups = micro if parts is None else split_rows(sum(micro, []), self.train_dataset.lengths, parts)
+                    batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
                     result = self._optimizer_step(batches, micro, step_no + 1, optimizer, scheduler, scaler,
                                                   params, device, amp_dtype)
                     step_no += 1
@@ -345,12 +348,36 @@ class SFTTrainer:
             return torch.float16
         return None  # neither asked for: no autocast, as in transformers
 
-    def _merge_micro_batches(self, collate, device) -> bool:
-        if self.args.merge_micro_batches is not None:
-            if self.args.merge_micro_batches and not isinstance(collate, PaddingFreeCollator):
-                raise ValueError("merge_micro_batches=True needs the padding-free layout (padding_free=True)")
-            return bool(self.args.merge_micro_batches)
-        return isinstance(collate, PaddingFreeCollator)
+    def _plan_memory(self, collate, plan: BatchPlan, total_steps: int, params, amp_dtype) -> int | None:
+        """How many micro-batches each step runs as (None: the recipe's own micro-batches), and
+        what each layer keeps for backward; see ``hizli.train.memory_plan``."""
+        merge = self.args.merge_micro_batches
+        padding_free = isinstance(collate, PaddingFreeCollator)
+        if merge and not padding_free:
+            raise ValueError("merge_micro_batches=True needs the padding-free layout (padding_free=True)")
+        if not padding_free or merge is False:
+            self.memory_plan = None
+            return None
+        steps, epoch = [], 0
+        while len(steps) < total_steps and epoch < 3:  # the longest step of the epochs this run sees
+            groups = plan.micro_batches(epoch)
+            ga = plan.grad_accum
+            steps += [sum(groups[i:i + ga], []) for i in range(0, len(groups), ga)]
+            epoch += 1
+        n_params = sum(p.numel() for p in params)
+        optimizer_bytes = n_params * (4 + (2 if self.args.optim.endswith("8bit") else 8))
+        elt = 2 if amp_dtype in (torch.float16, torch.bfloat16) else next(p for p in params).element_size()
+        memory_plan = plan_for(self.model, steps=steps[:max(total_steps, 1)], lengths=self.train_dataset.lengths,
+                               max_memory_gib=self.args.max_memory_gib, amp_elt=elt,
+                               optimizer_bytes=optimizer_bytes)
+        if merge:  # asked for one micro-batch per step: keep the layer modes, force the count
+            memory_plan.micro_batches = 1
+        apply_layer_modes(self.model, memory_plan.layer_modes)
+        self.memory_plan = memory_plan.to_dict()
+        _log.info(memory_plan.describe())
+        for note in memory_plan.notes:
+            _log.warn_once(f"plan-{note}", note)
+        return memory_plan.micro_batches
 
     def _save_checkpoint(self, step_no: int, after: Position, optimizer, scheduler, scaler) -> Path:
         state = {
@@ -384,11 +411,12 @@ class SFTTrainer:
             "train": {k: v for k, v in self.args.to_dict().items() if _jsonable(v)},
         }
 
-    def _describe(self, log, plan, total_steps, collate, merge, amp_dtype, device) -> None:
+    def _describe(self, log, plan, total_steps, collate, parts, amp_dtype, device) -> None:
         layout = getattr(collate, "layout", type(collate).__name__)
+        how = "" if parts is None else f" (each step's rows run as {parts} micro-batch{'es' if parts > 1 else ''})"
         log.note(f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
                  f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
-                 f"layout {layout}{' (micro-batches of a step run as one)' if merge else ''}, "
+                 f"layout {layout}{how}, "
                  f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'model dtype'}, on {device}")
 
     @contextmanager

@@ -1,0 +1,175 @@
+"""The memory plan: how to run an optimizer step as fast as possible within the memory there is.
+
+Two choices, made once before training from the model's shape, the longest optimizer step of the
+data (known in advance: the batch plan fixes every step's rows) and the memory budget (the GPU's free
+memory, or ``max_memory_gib``):
+- how many micro-batches a step runs as (1 = all its rows at once, padding-free);
+- for each decoder layer, what it keeps for backward: everything (``keep``), its input
+  (``recompute``), or nothing on the GPU (``offload``: the input waits in pinned CPU memory), within
+  what ``use_gradient_checkpointing`` allows (see ``hizli.models.checkpointing``).
+
+The plan minimises a simple time model (recomputing a layer costs about a third of its work again;
+each extra micro-batch repeats the weight dequantisation and small launches), subject to the
+predicted peak fitting the budget. The prediction is printed beside the plan, and ``hizli bench``
+reports it next to the measured peak so the model can be checked.
+
+Bytes per token per layer, for hidden size H, key/value width KV, MLP width I, element size e:
+``keep`` holds about e * (7H + 2KV + 3I) (inputs of both norms, their outputs, q, k, v, the
+attention output, gate, up and their product), ``recompute`` e * H (the layer input), ``offload`` 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+GIB = 1024**3
+RECOMPUTE_COST = 0.30  # extra time of a recomputed layer, as a fraction of its forward + backward
+OFFLOAD_COST = 0.33  # recompute plus copies that mostly overlap compute
+MICRO_BATCH_COST = 0.03  # each extra micro-batch: dequantisation of every weight again, small launches
+
+
+@dataclass
+class MemoryPlan:
+    micro_batches: int
+    layer_modes: list[str]
+    tokens_per_micro_batch: int
+    predicted_peak_gib: float
+    budget_gib: float
+    static_gib: float
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        counts = {m: self.layer_modes.count(m) for m in ("keep", "recompute", "offload") if m in self.layer_modes}
+        layers = ", ".join(f"{n} {m}" for m, n in counts.items())
+        return (f"memory plan: {self.micro_batches} micro-batch(es) of <= {self.tokens_per_micro_batch:,} tokens "
+                f"per step; layers: {layers}; predicted peak {self.predicted_peak_gib:.2f} GiB of a "
+                f"{self.budget_gib:.2f} GiB budget (model and optimizer {self.static_gib:.2f} GiB)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Shape:
+    layers: int
+    hidden: int
+    kv: int
+    intermediate: int
+    vocab: int
+    elt: int  # bytes per activation element
+
+    @classmethod
+    def of(cls, config, elt: int) -> "Shape":
+        heads = config.num_attention_heads
+        d = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_key_value_heads * d,
+                   config.intermediate_size, config.vocab_size, elt)
+
+    def keep_bytes(self) -> int:
+        return self.elt * (7 * self.hidden + 2 * self.kv + 3 * self.intermediate)
+
+    def input_bytes(self) -> int:
+        return self.elt * self.hidden
+
+    def transient_bytes(self, tokens: int) -> int:
+        """Alive besides the kept activations: one layer being recomputed and backpropagated, the
+        loss's logits chunk and its gradient buffers, a dequantised weight."""
+        layer = 2 * self.keep_bytes() * tokens
+        loss = 3 * self.elt * self.hidden * tokens + 2 * 1024 * self.vocab * 4
+        weight = 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
+        return layer + loss + weight
+
+
+def split_rows(rows: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Split a step's rows into ``parts`` groups of similar token counts (longest first, greedy)."""
+    parts = max(1, min(parts, len(rows)))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    sizes = [0] * parts
+    for r in sorted(rows, key=lambda r: -lengths[r]):
+        i = sizes.index(min(sizes))
+        groups[i].append(r)
+        sizes[i] += lengths[r]
+    return [g for g in groups if g]
+
+
+def max_micro_tokens(steps: Sequence[Sequence[int]], lengths: Sequence[int], parts: int) -> int:
+    return max((max(sum(lengths[r] for r in g) for g in split_rows(rows, lengths, parts)) for rows in steps),
+               default=0)
+
+
+def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence[int], allowed: Sequence[str],
+              budget_bytes: float, static_bytes: float, max_parts: int) -> MemoryPlan:
+    """Pick micro-batch count and per-layer modes with the lowest time cost whose peak fits."""
+    best: tuple[float, MemoryPlan] | None = None
+    for parts in range(1, max(1, max_parts) + 1):
+        tokens = max_micro_tokens(steps, lengths, parts)
+        if tokens == 0:
+            break
+        base = static_bytes + shape.transient_bytes(tokens)
+        room = budget_bytes - base
+        for keep in range(shape.layers, -1, -1):
+            rest = shape.layers - keep
+            options = []
+            if rest == 0:
+                options.append(("keep", keep * shape.keep_bytes() * tokens, 0.0))
+            else:
+                if "recompute" in allowed:
+                    options.append(("recompute", (keep * shape.keep_bytes() + rest * shape.input_bytes()) * tokens,
+                                    RECOMPUTE_COST))
+                if "offload" in allowed:
+                    options.append(("offload", keep * shape.keep_bytes() * tokens, OFFLOAD_COST))
+            for mode, held, penalty in options:
+                peak = (base + held) * 1.08 + 256 * 1024**2  # allocator slack, measured as under 8 %
+                plan = MemoryPlan(parts, ["keep"] * keep + [mode] * rest, tokens, peak / GIB, budget_bytes / GIB,
+                                  static_bytes / GIB)
+                if peak > budget_bytes:
+                    continue
+                cost = 1 + penalty * rest / shape.layers + MICRO_BATCH_COST * (parts - 1)
+                if best is None or cost < best[0] - 1e-9:
+                    best = (cost, plan)
+                break
+        if best is not None and best[1].layer_modes.count("keep") == shape.layers:
+            break  # nothing faster than keeping everything in fewer micro-batches
+    if best is not None:
+        return best[1]
+    # Nothing fits by the estimate: the smallest-footprint plan, said so; the OOM handler explains if it fails.
+    parts = max(1, max_parts)
+    tokens = max_micro_tokens(steps, lengths, parts)
+    mode = "offload" if "offload" in allowed else ("recompute" if "recompute" in allowed else "keep")
+    held = (shape.input_bytes() * shape.layers * tokens) if mode == "recompute" else \
+        (shape.keep_bytes() * shape.layers * tokens if mode == "keep" else 0)
+    peak = (static_bytes + shape.transient_bytes(tokens) + held) * 1.08
+    return MemoryPlan(parts, [mode] * shape.layers, tokens, peak / GIB, budget_bytes / GIB, static_bytes / GIB,
+                      notes=["no plan fits the budget by the estimate; running the smallest one"])
+
+
+def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], max_memory_gib: float | None,
+             amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
+    """The plan for ``model`` on its device (GPU: free memory; CPU: 40 % of RAM, or the cap)."""
+    import torch
+
+    from hizli.train.step import causal_lm
+
+    device = next(model.parameters()).device
+    allowed = tuple(getattr(model, "hizli_allowed_modes", ("keep", "recompute")))
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = budget * 0.95 + torch.cuda.memory_allocated(device)
+        static = torch.cuda.memory_allocated(device) + optimizer_bytes
+    else:
+        import os
+
+        budget = 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
+    if max_memory_gib:
+        budget = min(budget, max_memory_gib * GIB)
+    shape = Shape.of(causal_lm(model).config, amp_elt)
+    max_parts = max((len(s) for s in steps), default=1)
+    plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,
+                     static_bytes=static, max_parts=max_parts)
+    if not math.isfinite(plan.predicted_peak_gib):
+        raise AssertionError(plan)
+    return plan
