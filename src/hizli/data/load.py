@@ -161,9 +161,9 @@ def _open(source: Any, split: str) -> tuple[str, Iterator[tuple[int | None, Any]
         if path.is_file():
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
-                return str(path), _read_jsonl(path.read_text(encoding="utf-8"))
+                return str(path), _read_jsonl(_decode(path.read_bytes()))
             if suffix == ".json":
-                return str(path), _read_json(path.read_text(encoding="utf-8"))
+                return str(path), _read_json(_decode(path.read_bytes()))
             if suffix == ".parquet":
                 import pyarrow.parquet as pq
 
@@ -189,18 +189,47 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[None, Any]]:
         yield None, row
 
 
+_TOO_DEEP = "the record is nested too deeply to read (thousands of levels of lists or objects)"
+
+
+def _decode(data: bytes) -> str:
+    """The file's text. A UTF-8 byte-order mark is dropped (editors on Windows write one). Bytes that
+    are not UTF-8 become lone surrogates (``surrogateescape``) instead of failing the whole file, so
+    the records holding them are reported one by one (``_bad_bytes``) and the rest stay usable."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _bad_bytes(raw: str, line: int) -> Problem | None:
+    """An ``invalid-utf8`` problem if ``raw`` (a record's source text) holds undecodable bytes."""
+    if raw.isascii():
+        return None
+    for col, ch in enumerate(raw):
+        if "\udc80" <= ch <= "\udcff":
+            return Problem("invalid-utf8", f"byte 0x{ord(ch) - 0xDC00:02x} (character {col + 1} of the record) is "
+                           "not UTF-8 text; save the file as UTF-8", line=line)
+    return None
+
+
 def _read_jsonl(text: str) -> Iterator[tuple[int, Any]]:
     lines = text.split("\n")
     last = max((i for i, s in enumerate(lines) if s.strip()), default=-1)
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
+        bad = _bad_bytes(raw, i + 1)
         try:
-            yield i + 1, json.loads(raw)
+            record = json.loads(raw)
+            yield i + 1, record if bad is None else bad
+        except RecursionError:
+            yield i + 1, Problem("invalid-json", _TOO_DEEP, line=i + 1)
         except json.JSONDecodeError as e:
             if i == last and _cut_off(raw, e, ends_with_newline=text.endswith("\n")):
                 yield i + 1, Problem("truncated-file", "the file ends in the middle of this record (cut off?)",
                                      line=i + 1)
+            elif bad is not None:
+                yield i + 1, bad
             else:
                 yield i + 1, Problem("invalid-json", f"invalid JSON: {e.msg} (column {e.colno})", line=i + 1)
 
@@ -208,7 +237,7 @@ def _read_jsonl(text: str) -> Iterator[tuple[int, Any]]:
 def _read_json(text: str) -> Iterator[tuple[int | None, Any]]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         if text.lstrip().startswith("["):
             yield from _read_json_list(text)
         else:  # a .json file holding JSON lines
@@ -242,15 +271,24 @@ def _read_json_list(text: str) -> Iterator[tuple[int, Any]]:
             return
         if text[i] == "]":
             return
-        start = line_at(i)
+        start, begin = line_at(i), i
         try:
             record, i = decoder.raw_decode(text, i)
+            bad = _bad_bytes(text[begin:i], start)
+            if bad is not None:
+                yield start, bad
+                continue
+        except RecursionError:
+            yield start, Problem("invalid-json", _TOO_DEEP + "; the records after it cannot be read", line=start)
+            return
         except json.JSONDecodeError as e:
             if _cut_off(text[i:], e, ends_with_newline=text.endswith("\n"), offset=i):
                 yield start, Problem("truncated-file", "the file ends in the middle of this record (cut off?)",
                                      line=start)
             else:
-                yield start, Problem("invalid-json", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
+                bad = _bad_bytes(text[e.pos:e.pos + 1], e.lineno)
+                why = bad.reason.split(" (", 1)[0] if bad is not None else e.msg
+                yield start, Problem("invalid-json", f"invalid JSON at line {e.lineno}, column {e.colno}: {why}; "
                                      "the records after it cannot be read", line=start)
             return
         yield start, record
@@ -277,7 +315,7 @@ def _messages(record: Any, schema: str, unknown_roles: str, aliases, where: str)
     kind = schema if schema != "auto" else _detect(record)
     if kind is None:
         raise _RowProblem("no-conversation", "no conversation: expected a 'conversations' or 'messages' list or "
-                          f"'instruction'/'output' fields, found keys {sorted(record)[:8]}")
+                          f"'instruction'/'output' fields, found keys {sorted(map(str, record))[:8]}")
     if kind == "alpaca":
         return kind, _alpaca(record), []
     column = "conversations" if kind == "sharegpt" else "messages"

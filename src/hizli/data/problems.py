@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 # Problem kinds. Fatal ones make a row unusable; the rest are warnings.
-FATAL_KINDS = ("invalid-json", "truncated-file", "not-an-object", "no-conversation", "bad-message",
-               "unknown-role", "empty-turn", "no-assistant", "render-error", "no-trained-token", "bad-text")
+FATAL_KINDS = ("invalid-json", "invalid-utf8", "truncated-file", "not-an-object", "no-conversation", "bad-message",
+               "unknown-role", "empty-turn", "no-assistant", "render-error", "no-trained-token", "bad-text",
+               "bad-tokens")
 WARNING_KINDS = ("unknown-role-mapped", "over-long")
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
@@ -136,10 +137,28 @@ def validate_messages(messages: Any, *, need_assistant: bool = True) -> tuple[st
                                     "(standardize_sharegpt maps ShareGPT names)")
         if not m["content"].strip():
             return "empty-turn", f"message {k} ({m['role']}) is empty"
+        if not is_unicode(m["content"]):
+            return "bad-message", f"message {k} ({m['role']}) {NOT_UNICODE}"
         has_assistant |= m["role"] == "assistant"
     if need_assistant and not has_assistant:
         return "no-assistant", "no assistant turn: nothing to learn from this conversation"
     return None
+
+
+NOT_UNICODE = ("holds text that is not valid Unicode (a lone surrogate such as \\ud800, usually a broken "
+               "JSON escape); tokenizers cannot encode it")
+
+
+def is_unicode(text: str) -> bool:
+    """False when ``text`` holds lone surrogates, which no tokenizer can encode (they come from JSON
+    escapes such as ``"\\ud800"`` or from bytes read with ``surrogateescape``)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _order(p: Problem) -> tuple[int, int]:

@@ -66,11 +66,11 @@ def convert_messages(turns: Any, aliases: Mapping[str, str] | None = None, unkno
         raw_role = m.get("from", m.get("role"))
         if not isinstance(raw_role, str):
             raise ValueError(f"{where}: message {k} has no role (expected a 'from' or 'role' key; "
-                             f"it has {sorted(m)})")
+                             f"it has {sorted(map(str, m))})")
         content = m["value"] if "value" in m else m.get("content")
         content = _text(content)
         if content is None:
-            raise ValueError(f"{where}: message {k} ({raw_role}) has no text content (expected a string "
+            raise ValueError(f"{where}: message {k} ({raw_role!r}) has no text content (expected a string "
                              "'value' or 'content')")
         role = roles.get(raw_role.strip().lower())
         if role is None:

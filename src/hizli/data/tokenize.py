@@ -31,7 +31,7 @@ import numpy as np
 
 from hizli import _log
 from hizli.data.labels import LabelError, Renderer, span_mask
-from hizli.data.problems import DataError, DataReport, Problem, validate_messages
+from hizli.data.problems import NOT_UNICODE, DataError, DataReport, Problem, is_unicode, validate_messages
 from hizli.data.sharegpt import convert_messages
 
 IGNORE = -100
@@ -104,6 +104,10 @@ class TokenizedDataset:
         ids, labels, lengths, kept, skipped = [], [], [], [], []
         truncated = 0
         for i, row in enumerate(rows):
+            bad = _token_row_problem(row)
+            if bad is not None:
+                skipped.append(Problem("bad-tokens", bad, row=i))
+                continue
             x = list(row["input_ids"])
             y = list(row["labels"]) if row.get("labels") is not None else list(x)
             if len(x) != len(y):
@@ -124,9 +128,32 @@ class TokenizedDataset:
                             lengths=list(lengths), tokens=len(flat_ids), max_seq_length=max_seq_length,
                             trained_tokens=int((flat_labels != IGNORE).sum()))
         report.check()
+        if skipped:
+            _log.info(report.summary())
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         return cls(flat_ids, flat_labels, offsets, report=report, max_seq_length=max_seq_length,
                    source_rows=np.asarray(kept, dtype=np.int64))
+
+
+def _token_row_problem(row: Any) -> str | None:
+    """Why a pre-tokenized row cannot be used (not a dict of integer lists), or None."""
+    if not isinstance(row, dict):
+        return f"the row is a {type(row).__name__}, not a dict with 'input_ids' (and 'labels')"
+    for key in ("input_ids", "labels"):
+        value = row.get(key)
+        if value is None and key == "labels":
+            continue
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            return f"{key!r} is {'missing' if value is None else 'a ' + type(value).__name__}, not a list of token ids"
+        ints = np.asarray(value).dtype.kind in "iu" if isinstance(value, np.ndarray) else all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+        if not ints:
+            return f"{key!r} holds values that are not integer token ids"
+        wrong = [int(v) for v in value if v < 0 and not (key == "labels" and v == IGNORE) or v >= 2**31]
+        if wrong:
+            allowed = "token ids >= 0, or -100 for no label" if key == "labels" else "token ids >= 0"
+            return f"{key!r} holds {wrong[0]}; use {allowed}"
+    return None
 
 
 def tokenize_dataset(dataset, tokenizer, *, max_seq_length: int, text_field: str | None = None,
@@ -330,6 +357,9 @@ def _process(job: _Job, source: _Source, start: int, stop: int) -> _Chunk:
                 if not isinstance(value, str) or not value.strip():
                     skipped.append(Problem("bad-text", f"the {job.field!r} value is empty or not text", row=row,
                                            line=line))
+                    continue
+                if not is_unicode(value):
+                    skipped.append(Problem("bad-text", f"the {job.field!r} value {NOT_UNICODE}", row=row, line=line))
                     continue
                 text = value
                 found = r.marker_spans(text) if job.train_on == "assistant" else None
