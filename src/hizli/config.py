@@ -225,6 +225,55 @@ def _cross_checks(r: Recipe) -> list[str]:
         local = value.startswith((".", "/", "~")) or p.suffix in (".jsonl", ".json", ".parquet", ".gguf")
         if local and not p.exists():
             problems.append(f"{what}={value!r}: no such file or folder")
+    problems.extend(_checks_before_loading(r))
+    return problems
+
+
+def _checks_before_loading(r: Recipe) -> list[str]:
+    """Settings that would otherwise fail only after the model is loaded (minutes into a run)."""
+    from hizli.models.loader import _DTYPE_NAMES
+
+    problems = []
+    m, lo, d, t, c = r.model, r.lora, r.data, r.train, r.chat
+    if m.dtype not in (None, "auto") and str(m.dtype).lower() not in _DTYPE_NAMES:
+        problems.append(f"model.dtype={m.dtype!r}: use null (auto), bfloat16, float16 or float32")
+    if not lo.target_modules or not all(isinstance(x, str) and x for x in lo.target_modules):
+        problems.append(f"lora.target_modules={lo.target_modules!r}: give a list of module names, e.g. "
+                        f"[{', '.join(RECIPE_TARGETS)}]")
+    if lo.bias not in ("none", "all", "lora_only"):
+        problems.append(f"lora.bias={lo.bias!r}: use none, all or lora_only")
+    if not lo.lora_alpha > 0:
+        problems.append(f"lora.lora_alpha={lo.lora_alpha} must be > 0")
+    try:
+        from hizli.data.templates import lookup
+
+        lookup(d.chat_template)
+    except ValueError as e:
+        problems.append(f"data.{e}")
+    if d.dataset.startswith("hizli:"):
+        from hizli.data.sample import FILES
+
+        if d.dataset.split(":", 1)[1].replace("_", "-") not in FILES:
+            problems.append(f"data.dataset={d.dataset!r}: hizli's packaged samples are "
+                            f"{', '.join('hizli:' + k for k in FILES)}")
+    if t.eval_strategy != "no" and not d.eval_rows:
+        problems.append(f"train.eval_strategy={t.eval_strategy!r} needs rows to evaluate on: set data.eval_rows "
+                        "(e.g. 100) or train.eval_strategy=no")
+    resume = t.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() not in ("", "true", "false") and not Path(resume).is_dir():
+        problems.append(f"train.resume_from_checkpoint={resume!r}: no such checkpoint folder")
+    # Recipes travel between people: a relative path in one may not climb out of the folder it is run
+    # from (an absolute path says plainly where it writes, and stays allowed).
+    for what, value in (("train.output_dir", t.output_dir), ("output.adapter_dir", r.output.adapter_dir)):
+        if isinstance(value, str) and ".." in Path(value).parts:
+            problems.append(f"{what}={value!r} climbs out of the working folder with '..'; write the path "
+                            "without '..' (an absolute path if you mean a folder elsewhere)")
+    if not isinstance(c.max_new_tokens, int) or c.max_new_tokens < 1:
+        problems.append(f"chat.max_new_tokens={c.max_new_tokens!r} must be an integer >= 1")
+    if c.temperature < 0:
+        problems.append(f"chat.temperature={c.temperature} must be >= 0 (0 = greedy)")
+    if not 0 <= c.min_p <= 1:
+        problems.append(f"chat.min_p={c.min_p} must be in [0, 1]")
     return problems
 
 
@@ -242,9 +291,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 raise FileNotFoundError(f"recipe file {str(path)!r} not found")
         source = str(p)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise RecipeError(source, [f"not valid YAML: {e}"]) from e
+        except UnicodeDecodeError as e:
+            raise RecipeError(source, [f"not UTF-8 text (byte {e.start}): is this a recipe file?"]) from e
+        if not isinstance(raw, dict):
+            raise RecipeError(source, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
     problems: list[str] = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -252,11 +305,20 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or len(parts) != 2 or not all(parts):
             problems.append(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.max_steps=10")
             continue
-        section = raw.setdefault(parts[0], {})
+        if raw.get(parts[0]) is None:  # `train:` with nothing under it
+            raw[parts[0]] = {}
+        section = raw[parts[0]]
         if not isinstance(section, dict):
             problems.append(f"--set {item!r}: section {parts[0]!r} is not a mapping in the recipe")
             continue
-        section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})")
+    try:
+        recipe = recipe_from_dict(raw, source)
+    except RecipeError as e:  # the malformed --set items and the recipe's own problems, together
+        raise RecipeError(source, problems + e.problems) from None
     if problems:
         raise RecipeError(source, problems)
-    return recipe_from_dict(raw, source)
+    return recipe
