@@ -83,6 +83,20 @@ class TokenizedDataset:
             self._lengths = np.diff(self._offsets).tolist()
         return self._lengths
 
+    def describe_rows(self, indices: Sequence[int], limit: int = 20) -> str:
+        """Where rows ``indices`` of this dataset came from, for messages: dataset rows, the input rows
+        they were made from (rows dropped earlier shift the two apart) and file lines where known."""
+        idx = [int(i) for i in indices]
+        more = " ..." if len(idx) > limit else ""
+        idx = idx[:limit]
+        text = f"rows {idx}{more} of the training set"
+        sources = [int(self.source_rows[i]) for i in idx]
+        if sources != idx:
+            text += f", input rows {sources}{more}"
+        if self.source_lines is not None and any(self.source_lines[i] is not None for i in idx):
+            text += f", file lines {[self.source_lines[i] for i in idx]}{more}"
+        return text
+
     def select(self, indices: Sequence[int]) -> "TokenizedDataset":
         """The rows at ``indices`` (e.g. an eval split); its report counts only those rows."""
         idx = np.asarray(list(indices), dtype=np.int64)

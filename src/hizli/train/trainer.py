@@ -160,6 +160,11 @@ class SFTTrainer:
         """Train for ``max_steps`` (or ``num_train_epochs``); see the module docstring."""
         args, model = self.args, self.model
         if self.train_dataset is None or len(self.train_dataset) == 0:
+            report = getattr(self.train_dataset, "report", None)
+            if report is not None and report.rows_in:  # rows came in, none has a label: refuse, say why
+                raise ValueError(f"nothing to train on: none of the {report.rows_in} rows has a trained token "
+                                 f"({report.summary()}). Every label is -100: check the labels, train_on / "
+                                 "train_on_responses_only (does the chat template match?) and max_seq_length")
             raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
         device = next(model.parameters()).device
         amp_dtype = self._precision(device)
@@ -208,8 +213,18 @@ class SFTTrainer:
                     t0 = time.perf_counter()
                     groups = micro if parts is None else split_rows(sum(micro, []), self.train_dataset.lengths, parts)
                     batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
-                    result = self._optimizer_step(batches, micro, step_no + 1, optimizer, scheduler, scaler,
-                                                  params, device, amp_dtype)
+                    try:
+                        result = self._optimizer_step(batches, micro, step_no + 1, optimizer, scheduler, scaler,
+                                                      params, device, amp_dtype)
+                    except torch.OutOfMemoryError as e:
+                        from hizli.train import oom
+
+                        optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
+                        e.__traceback__ = None  # its frames hold the step's activations: let them go too
+                        raise oom.explain(e, device=device, args=args, model=model, step=step_no + 1,
+                                          max_seq_length=self.max_seq_length,
+                                          longest_row=max(self.train_dataset.lengths),
+                                          memory_plan=self.memory_plan) from None
                     step_no += 1
                     self.state["global_step"] = step_no
                     elapsed = time.perf_counter() - t0
@@ -284,8 +299,10 @@ class SFTTrainer:
             optimizer.zero_grad(set_to_none=True)
             rows = sorted(sum(micro, []))
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            where = self.train_dataset.describe_rows(rows) if hasattr(self.train_dataset, "describe_rows") else \
+                f"rows {rows[:20]}{' ...' if len(rows) > 20 else ''}"
             message = (f"step {step_no}: the {what} is {loss_value if what == 'loss' else norm_value} "
-                       f"(rows {rows[:20]}{' ...' if len(rows) > 20 else ''}); the weights were not changed")
+                       f"({where}); the weights were not changed")
             if self.args.nan_policy == "stop":
                 raise NonFiniteLossError(message + ". Lower learning_rate, check these rows, or set "
                                                    "nan_policy='skip'")
