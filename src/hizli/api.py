@@ -47,15 +47,18 @@ class FastLanguageModel:
             token: Hugging Face token for gated or private hub models (else HF_TOKEN is used).
             trust_remote_code: run model code shipped with a hub model; off unless you ask.
             allow_pickle: also accept .bin/.pt weights (pickle can execute code); off by default.
+            fast_path: route attention and (on a GPU) norms, RoPE and SwiGLU through hizli's kernels;
+                False keeps transformers' own modules (for comparisons).
         """
         attn = kwargs.pop("attn_implementation", "sdpa")
+        fast_path = kwargs.pop("fast_path", True)
         kwargs.pop("fix_tokenizer", None)  # Unsloth argument; hizli always fixes the pad token
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(sorted(kwargs))}")
         return loader.load(
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
             token=token, device_map=device_map, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, revision=revision, attn_implementation=attn,
+            allow_pickle=allow_pickle, revision=revision, attn_implementation=attn, fast_path=fast_path,
         )
 
     @staticmethod

@@ -116,7 +116,8 @@ def run(args) -> dict[str, Any]:
         max_steps=args.steps, learning_rate=2e-4, fp16=device.type == "cuda" and not bf16, bf16=bf16,
         logging_steps=1, optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear", seed=3407,
         output_dir=os.path.join("/tmp", f"hizli-bench-out-{os.getpid()}"), save_strategy="no",
-        padding_free=levers["padding_free"], merge_micro_batches=levers["merge_micro"] and levers["padding_free"],
+        # merge lever on: the memory plan decides how many micro-batches a step runs as; off: the recipe's own
+        padding_free=levers["padding_free"], merge_micro_batches=None if levers["merge_micro"] else False,
         max_memory_gib=args.max_memory_gib, disable_tqdm=True, bad_rows="skip",
     )
     first_step: list[float] = []

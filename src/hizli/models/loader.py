@@ -151,6 +151,7 @@ def load(
     revision: str | None = None,
     attn_implementation: str = "sdpa",
     adapter_trainable: bool = True,
+    fast_path: bool = True,
 ):
     """Load ``(model, tokenizer)``; see ``FastLanguageModel.from_pretrained`` for the arguments."""
     import torch
@@ -163,7 +164,7 @@ def load(
         return _load_adapter(
             src, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
             device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-            attn_implementation=attn_implementation, trainable=adapter_trainable,
+            attn_implementation=attn_implementation, trainable=adapter_trainable, fast_path=fast_path,
         )
 
     device = default_device() if device_map is None else _device_of(device_map)
@@ -214,9 +215,9 @@ def load(
     model.max_seq_length = max_seq_length
     from hizli.models.patch import use_hizli_attention
 
-    if attn_implementation == "sdpa":
+    if fast_path and attn_implementation == "sdpa":
         use_hizli_attention(model)
-    if device.startswith("cuda"):
+    if fast_path and device.startswith("cuda"):
         from hizli.models.patch import use_fused_ops
 
         model.hizli_fused = use_fused_ops(model)
@@ -257,7 +258,7 @@ def set_pad_token(tokenizer) -> None:
 
 
 def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, device_map,
-                  trust_remote_code, allow_pickle, attn_implementation, trainable):
+                  trust_remote_code, allow_pickle, attn_implementation, trainable, fast_path):
     from peft import PeftModel
 
     config = json.loads((Path(src.path) / "adapter_config.json").read_text())
@@ -270,7 +271,7 @@ def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, de
     base, tokenizer = load(
         base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
         device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, fast_path=fast_path,
     )
     info: LoadInfo = base.hizli_info
     model = PeftModel.from_pretrained(base, src.path, is_trainable=trainable)

@@ -20,6 +20,8 @@ from hizli.data.collate import IGNORE
 
 # Benchmarks switch this off to measure the lever; the unfused path materialises all logits.
 FUSED_CE = True
+# Rows per chunk of the fused loss; None lets the kernel choose. The memory plan lowers it on tight budgets.
+CE_CHUNK_ROWS: int | None = None
 
 
 @dataclass
@@ -98,7 +100,8 @@ def loss_sum(model, batch: DeviceBatch) -> torch.Tensor:
 
         # norms kept in fp32 give fp32 hidden states while the head is bf16: meet in the head's dtype
         return fused_linear_cross_entropy(hidden.to(head.weight.dtype), head.weight, batch.targets,
-                                          reduction="sum", logit_scale=scale, softcap=softcap or None)
+                                          reduction="sum", logit_scale=scale, softcap=softcap or None,
+                                          chunk_size=CE_CHUNK_ROWS)
     return _chunked_module_loss(head, hidden, batch.targets, scale, softcap)
 
 

@@ -390,6 +390,8 @@ class SFTTrainer:
         if merge:  # asked for one micro-batch per step: keep the layer modes, force the count
             memory_plan.micro_batches = 1
         apply_layer_modes(self.model, memory_plan.layer_modes)
+        if next(self.model.parameters()).is_cuda:
+            step_mod.CE_CHUNK_ROWS = memory_plan.ce_chunk_rows
         self.memory_plan = memory_plan.to_dict()
         _log.info(memory_plan.describe())
         for note in memory_plan.notes:
