@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import random
 import shutil
@@ -142,30 +143,37 @@ def latest(output_dir: str | os.PathLike) -> Path | None:
 
 
 def rotate(output_dir: Path, limit: int | None, keep: Path) -> None:
+    # leftovers of interrupted saves (kill -9, power loss) are not checkpoints; tidy them, with or
+    # without a limit, or every crash would leave one behind for good
+    for p in Path(output_dir).glob(f".{PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
     if not limit:
         return
     found = list_checkpoints(output_dir)
     for p in found[: max(0, len(found) - limit)]:
         if p != keep:
             shutil.rmtree(p, ignore_errors=True)
-    # leftovers of interrupted saves are not checkpoints; tidy them
-    for p in Path(output_dir).glob(f".{PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
-def verify(path: Path) -> None:
-    """Raise CheckpointError if any file is missing or differs from its recorded checksum."""
+def verify(path: Path) -> dict[str, str]:
+    """Raise CheckpointError if any file is missing or differs from its recorded checksum; return the
+    checksums (file name -> sha256)."""
     sums_file = path / "checksums.json"
     if not sums_file.is_file():
         raise CheckpointError(f"{path} has no checksums.json: it is not a complete hizli checkpoint")
     try:
         sums = json.loads(sums_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{sums_file} is corrupted ({e})") from e
+    if not isinstance(sums, dict) or not all(isinstance(d, str) for d in sums.values()):
+        raise CheckpointError(f"{sums_file} is corrupted (expected a mapping of file name to sha256)")
+    root = path.resolve()
     for name, digest in sums.items():
-        f = path / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"{sums_file} names a file outside the checkpoint: {name!r}")
+        f = path / name
+        if f.is_symlink() or not f.resolve().is_relative_to(root):  # hizli never writes links
+            raise CheckpointError(f"checkpoint {path}: {name} is a link to a file outside the checkpoint")
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
         if _sha256(f) != digest:
@@ -173,6 +181,7 @@ def verify(path: Path) -> None:
                 f"checkpoint {path} is corrupted: {name} does not match its checksum. Resume from an "
                 f"earlier checkpoint (resume_from_checkpoint=PATH) or start again"
             )
+    return sums
 
 
 def resolve(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
@@ -195,17 +204,45 @@ def load(path: Path, model, optimizer) -> dict[str, Any]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    verify(path)
+    sums = verify(path)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no adapter_model.safetensors")
+    unlisted = [n for n in ("adapter_model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json")
+                if n not in sums]
+    if unlisted:  # read below, so they must be covered by a checksum
+        raise CheckpointError(f"checkpoint {path} is incomplete: checksums.json does not list {', '.join(unlisted)}")
+    # everything is read and checked before anything in the model or optimizer changes
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/trainer_state.json is not valid JSON ({e})") from None
+    _check_state(state, path)
     device = next(p.device for p in model.parameters() if p.requires_grad)
+    try:
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        rng = torch.load(path / "rng_state.pt", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something that is not tensors and numbers
+        raise CheckpointError(f"{path}: optimizer.pt / rng_state.pt hold objects other than tensors; refused "
+                              f"(they could run code when loaded). Resume from another checkpoint. ({e})") from None
     result = set_peft_model_state_dict(model, load_file(str(weights), device=str(device)))
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise CheckpointError(f"{weights} does not fit this model (unexpected keys such as {unexpected[0]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text())
+    optimizer.load_state_dict(optimizer_state)
+    set_rng_state(rng)
     _log.info(f"resumed from {path} (step {state['global_step']})")
     return state
+
+
+def _check_state(state: Any, path: Path) -> None:
+    """The fields of trainer_state.json that resuming relies on, with the types it relies on."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = (isinstance(state, dict) and whole(state.get("global_step")) and isinstance(state.get("position"), dict)
+          and set(state["position"]) == {"epoch", "micro"} and all(whole(v) for v in state["position"].values())
+          and isinstance(state.get("scheduler"), dict) and isinstance(state.get("log_history", []), list))
+    if not ok:
+        raise CheckpointError(f"{path}/trainer_state.json does not hold a valid training state (global_step, "
+                              "position, scheduler); resume from another checkpoint")
