@@ -81,7 +81,9 @@ def find_llama_quantize() -> str | None:
     env = os.environ.get(QUANTIZE_ENV)
     if env:
         if not (os.path.isfile(env) and os.access(env, os.X_OK)):
-            raise ValueError(f"{QUANTIZE_ENV}={env!r} is not an executable file; point it at llama.cpp's llama-quantize")
+            raise ValueError(
+                f"{QUANTIZE_ENV}={env!r} is not an executable file; point it at llama.cpp's llama-quantize"
+            )
         return env
     return shutil.which("llama-quantize")
 
@@ -402,7 +404,6 @@ def write_gguf(model, path: Path, vocab: dict, method: str, *, spec: ArchSpec | 
                name: str = "model", progress: bool = False) -> Path:
     """Write one GGUF file of a built-in type; tensors are merged and converted one at a time."""
     import gguf
-    import numpy as np
     from tqdm.auto import tqdm
 
     from hizli.export.merge import unwrap

@@ -239,7 +239,6 @@ def _dequantize_cpu_packed(packed, qs, block_n: int = 32):
 
 def _dense_loader(module, p):
     def load(dtype):
-        import torch
 
         t = dense_weight(p) if p.is_floating_point() or _is_4bit(p) else p.detach().clone()
         if t.is_floating_point():
