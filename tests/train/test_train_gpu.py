@@ -21,17 +21,24 @@ STEPS = 20
 
 
 def _model_folder(tmp_path_factory):
+    """A 4-layer random Llama with a real tokenizer: Llama 3's from the GPU bundle when it is there
+    (the GPU machine has no embedded model package), else the embedded model's."""
+    from pathlib import Path
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hizli.models.loader import load_tokenizer, resolve_source
+    from hizli.bench.run import load_tokenizer
 
+    bundle = Path(__file__).resolve().parents[2] / ".gpu-bundle" / "tok" / "tokenizer.json"
+    tok = load_tokenizer(str(bundle) if bundle.is_file() else None)
     out = tmp_path_factory.mktemp("gpu-llama")
-    config = LlamaConfig(vocab_size=49152, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                          num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    load_tokenizer(resolve_source("smollm2-135m-instruct").path).save_pretrained(out)
+    tok.save_pretrained(out)
     return str(out)
 
 
@@ -48,7 +55,7 @@ def _run(folder, tmp_path, fast: bool, dtype: str):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16,
                                              use_gradient_checkpointing="unsloth" if fast else True,
                                              random_state=3407)
-    tok = get_chat_template(tok, "smollm2")
+    tok = get_chat_template(tok, "llama-3.1" if len(tok) > 100_000 else "smollm2")
     args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5,
                              max_steps=STEPS, learning_rate=2e-4, optim="adamw_torch", weight_decay=0.01, seed=3407,
                              bf16=dtype == "bfloat16", fp16=dtype == "float16", save_strategy="no",
