@@ -30,7 +30,7 @@ from hizli.data.tokenize import TokenizedDataset, tokenize_dataset
 
 pytestmark = pytest.mark.reliability("data")
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MAX_SEQ = 48  # short, so truncation (and rows losing every trained token to it) happens often
 
