@@ -31,9 +31,10 @@ TIMINGS: dict[str, float] = {}
 
 @contextlib.contextmanager
 def one_thread():
-    """Run torch on one thread. Decoding a 135M model is a string of small matmuls: with two
-    threads on a 2-core machine that other processes also use, a 32-token greedy answer took 10.9 s,
-    with one thread 2.1 s (measured here); on an idle machine one thread costs little."""
+    """Run torch on one thread. On a 2-core machine that other processes also use, two torch
+    threads wait on each other at every op: a 32-token greedy answer of SmolLM2-135M took 10.9 s
+    with two threads and 2.1 s with one, a q8_0 export 21.6 s against ~3 s (measured here); on an
+    idle machine one thread costs little at this model size."""
     import torch
 
     before = torch.get_num_threads()
@@ -134,6 +135,13 @@ def make_adapter(out: Path, *, load_in_4bit: bool = False, seed: int = 0):
     return peft_model, tokenizer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Every export test on one torch thread (see ``one_thread``); restored after each test."""
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def prompts():
     return PROMPTS
@@ -146,7 +154,8 @@ def adapter_dir(tmp_path_factory) -> Path:
     if given:
         return Path(given)
     out = tmp_path_factory.mktemp("adapter") / "lora_model"
-    make_adapter(out)
+    with one_thread():
+        make_adapter(out)
     return out
 
 
@@ -155,7 +164,8 @@ def adapter_model(adapter_dir):
     """(model, tokenizer): the adapter on the full-precision fp32 base, as a user loads it."""
     from hizli.models import loader
 
-    model, tokenizer = loader.load(str(adapter_dir), load_in_4bit=False, adapter_trainable=False)
+    with one_thread():
+        model, tokenizer = loader.load(str(adapter_dir), load_in_4bit=False, adapter_trainable=False)
     model.eval()
     return model, tokenizer
 
@@ -176,7 +186,8 @@ def merged_dir(adapter_model, tmp_path_factory) -> Path:
     model, tokenizer = adapter_model
     out = tmp_path_factory.mktemp("export") / "merged"
     t = time.perf_counter()
-    model.save_pretrained_merged(str(out), tokenizer)
+    with one_thread():
+        model.save_pretrained_merged(str(out), tokenizer)
     TIMINGS["merged_16bit (fp32)"] = time.perf_counter() - t
     return out
 
@@ -188,7 +199,8 @@ def gguf_dir(adapter_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "smol-ft"
     for method in ("f16", "q8_0"):
         t = time.perf_counter()
-        model.save_pretrained_gguf(str(out), tokenizer, quantization_method=method, modelfile=method == "q8_0")
+        with one_thread():
+            model.save_pretrained_gguf(str(out), tokenizer, quantization_method=method, modelfile=method == "q8_0")
         TIMINGS[f"gguf {method}"] = time.perf_counter() - t
     return out
 
