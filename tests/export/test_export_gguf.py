@@ -4,12 +4,12 @@ Tolerances:
 - f16: logits within 1e-2 of the merged model with its weights rounded to f16 (what an f16 file
   can hold; measured ~1e-4, fp32 rounding order only). Against the fp32 adapter model itself the
   f16 rounding of the weights moves logits by up to ~0.05 (measured 0.042), so that comparison
-  uses 0.1.
+  uses 0.1, plus greedy-token agreement (>= 95% of positions, none where fp32 leads by > 1 logit).
 - q8_0 against f16: free-running greedy answers do NOT stay equal for 32 tokens on SmolLM2-135M,
   even without any adapter: the base model's own q8_0 file (bit-identical to llama.cpp's, see
-  the token_embd test) parts from f16 after 6, 8 (end of answer), 28, 23 and 2 tokens on these five
-  prompts, because q8_0 moves logits by up to ~1.3 and this small model often has a runner-up
-  within that distance. So the test asserts what does hold: fed the f16 answer, q8_0 picks the
+  the token_embd test) parts from f16 after 6, 28, 23 and 2 tokens on four of these five prompts
+  (the fifth answer, 8 tokens, is identical), because q8_0 moves logits by up to ~1.3 and this small
+  model often has a runner-up within that distance. So the test asserts what does hold: fed the f16 answer, q8_0 picks the
   same token at >= 90% of positions and at every position where f16's choice leads by more than
   1 logit; the free-running lengths are printed.
 """
