@@ -17,11 +17,12 @@ FIBONACCI = "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,"
 
 
 @pytest.fixture(scope="module")
-def llama(gguf_dir):
+def llama(request):
     try:
         import llama_cpp
     except Exception as e:  # not installed, or installed without its shared library
         pytest.skip(f"llama-cpp-python is not usable here ({type(e).__name__}: {e})")
+    gguf_dir = request.getfixturevalue("gguf_dir")  # only once llama.cpp is known to be there
     return llama_cpp.Llama(model_path=str(gguf_dir / "smol-ft.Q8_0.gguf"), n_ctx=512, n_threads=1, seed=0,
                            verbose=False)
 
