@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 
@@ -19,9 +20,9 @@ def accept_encodings_in_generate(model) -> None:
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any):
         enc = kwargs.get("input_ids")
-        if enc is None and args and isinstance(args[0], dict):
+        if enc is None and args and isinstance(args[0], Mapping):  # BatchEncoding is a Mapping, not a dict
             enc, args = args[0], args[1:]
-        if isinstance(enc, dict) and "input_ids" in enc:
+        if isinstance(enc, Mapping) and "input_ids" in enc:
             kwargs["input_ids"] = enc["input_ids"]
             if "attention_mask" in enc and "attention_mask" not in kwargs:
                 kwargs["attention_mask"] = enc["attention_mask"]
