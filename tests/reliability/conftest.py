@@ -78,18 +78,20 @@ SECTIONS = (
     Section("signals", "Ctrl-C and SIGTERM",
             "SIGINT or SIGTERM during data preparation, a training step or a checkpoint write stops the run "
             "cleanly: before the first step nothing is written and no checkpoint is touched; from the first step "
-            "on, the run finishes the step (and any write in progress), saves a checkpoint and stops; every such "
-            "checkpoint resumes to the same losses as an uninterrupted run.",
+            "on, the run finishes the step (and any write in progress), saves a checkpoint and stops. A second "
+            "signal stops at once: a write it cuts short is removed (unless already renamed into place), leaving "
+            "the previous checkpoint. Every run resumed from these checkpoints logs the uninterrupted run's losses.",
             (("signals", "signals sent"), ("during_prep", "during data preparation"),
              ("during_step", "during a step"), ("during_write", "during a checkpoint write"),
-             ("resumed_matched", "resumes whose losses matched (<= 1e-6)"))),
+             ("resumed_matched", "resumed runs whose losses matched (<= 1e-6)"))),
     Section("kill9", "kill -9 at random moments",
             "The training process is killed with SIGKILL at random moments, including inside checkpoint writes, "
             "again and again; each time the next run resumes from the last complete checkpoint and logs the same "
             "losses as an uninterrupted run (CPU, fp32, <= 1e-6); at most the steps since that checkpoint are lost.",
             (("kills", "kills injected"), ("kills_in_write", "kills inside a checkpoint write"),
              ("kills_before_first_checkpoint", "kills before any checkpoint existed"),
-             ("resumes_matched", "resumes whose losses matched"), ("max_loss_diff", "largest loss difference"),
+             ("resumes_matched", "resumed runs that logged steps, all matching"),
+             ("max_loss_diff", "largest loss difference"),
              ("max_steps_lost", "most steps lost to one kill"), ("save_steps", "checkpoint interval (steps)"))),
     Section("disk-full", "Disk full during a save",
             "A write failing with ENOSPC in the middle of a checkpoint leaves the previous checkpoint intact and "
@@ -337,8 +339,10 @@ def _render(data: dict[str, Any]) -> str:
         status = entry["status"]
         current = _file_hash([str(root / f) for f in entry.get("files", [])])
         outdated = current != entry.get("hash")
-        shown = {"passed": "passed", "failed": "**FAILED**"}[status] + (" (tests changed since: re-run)"
-                                                                         if outdated else "")
+        gaps = len(entry.get("gaps", {}))
+        shown = {"passed": "passed", "failed": "**FAILED**"}[status] + (
+            f", {gaps} known gap{'s' if gaps > 1 else ''}" if gaps else "") + (
+            " (**outdated**: its tests changed since this run; run them again)" if outdated else "")
         run = entry["run"]
         key, label = section.figures[0]
         out.append(f"| [{section.title}](#{_anchor(section.title)}) | {shown} | {run['date']} | "
