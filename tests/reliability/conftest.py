@@ -107,7 +107,8 @@ SECTIONS = (
             "exactly save_total_limit checkpoints remain.",
             (("steps", "steps"), ("checkpoints_written", "checkpoints written"), ("kept", "checkpoints kept"),
              ("save_total_limit", "save_total_limit"), ("rss_warm_mib", "RSS after warm-up (MiB)"),
-             ("rss_end_mib", "RSS at the end (MiB)"), ("rss_growth_pct", "RSS growth (%)"),
+             ("rss_end_mib", "RSS at the end (MiB)"), ("rss_growth_pct", "largest RSS growth after warm-up (%)"),
+             ("rss_growth_mib", "largest RSS growth after warm-up (MiB)"),
              ("seconds", "wall time (s)"))),
 )
 BY_ID = {s.id: s for s in SECTIONS}
