@@ -15,6 +15,24 @@ from typing import Any
 # allocated). It only takes effect if set before CUDA is initialised; a user's own setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+
+def _quiet_known_noise() -> None:
+    """Two messages every hizli run would print and no user can act on: PEFT calling a transformers
+    method renamed in 5.x, and bitsandbytes looking for an optional CPU kernel package."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    class _NoKernelsCommunity(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "kernels-community" not in record.getMessage()
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsCommunity())
+
+
+_quiet_known_noise()
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

@@ -269,9 +269,12 @@ def _run(step: ChunkStep, hidden: torch.Tensor, weight: torch.Tensor, targets: t
          chunk_size: int | None, reduction: str, logit_scale: float, softcap: float | None) -> torch.Tensor:
     chunk = _prepare(hidden, weight, targets, chunk_size, reduction, softcap)
     grad_on = torch.is_grad_enabled()
-    return _FusedLinearCE.apply(hidden, weight, targets, int(ignore_index), chunk, reduction, float(logit_scale),
-                                None if softcap is None else float(softcap), grad_on and hidden.requires_grad,
-                                grad_on and weight.requires_grad, step)
+    # The products write into preallocated buffers of the inputs' dtype; under an autocast region
+    # (the trainer's bf16/fp16) they would be recast, so the op runs in the dtype it was given.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _FusedLinearCE.apply(hidden, weight, targets, int(ignore_index), chunk, reduction,
+                                    float(logit_scale), None if softcap is None else float(softcap),
+                                    grad_on and hidden.requires_grad, grad_on and weight.requires_grad, step)
 
 
 def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -375,6 +375,12 @@ class SFTTrainer:
         if not padding_free or merge is False:
             self.memory_plan = None
             return None
+        if not next(self.model.parameters()).is_cuda:
+            # On a CPU memory is plentiful but fresh memory is slow: keeping every activation ran at
+            # 52 tokens/s against 75-91 recomputing (SmolLM2-135M, NF4, 1,442 tokens, 2 cores), so
+            # layers keep what use_gradient_checkpointing asked for and a step runs as one batch.
+            self.memory_plan = None
+            return 1
         steps, epoch = [], 0
         while len(steps) < total_steps and epoch < 3:  # the longest step of the epochs this run sees
             groups = plan.micro_batches(epoch)
