@@ -106,7 +106,9 @@ def generate_reply(
 
 
 def _stop_ids(tokenizer, model) -> list[int]:
-    """EOS ids of the generation config plus the template's end-of-turn tokens that exist."""
+    """EOS ids of the generation config plus the chat template's end-of-turn and stop tokens."""
+    from hizli.data.templates import stop_token_ids
+
     ids: list[int] = []
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -114,10 +116,5 @@ def _stop_ids(tokenizer, model) -> list[int]:
         ids.append(eos)
     elif isinstance(eos, (list, tuple)):
         ids.extend(int(i) for i in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    for token in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "</s>"):
-        if token in vocab:
-            ids.append(vocab[token])
+    ids.extend(stop_token_ids(tokenizer))
     return list(dict.fromkeys(ids))

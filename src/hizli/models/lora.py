@@ -121,8 +121,21 @@ def attach_methods(model) -> None:
     """Give the model the recipe's save/export methods (bound per instance, PEFT class untouched)."""
     from hizli.export import api as export_api
 
-    for name in ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf"):
+    for name in ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf",
+                 "push_to_hub"):  # push_to_hub: hizli's makes private repos by default, PEFT's public ones
         setattr(model, name, types.MethodType(getattr(export_api, name), model))
+    if hasattr(model, "peft_config") and not getattr(model.save_pretrained, "_hizli_wrapped", False):
+        original_save = model.save_pretrained
+
+        def save_pretrained(save_directory, **kwargs):
+            # PEFT's "auto" looks the base model's config up by name to see whether embeddings
+            # changed, and warns when the name is not a folder or hub id (our embedded models);
+            # hizli trains embeddings only through modules_to_save, which PEFT saves regardless.
+            kwargs.setdefault("save_embedding_layers", False)
+            return original_save(save_directory, **kwargs)
+
+        save_pretrained._hizli_wrapped = True  # type: ignore[attr-defined]
+        model.save_pretrained = save_pretrained
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)
