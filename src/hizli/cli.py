@@ -131,6 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"hizli: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from hizli.train.oom import GPUOutOfMemoryError
+        from hizli.train.trainer import NonFiniteLossError
+
+        if not isinstance(e, (GPUOutOfMemoryError, NonFiniteLossError)):
+            raise
+        print(f"hizli: error: {e}", file=sys.stderr)  # the message says what happened and what to change
+        return 1
 
 
 def _train(args) -> int:

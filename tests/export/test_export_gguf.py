@@ -195,6 +195,7 @@ def test_llama3_rope_factors_match_transformers():
 
 # Llama itself is covered on SmolLM2 above (tied); Qwen2 adds biases and an untied output, Qwen3
 # its q/k norms, f32 and bf16 the other built-in types.
+@pytest.mark.slow  # 17 s: architectures beyond the recipe's; run with -m slow
 @pytest.mark.parametrize("arch,tie,method", [("qwen2", False, "bf16"), ("qwen3", True, "f32")])
 def test_tiny_architectures_round_trip(arch, tie, method, smol_folder, tmp_path):
     from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config)
@@ -267,6 +268,7 @@ def test_external_types_run_llama_quantize(tiny_model_dir, tmp_path, monkeypatch
     assert "FROM ./q.Q4_K_M.gguf" in (tmp_path / "q" / "Modelfile").read_text()
 
 
+@pytest.mark.llamacpp
 def test_real_llama_quantize_makes_q4_k_m(gguf_dir, tmp_path):
     """Runs only where llama.cpp's llama-quantize is installed (PATH or LLAMA_QUANTIZE)."""
     import gguf

@@ -1,4 +1,5 @@
-"""The exported GGUF file in llama.cpp itself (through llama-cpp-python; skipped where it is missing).
+"""The exported GGUF file in llama.cpp itself (through llama-cpp-python). Marked ``llamacpp``: the
+default run deselects it (CI has no llama.cpp); ``pytest -m llamacpp`` runs it where it is installed.
 
 llama-cpp-python ships no wheels on PyPI; ``pip install llama-cpp-python`` builds llama.cpp from
 source (several minutes on 2 cores). Where it is installed, this checks what only llama.cpp can:
@@ -12,6 +13,8 @@ from __future__ import annotations
 import re
 
 import pytest
+
+pytestmark = pytest.mark.llamacpp
 
 FIBONACCI = "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,"
 

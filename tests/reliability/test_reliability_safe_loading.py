@@ -47,9 +47,7 @@ def test_pickle_model_weights_are_refused_unless_allowed(tiny_model_dir, tmp_pat
     figures.add(cases=1, refused=1)
 
 
-@pytest.mark.xfail(strict=True, reason="loader._load_adapter hands an adapter_model.bin to PEFT without "
-                   "allow_pickle (PEFT unpickles it with weights_only=True); fix proposed in the issue 8 report")
-def test_pickle_adapter_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
+def test_pickle_adapter_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path, figures):
     from hizli.models import lora
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +59,9 @@ def test_pickle_adapter_weights_are_refused_unless_allowed(tiny_model_dir, tmp_p
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="allow_pickle=True"):
         loader.load(str(tmp_path / "adapter"), load_in_4bit=False)
+    model, _ = loader.load(str(tmp_path / "adapter"), load_in_4bit=False, allow_pickle=True)
+    assert model.hizli_info.adapter == str((tmp_path / "adapter").resolve())
+    figures.add(cases=1, refused=1)
 
 
 def test_remote_code_does_not_run_unless_asked(tiny_model_dir, tmp_path, figures):

@@ -24,7 +24,7 @@ def test_the_recipe_as_written(tmp_path, monkeypatch, capsys):
     from hizli.data.sample import sample_path
 
     def load_dataset(name, split):  # stands in for datasets.load_dataset (no hub here)
-        rows = [json.loads(line) for line in open(sample_path("sharegpt"))][:64]
+        rows = [json.loads(line) for line in open(sample_path("sharegpt"))][:24]
         return Dataset.from_list(rows)
 
     max_seq_length = 2048

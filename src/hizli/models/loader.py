@@ -261,7 +261,15 @@ def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, de
                   trust_remote_code, allow_pickle, attn_implementation, trainable, fast_path):
     from peft import PeftModel
 
-    config = json.loads((Path(src.path) / "adapter_config.json").read_text())
+    folder = Path(src.path)
+    if not (folder / "adapter_model.safetensors").is_file() and not allow_pickle:
+        pickled = [p.name for p in folder.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth")]
+        raise ValueError(
+            f"adapter folder {src.path!r} has no adapter_model.safetensors"
+            + (f" (only {', '.join(pickled)}, a pickle file that can run code when loaded); pass "
+               "allow_pickle=True if you trust it" if pickled else "")
+        )
+    config = json.loads((folder / "adapter_config.json").read_text())
     base_name = config.get("base_model_name_or_path")
     if not base_name:
         raise ValueError(

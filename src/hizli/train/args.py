@@ -19,8 +19,10 @@ class TrainingArguments:
     hizli-only fields: ``padding_free`` (None = auto: lay batches out as one row without padding),
     ``merge_micro_batches`` (None = auto: run the micro-batches of one optimizer step as one when
     memory allows; exact, since the loss is normalised per optimizer step), ``max_memory_gib``
-    (cap for the memory plan), ``nan_policy`` ("stop" or "skip" a step whose loss or gradient is
-    not finite), ``bad_rows`` ("error" or "skip" unusable data rows).
+    (cap for the memory plan; on a CPU the plan is used only when a cap is given), ``nan_policy``
+    ("stop" or "skip" a step whose loss or gradient is not finite), ``bad_rows`` ("error" or "skip"
+    unusable data rows), ``oom_retries`` (how often a step that runs out of GPU memory is planned
+    again for 3/4 of the budget and repeated; 0 stops at the first one, with an explanation).
     """
 
     output_dir: str = "outputs"
@@ -61,6 +63,7 @@ class TrainingArguments:
     max_memory_gib: float | None = None
     nan_policy: str = "stop"
     bad_rows: str = "error"
+    oom_retries: int = 2
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -103,7 +106,7 @@ def validate_fields(a: TrainingArguments) -> list[str]:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "logging_steps"):
         positive_int(name)
-    for name in ("warmup_steps", "save_steps", "dataloader_num_workers"):
+    for name in ("warmup_steps", "save_steps", "dataloader_num_workers", "oom_retries"):
         positive_int(name, allow_zero=True)
     if not isinstance(a.max_steps, int) or isinstance(a.max_steps, bool) or a.max_steps == 0 or a.max_steps < -1:
         problems.append(f"max_steps={a.max_steps!r} must be a positive integer, or -1 to use num_train_epochs")

@@ -39,7 +39,10 @@ class RunLog:
                 continue  # a line cut by a crash mid-write
             if entry.get("step", 0) <= step:
                 keep.append(line)
-        self.path.write_text("".join(x + "\n" for x in keep))
+        # temporary file + rename: an interruption here leaves the old history, never half of it
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, self.path)
 
     def step(self, entry: dict[str, Any]) -> None:
         self.file.write(json.dumps(entry) + "\n")

@@ -166,6 +166,9 @@ class SFTTrainer:
                                  f"({report.summary()}). Every label is -100: check the labels, train_on / "
                                  "train_on_responses_only (does the chat template match?) and max_seq_length")
             raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
+        self._check_token_ids(self.train_dataset, "train")
+        if self.eval_dataset is not None:
+            self._check_token_ids(self.eval_dataset, "eval")
         device = next(model.parameters()).device
         amp_dtype = self._precision(device)
         torch.manual_seed(args.seed)
@@ -203,6 +206,7 @@ class SFTTrainer:
         self._describe(log, plan, total_steps, collate, parts, amp_dtype, device)
         t_start = time.perf_counter()
         losses: list[float] = []
+        retries = 0
         eval_points: list[tuple[int, float]] = []
         step_no = start_step
         try:
@@ -211,20 +215,36 @@ class SFTTrainer:
                     if step_no >= total_steps:
                         break
                     t0 = time.perf_counter()
-                    groups = micro if parts is None else split_rows(sum(micro, []), self.train_dataset.lengths, parts)
-                    batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
-                    try:
-                        result = self._optimizer_step(batches, micro, step_no + 1, optimizer, scheduler, scaler,
-                                                      params, device, amp_dtype)
-                    except torch.OutOfMemoryError as e:
-                        from hizli.train import oom
+                    while True:
+                        groups = micro if parts is None else split_rows(sum(micro, []), self.train_dataset.lengths,
+                                                                        parts)
+                        batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
+                        try:
+                            result = self._optimizer_step(batches, micro, step_no + 1, optimizer, scheduler, scaler,
+                                                          params, device, amp_dtype)
+                            break
+                        except torch.OutOfMemoryError as e:
+                            from hizli.train import oom
 
-                        optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
-                        e.__traceback__ = None  # its frames hold the step's activations: let them go too
-                        raise oom.explain(e, device=device, args=args, model=model, step=step_no + 1,
-                                          max_seq_length=self.max_seq_length,
-                                          longest_row=max(self.train_dataset.lengths),
-                                          memory_plan=self.memory_plan) from None
+                            optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
+                            e.__traceback__ = None  # its frames hold the step's activations: let them go too
+                            del batches
+                            if self.memory_plan is not None and args.oom_retries > retries:
+                                # nothing was updated yet: plan again for 3/4 of the budget and redo the step
+                                retries += 1
+                                if device.type == "cuda":
+                                    torch.cuda.empty_cache()
+                                smaller = 0.75 * self.memory_plan["budget_gib"]
+                                _log.warn_once(f"oom-retry-{retries}", f"step {step_no + 1} ran out of memory; "
+                                               f"planning again for {smaller:.2f} GiB and repeating the step "
+                                               f"(retry {retries} of {args.oom_retries})")
+                                parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype,
+                                                          budget_gib=smaller)
+                                continue
+                            raise oom.explain(e, device=device, args=args, model=model, step=step_no + 1,
+                                              max_seq_length=self.max_seq_length,
+                                              longest_row=max(self.train_dataset.lengths),
+                                              memory_plan=self.memory_plan) from None
                     step_no += 1
                     self.state["global_step"] = step_no
                     elapsed = time.perf_counter() - t0
@@ -342,6 +362,22 @@ class SFTTrainer:
             model.train()
         return {"eval_loss": total / max(1, count), "eval_tokens": count}
 
+    def _check_token_ids(self, dataset, split: str) -> None:
+        """Ids past the embedding table would fail deep inside the first forward: name the row now."""
+        import numpy as np
+
+        embeddings = self.model.get_input_embeddings()
+        vocab = getattr(embeddings, "num_embeddings", None)
+        ids = getattr(dataset, "_ids", None)
+        if vocab is None or ids is None or len(ids) == 0:
+            return
+        bad = np.flatnonzero((ids >= vocab) | (ids < 0))
+        if bad.size:
+            position = int(bad[0])
+            row = int(np.searchsorted(dataset._offsets, position, side="right") - 1)
+            raise ValueError(f"{split} row {row} has token id {int(ids[position])}, outside this model's vocabulary "
+                             f"of {vocab} tokens: the data was tokenized with another tokenizer")
+
     def _should_eval(self, step_no: int, total: int) -> bool:
         if self.eval_dataset is None or self.args.eval_strategy == "no":
             return False
@@ -365,9 +401,12 @@ class SFTTrainer:
             return torch.float16
         return None  # neither asked for: no autocast, as in transformers
 
-    def _plan_memory(self, collate, plan: BatchPlan, total_steps: int, params, amp_dtype) -> int | None:
+    def _plan_memory(self, collate, plan: BatchPlan, total_steps: int, params, amp_dtype,
+                     budget_gib: float | None = None) -> int | None:
         """How many micro-batches each step runs as (None: the recipe's own micro-batches), and
-        what each layer keeps for backward; see ``hizli.train.memory_plan``."""
+        what each layer keeps for backward; see ``hizli.train.memory_plan``. ``budget_gib``
+        overrides ``max_memory_gib`` (the retry after an out-of-memory error uses it)."""
+        budget_gib = budget_gib or self.args.max_memory_gib
         merge = self.args.merge_micro_batches
         padding_free = isinstance(collate, PaddingFreeCollator)
         if merge and not padding_free:
@@ -375,10 +414,10 @@ class SFTTrainer:
         if not padding_free or merge is False:
             self.memory_plan = None
             return None
-        if not next(self.model.parameters()).is_cuda:
+        if not next(self.model.parameters()).is_cuda and not budget_gib:
             # On a CPU memory is plentiful but fresh memory is slow: keeping every activation ran at
             # 52 tokens/s against 75-91 recomputing (SmolLM2-135M, NF4, 1,442 tokens, 2 cores), so
-            # layers keep what use_gradient_checkpointing asked for and a step runs as one batch.
+            # without a cap layers keep what use_gradient_checkpointing asked for, one batch a step.
             self.memory_plan = None
             return 1
         steps, epoch = [], 0
@@ -391,7 +430,7 @@ class SFTTrainer:
         optimizer_bytes = n_params * (4 + (2 if self.args.optim.endswith("8bit") else 8))
         elt = 2 if amp_dtype in (torch.float16, torch.bfloat16) else next(p for p in params).element_size()
         memory_plan = plan_for(self.model, steps=steps[:max(total_steps, 1)], lengths=self.train_dataset.lengths,
-                               max_memory_gib=self.args.max_memory_gib, amp_elt=elt,
+                               max_memory_gib=budget_gib, amp_elt=elt,
                                optimizer_bytes=optimizer_bytes)
         if merge:  # asked for one micro-batch per step: keep the layer modes, force the count
             memory_plan.micro_batches = 1
@@ -422,7 +461,9 @@ class SFTTrainer:
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         recipe = self.recipe or self._recipe_from_objects()
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        tmp = out / "recipe.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        os.replace(tmp, out / "recipe.yaml")
 
     def _recipe_from_objects(self) -> dict[str, Any]:
         info = getattr(self.model, "hizli_info", None)

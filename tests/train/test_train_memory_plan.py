@@ -1,0 +1,102 @@
+"""The memory plan: fastest layout that fits, what it predicts, and the retry after out-of-memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hizli.train import step as step_mod
+from hizli.train.args import TrainingArguments
+from hizli.train.memory_plan import Shape, make_plan, split_rows
+from hizli.train.trainer import SFTTrainer
+
+from helpers import FakeTokenizer, tiny_lora_model, token_rows
+
+GIB = 2**30
+LLAMA_3B = Shape(layers=28, hidden=3072, kv=1024, intermediate=8192, vocab=128256, elt=2)
+
+
+def _steps(n_rows=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(x) for x in torch.randint(200, 2048, (n_rows,), generator=g)]
+    return [list(range(i, i + 8)) for i in range(0, n_rows, 8)], lengths
+
+
+@pytest.mark.parametrize("budget", [3.5, 4, 8, 40, 132])
+def test_plan_fits_its_budget_and_prefers_keeping(budget):
+    steps, lengths = _steps()
+    plan = make_plan(shape=LLAMA_3B, steps=steps, lengths=lengths, allowed=("keep", "recompute", "offload"),
+                     budget_bytes=budget * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    assert plan.predicted_peak_gib <= budget and not plan.notes
+    assert len(plan.layer_modes) == 28 and 1 <= plan.micro_batches <= 8
+    if budget >= 40:  # room to keep every activation of a whole step
+        assert plan.micro_batches == 1 and plan.layer_modes == ["keep"] * 28
+    if budget <= 4:  # the step must be split and layers offloaded
+        assert plan.micro_batches > 1 and "offload" in plan.layer_modes
+
+
+def test_plan_respects_what_checkpointing_allows():
+    steps, lengths = _steps()
+    kw = dict(shape=LLAMA_3B, steps=steps, lengths=lengths, budget_bytes=8 * GIB, static_bytes=2.32 * GIB,
+              max_parts=8)
+    assert set(make_plan(allowed=("keep",), **kw).layer_modes) == {"keep"}
+    assert "offload" not in make_plan(allowed=("keep", "recompute"), **kw).layer_modes
+
+
+def test_plan_says_so_when_nothing_fits():
+    steps, lengths = _steps()
+    plan = make_plan(shape=LLAMA_3B, steps=steps, lengths=lengths, allowed=("keep", "recompute", "offload"),
+                     budget_bytes=2.4 * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    assert plan.notes and "no plan fits" in plan.notes[0]
+
+
+def test_split_rows_balances_tokens_and_keeps_every_row():
+    lengths = [900, 100, 500, 500, 300, 700]
+    groups = split_rows(range(6), lengths, 3)
+    assert sorted(sum(groups, [])) == list(range(6))
+    assert max(sum(lengths[r] for r in g) for g in groups) == 1000
+
+
+def _args(tmp_path, **kw):
+    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3,
+                optim="adamw_torch", seed=0, save_strategy="no", output_dir=str(tmp_path), disable_tqdm=True,
+                max_memory_gib=4.0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_out_of_memory_plans_again_and_repeats_the_step(tmp_path, monkeypatch, capsys):
+    rows = token_rows(24, seed=5)
+    expected = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows,
+                          args=_args(tmp_path / "a")).train()
+    real = step_mod.loss_sum
+    calls = {"n": 0}
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in step 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real(model, batch)
+
+    monkeypatch.setattr(step_mod, "loss_sum", flaky)
+    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows,
+                         args=_args(tmp_path / "b"))
+    stats = trainer.train()
+    assert [e["loss"] for e in stats.log_history] == pytest.approx([e["loss"] for e in expected.log_history],
+                                                                    rel=1e-5)
+    assert trainer.memory_plan["budget_gib"] == pytest.approx(3.0)
+    assert "ran out of memory; planning again for 3.00 GiB" in capsys.readouterr().err
+
+
+def test_without_retries_out_of_memory_is_explained(tmp_path, monkeypatch):
+    from hizli.train.oom import GPUOutOfMemoryError
+
+    def oom(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(step_mod, "loss_sum", oom)
+    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8),
+                         args=_args(tmp_path, oom_retries=0))
+    with pytest.raises(GPUOutOfMemoryError, match="2.00 GiB"):
+        trainer.train()
+
