@@ -164,18 +164,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch rotary embedding, the same arithmetic as transformers' ``apply_rotary_pos_emb``.
-
-    Args:
-        q: ``[B, Hq, T, D]`` (``unsqueeze_dim=1``) or ``[B, T, Hq, D]`` (``unsqueeze_dim=2``).
-        k: like ``q`` with ``Hkv`` heads.
-        cos: ``[B, T, D]`` (or ``[1, T, D]``), the rotary module's cosines at each token's position.
-        sin: like ``cos``.
-        unsqueeze_dim: where the head dimension of ``q``/``k`` is (1 or 2).
-
-    Returns:
-        ``(q_embed, k_embed)``, shaped and typed like ``q`` and ``k``.
-    """
+    """Pure-PyTorch rotary embedding, the same arithmetic as transformers' ``apply_rotary_pos_emb``;
+    arguments and result as for :func:`rope`."""
     _check(q, k, cos, sin, unsqueeze_dim)
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
