@@ -31,14 +31,18 @@ TIMINGS: dict[str, float] = {}
 
 @contextlib.contextmanager
 def one_thread():
-    """Run torch on one thread. On a 2-core machine that other processes also use, two torch
-    threads wait on each other at every op: a 32-token greedy answer of SmolLM2-135M took 10.9 s
-    with two threads and 2.1 s with one, a q8_0 export 21.6 s against ~3 s (measured here); on an
-    idle machine one thread costs little at this model size."""
+    """With HIZLI_TEST_THREADS=1, run torch on one thread here. On a 2-core machine that other
+    processes also use, two torch threads wait on each other at every op: a 32-token greedy answer of
+    SmolLM2-135M took 10.9 s with two threads and 2.1 s with one (measured here, shared machine); on
+    an idle machine the whole export suite ran 8 % faster with torch's default of two."""
+    import os
+
     import torch
 
+    threads = os.environ.get("HIZLI_TEST_THREADS")
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(int(threads))
     try:
         yield
     finally:
