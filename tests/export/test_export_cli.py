@@ -180,7 +180,7 @@ def test_push_uploads_privately(tiny_adapter, tmp_path, monkeypatch, capsys):
 
 
 def _chat(path: Path, env_extra: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # see conftest.one_thread
+    env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "hizli.cli", "chat", str(path), "--prompt", "What is the capital of France?",
          "--max-new-tokens", "12"],
