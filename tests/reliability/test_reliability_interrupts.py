@@ -129,13 +129,13 @@ SERVER = textwrap.dedent(r'''
             SFTTrainer._prepare = prepare
         if job.get("step_stall"):
             real_loss = step_mod.loss_sum
-            def loss_sum(m, batch):
+            def loss_sum(m, batch, **kw):
                 t = holder["trainer"]
                 if t.state["global_step"] + 1 == job["step_stall"] and not holder.get("stalled"):
                     holder["stalled"] = True
                     mark("in-step", job["step_stall"])
                     wait("signal")
-                return real_loss(m, batch)
+                return real_loss(m, batch, **kw)
             step_mod.loss_sum = loss_sum
         try:
             args = TrainingArguments(**job["args"])

@@ -87,8 +87,8 @@ def rig(monkeypatch):
                              args=_args(tmp_path, **kw), callbacks=[])
         snapshots = {}
 
-        def faulty_loss(model, batch):
-            loss = real_loss(model, batch)
+        def faulty_loss(model, batch, **kw):
+            loss = real_loss(model, batch, **kw)
             return FAULTS[fault](loss) if trainer.state["global_step"] + 1 == BAD_STEP else loss
 
         def after_step(entry):
@@ -140,10 +140,10 @@ def test_nan_policy_skip_skips_the_step_and_goes_on(tmp_path, rig, fault, figure
     seen = {}
     real = step_mod.loss_sum
 
-    def spy(model, batch):  # the weights at the start of the step after the skipped one
+    def spy(model, batch, **kw):  # the weights at the start of the step after the skipped one
         if trainer.state["global_step"] + 1 == BAD_STEP + 1 and "after" not in seen:
             seen["after"] = _snapshot(trainer.model, rig["optimizer"])
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     step_mod.loss_sum = spy  # monkeypatch (from the rig) restores the original after the test
     out = trainer.train()

@@ -96,8 +96,8 @@ def test_the_trainer_raises_it_from_a_step_with_the_gradients_freed(tmp_path, mo
     real = step_mod.loss_sum
     seen = {}
 
-    def loss_then_oom(model, batch):
-        loss = real(model, batch)
+    def loss_then_oom(model, batch, **kw):
+        loss = real(model, batch, **kw)
         if trainer.state["global_step"] + 1 == 2:
             loss.backward(retain_graph=True)  # gradients exist when memory runs out, as in a real backward
             seen["grads"] = sum(p.grad is not None for p in model.parameters())

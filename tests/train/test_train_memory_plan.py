@@ -72,11 +72,11 @@ def test_out_of_memory_plans_again_and_repeats_the_step(tmp_path, monkeypatch, c
     real = step_mod.loss_sum
     calls = {"n": 0}
 
-    def flaky(model, batch):
+    def flaky(model, batch, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # in step 2
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     monkeypatch.setattr(step_mod, "loss_sum", flaky)
     trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows,
@@ -91,7 +91,7 @@ def test_out_of_memory_plans_again_and_repeats_the_step(tmp_path, monkeypatch, c
 def test_without_retries_out_of_memory_is_explained(tmp_path, monkeypatch):
     from hizli.train.oom import GPUOutOfMemoryError
 
-    def oom(model, batch):
+    def oom(model, batch, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     monkeypatch.setattr(step_mod, "loss_sum", oom)

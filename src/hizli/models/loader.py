@@ -154,7 +154,6 @@ def load(
     fast_path: bool = True,
 ):
     """Load ``(model, tokenizer)``; see ``FastLanguageModel.from_pretrained`` for the arguments."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     if not isinstance(max_seq_length, int) or max_seq_length < 8:

@@ -20,8 +20,6 @@ from hizli.data.collate import IGNORE
 
 # Benchmarks switch this off to measure the lever; the unfused path materialises all logits.
 FUSED_CE = True
-# Rows per chunk of the fused loss; None lets the kernel choose. The memory plan lowers it on tight budgets.
-CE_CHUNK_ROWS: int | None = None
 
 
 @dataclass
@@ -71,8 +69,9 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model, batch: DeviceBatch) -> torch.Tensor:
-    """Sum of cross-entropy over the batch's trained tokens (a 0-dim float32 tensor)."""
+def loss_sum(model, batch: DeviceBatch, ce_chunk_rows: int | None = None) -> torch.Tensor:
+    """Sum of cross-entropy over the batch's trained tokens (a 0-dim float32 tensor).
+    ``ce_chunk_rows``: rows per chunk of the fused loss (the memory plan lowers it on tight budgets)."""
     from hizli.models.patch import padding_free
 
     lm = causal_lm(model)
@@ -101,7 +100,7 @@ def loss_sum(model, batch: DeviceBatch) -> torch.Tensor:
         # norms kept in fp32 give fp32 hidden states while the head is bf16: meet in the head's dtype
         return fused_linear_cross_entropy(hidden.to(head.weight.dtype), head.weight, batch.targets,
                                           reduction="sum", logit_scale=scale, softcap=softcap or None,
-                                          chunk_size=CE_CHUNK_ROWS)
+                                          chunk_size=ce_chunk_rows)
     return _chunked_module_loss(head, hidden, batch.targets, scale, softcap)
 
 

@@ -106,6 +106,7 @@ class SFTTrainer:
                                 "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)")
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
         self.memory_plan: dict[str, Any] | None = None
+        self._ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -206,7 +207,8 @@ class SFTTrainer:
         self._describe(log, plan, total_steps, collate, parts, amp_dtype, device)
         t_start = time.perf_counter()
         losses: list[float] = []
-        retries = 0
+        trained_tokens = 0
+        self._oom_retries = 0
         eval_points: list[tuple[int, float]] = []
         step_no = start_step
         try:
@@ -215,42 +217,15 @@ class SFTTrainer:
                     if step_no >= total_steps:
                         break
                     t0 = time.perf_counter()
-                    while True:
-                        groups = micro if parts is None else split_rows(sum(micro, []), self.train_dataset.lengths,
-                                                                        parts)
-                        batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
-                        try:
-                            result = self._optimizer_step(batches, micro, step_no + 1, optimizer, scheduler, scaler,
-                                                          params, device, amp_dtype)
-                            break
-                        except torch.OutOfMemoryError as e:
-                            from hizli.train import oom
-
-                            optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
-                            e.__traceback__ = None  # its frames hold the step's activations: let them go too
-                            del batches
-                            if self.memory_plan is not None and args.oom_retries > retries:
-                                # nothing was updated yet: plan again for 3/4 of the budget and redo the step
-                                retries += 1
-                                if device.type == "cuda":
-                                    torch.cuda.empty_cache()
-                                smaller = 0.75 * self.memory_plan["budget_gib"]
-                                _log.warn_once(f"oom-retry-{retries}", f"step {step_no + 1} ran out of memory; "
-                                               f"planning again for {smaller:.2f} GiB and repeating the step "
-                                               f"(retry {retries} of {args.oom_retries})")
-                                parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype,
-                                                          budget_gib=smaller)
-                                continue
-                            raise oom.explain(e, device=device, args=args, model=model, step=step_no + 1,
-                                              max_seq_length=self.max_seq_length,
-                                              longest_row=max(self.train_dataset.lengths),
-                                              memory_plan=self.memory_plan) from None
+                    result, parts = self._step_or_replan(micro, parts, step_no + 1, optimizer, scheduler, scaler,
+                                                         params, device, amp_dtype, collate, plan, total_steps)
                     step_no += 1
                     self.state["global_step"] = step_no
                     elapsed = time.perf_counter() - t0
                     if result is not None:
                         loss, grad_norm, tokens = result
                         losses.append(loss)
+                        trained_tokens += tokens
                         entry = {"step": step_no, "loss": loss, "lr": scheduler.get_last_lr()[0],
                                  "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                                  "step_time_s": elapsed, "epoch": round(after.epoch + after.micro / max(
@@ -278,7 +253,6 @@ class SFTTrainer:
         runtime = time.perf_counter() - t_start
         report = memory.finish(start_mem, runtime)
         metrics.plot_loss(args.output_dir, eval_points)
-        trained_tokens = sum(e.get("tokens", 0) for e in self.state["log_history"][-len(losses):]) if losses else 0
         out = {
             "train_runtime": round(runtime, 4),
             "train_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
@@ -293,6 +267,37 @@ class SFTTrainer:
             out["eval_loss"] = eval_points[-1][1]
         return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"])
 
+    def _step_or_replan(self, micro, parts, step_no, optimizer, scheduler, scaler, params, device, amp_dtype,
+                        collate, plan, total_steps):
+        """One optimizer step. Out of GPU memory, nothing has been updated yet: with a memory plan and
+        retries left, plan again for 3/4 of the budget and repeat the step; else explain and stop.
+        Returns the step's result and the (possibly new) micro-batch count."""
+        while True:
+            lengths = self.train_dataset.lengths
+            groups = micro if parts is None else split_rows(sum(micro, []), lengths, parts)
+            batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
+            try:
+                return self._optimizer_step(batches, micro, step_no, optimizer, scheduler, scaler, params, device,
+                                            amp_dtype), parts
+            except torch.OutOfMemoryError as e:
+                from hizli.train import oom
+
+                optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
+                e.__traceback__ = None  # its frames hold the step's activations: let them go too
+                del batches
+                if self.memory_plan is None or self._oom_retries >= self.args.oom_retries:
+                    raise oom.explain(e, device=device, args=self.args, model=self.model, step=step_no,
+                                      max_seq_length=self.max_seq_length, longest_row=max(lengths),
+                                      memory_plan=self.memory_plan) from None
+                self._oom_retries += 1
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                smaller = 0.75 * self.memory_plan["budget_gib"]
+                _log.warn_once(f"oom-retry-{self._oom_retries}",
+                               f"step {step_no} ran out of memory; planning again for {smaller:.2f} GiB and "
+                               f"repeating the step (retry {self._oom_retries} of {self.args.oom_retries})")
+                parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype, budget_gib=smaller)
+
     def _optimizer_step(self, batches, micro, step_no, optimizer, scheduler, scaler, params, device, amp_dtype):
         """Steps 2-3 of the module docstring. Returns (loss, grad_norm, tokens) or None if skipped."""
         moved = [step_mod.to_device(b, device) for b in batches]
@@ -305,7 +310,7 @@ class SFTTrainer:
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         for b in moved:
             with autocast:
-                loss_sum = step_mod.loss_sum(self.model, b)
+                loss_sum = step_mod.loss_sum(self.model, b, ce_chunk_rows=self._ce_chunk_rows)
             scaled = loss_sum / n_trained
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += loss_sum.detach().float()
@@ -436,7 +441,7 @@ class SFTTrainer:
             memory_plan.micro_batches = 1
         apply_layer_modes(self.model, memory_plan.layer_modes)
         if next(self.model.parameters()).is_cuda:
-            step_mod.CE_CHUNK_ROWS = memory_plan.ce_chunk_rows
+            self._ce_chunk_rows = memory_plan.ce_chunk_rows
         self.memory_plan = memory_plan.to_dict()
         _log.info(memory_plan.describe())
         for note in memory_plan.notes:
