@@ -82,11 +82,15 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y.view(gate.shape)
 
 
-def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     d2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
     n_rows, n_cols = g2.shape
-    dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    if out is None:
+        dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+        du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    else:  # each program reads its elements before writing them, so out may alias gate and up
+        dg, du = out
     if dg.numel():
         block = min(_BLOCK, next_power_of_2(n_cols))
         grid = (n_rows, -(-n_cols // block))
@@ -150,3 +154,34 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton("swiglu", gate, up):
         return _SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` without autograd, for callers that write their own backward (the fused
+    LoRA MLP). 2-d inputs ``[N, I]`` whose rows may be strided (halves of one ``[N, 2I]`` tensor)."""
+    _check(gate, up)
+    if use_triton("swiglu", gate, up):
+        return _swiglu_fwd(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_gate, d_up)`` of :func:`swiglu_forward` for 2-d ``[N, I]`` inputs.
+
+    ``out`` receives them when given (two ``[N, I]`` tensors, which may be ``gate`` and ``up``
+    themselves: the fused MLP overwrites its saved projections to save a ``[N, 2I]`` buffer).
+    """
+    _check(gate, up)
+    if use_triton("swiglu", dy, gate, up):
+        return _swiglu_bwd(dy, gate, up, out)
+    compute = torch.promote_types(gate.dtype, torch.float32)
+    g, u, d = gate.to(compute), up.to(compute), dy.to(compute)
+    s = torch.sigmoid(g)
+    dg = (d * u * s * (1 + g * (1 - s))).to(gate.dtype)
+    du = (d * g * s).to(up.dtype)
+    if out is None:
+        return dg, du
+    out[0].copy_(dg)
+    out[1].copy_(du)
+    return out

@@ -99,7 +99,17 @@ def _norm_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
 def _mlp_forward(self, x):
+    if self.training:  # eval and generation keep bitsandbytes' inference kernels (see fused_lora)
+        from hizli.models.fused_lora import group_parts, lora_swiglu_mlp
+
+        parts = group_parts(self, _MLP_PROJECTIONS)
+        if parts is not None:
+            return lora_swiglu_mlp(x, parts)
     from hizli.kernels.swiglu import swiglu
 
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -116,17 +126,24 @@ def _make_attention_forward(original):
             return original(hidden_states, position_embeddings=position_embeddings,
                             attention_mask=attention_mask, **kwargs)
         from hizli.kernels.rope import rope
+        from hizli.models.fused_lora import group_parts, lora_group
 
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        qkv_parts = group_parts(self, _QKV)
+        if qkv_parts is not None:
+            q, k, v = (t.view(shape).transpose(1, 2) for t in lora_group(hidden_states, qkv_parts))
+        else:
+            q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+            k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+            v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = rope(q, k, cos, sin)
         out, weights = ALL_ATTENTION_FUNCTIONS[impl](self, q, k, v, attention_mask, dropout=self.attention_dropout,
                                                      scaling=self.scaling, **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        out = out.reshape(*input_shape, -1).contiguous()
+        o_parts = group_parts(self, ("o_proj",))
+        return (lora_group(out, o_parts)[0] if o_parts is not None else self.o_proj(out)), weights
 
     return forward
 

@@ -1,0 +1,229 @@
+"""The fused 4-bit LoRA projections compute what PEFT + bitsandbytes compute, forward and backward.
+
+Each test builds a one-layer Llama in NF4 (double quantization, as the loader does) with LoRA on all
+seven projections and random ``B`` (so the adapters matter), then runs the layer's q/k/v group, its
+o projection and its MLP twice: through the fused autograd functions and through the PEFT modules
+(the unfused reference). Outputs, input gradients and every ``lora_A`` / ``lora_B`` gradient must
+agree. In bf16/fp16 both sides round differently, so there the check is against a float64 reference
+built from the same dequantized weights: the fused error must be no worse than PEFT's (times 1.25).
+
+On a CPU the dequantization and SwiGLU run their PyTorch references (fp32, and bf16 at small
+shapes); ``-m gpu`` runs the Triton path at the recipe's shapes in bf16 and fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hizli.models import fused_lora, lora
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def one_layer_lora_model(tmp_path, *, hidden, inter, heads, kv_heads, head_dim, dtype, device, seed=0,
+                         use_rslora=False, lora_dropout=0.0):
+    """A 1-layer Llama of this shape loaded in NF4 + double quant, LoRA r=16 with random B."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+
+    from helpers import tiny_llama_config
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    folder = tmp_path / f"m{hidden}x{inter}"
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
+                                                 device_map={"": device})
+    model = lora.add_lora(model, r=16, lora_alpha=16, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                          target_modules=list(PROJ), use_gradient_checkpointing=False, init_lora_weights=False,
+                          random_state=seed + 1)
+    model.train()
+    return model
+
+
+def _layer(model):
+    return model.get_base_model().model.layers[0]
+
+
+def _lora_params(module):
+    """LoRA parameters of ``module``: a list of projection layers (one fused group)."""
+    return {f"{i}.{n}": p for i, layer in enumerate(module) for n, p in layer.named_parameters() if "lora_" in n}
+
+
+def _run(module, fn, x):
+    """Output, input gradient and LoRA gradients of ``fn(x)`` under a fixed random upstream gradient."""
+    for p in _lora_params(module).values():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator(device="cpu").manual_seed(11)
+    ups = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    torch.autograd.backward(outs, ups)
+    grads = {n: p.grad.detach().clone() for n, p in _lora_params(module).items()}
+    assert len(grads) == len(_lora_params(module)) and all(v is not None for v in grads.values())
+    return [o.detach() for o in outs], x.grad.detach(), grads
+
+
+def _cases(layer):
+    """(module, fused fn, unfused fn) for the q/k/v group, the o projection and the MLP."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = fused_lora.group_parts(attn, ("q_proj", "k_proj", "v_proj"))
+    o = fused_lora.group_parts(attn, ("o_proj",))
+    gud = fused_lora.group_parts(mlp, ("gate_proj", "up_proj", "down_proj"))
+    assert qkv is not None and o is not None and gud is not None, "recipe LoRA layers must take the fused path"
+    act = torch.nn.functional.silu
+    return {
+        "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: fused_lora.lora_group(x, qkv),
+                lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))),
+        "o": ([attn.o_proj], lambda x: fused_lora.lora_group(x, o), lambda x: attn.o_proj(x)),
+        "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: fused_lora.lora_swiglu_mlp(x, gud),
+                lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))),
+    }
+
+
+def _input(name, layer, tokens, dtype, device):
+    width = layer.self_attn.o_proj.in_features if name == "o" else layer.self_attn.q_proj.in_features
+    g = torch.Generator(device="cpu").manual_seed(5)
+    return torch.randn((1, tokens, width), generator=g).to(device, dtype)
+
+
+def _float64_reference(module, name, x):
+    """The same maths in float64 from the dequantized weights (PEFT's definition of the layer)."""
+    from hizli.export.merge import dense_weight
+
+    by_name = dict(zip(names_of(name), module))
+
+    def proj(layer_name, inp):
+        layer = by_name[layer_name]
+        base, a, b, s = fused_lora.lora_parts(layer)
+        w = dense_weight(base.weight).double()
+        return inp @ w.t() + s * (inp @ a.double().t()) @ b.double().t()
+
+    names = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}.get(name)
+    params = _lora_params(module)
+    saved = {n: p.data for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.data = p.data.double()
+        res = _run(module, lambda x64: tuple(proj(n, x64) for n in names) if names else
+                   proj("down_proj", torch.nn.functional.silu(proj("gate_proj", x64)) * proj("up_proj", x64)),
+                   x.double())
+    finally:
+        for n, p in params.items():
+            p.data = saved[n]
+            p.grad = None
+    return res
+
+
+def names_of(case):
+    return {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}.get(case, ("gate_proj", "up_proj", "down_proj"))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _compare(module, fused_fn, plain_fn, x, name, exact):
+    fo, fdx, fg = _run(module, fused_fn, x)
+    po, pdx, pg = _run(module, plain_fn, x)
+    assert [o.shape for o in fo] == [o.shape for o in po] and fg.keys() == pg.keys()
+    assert all(o.dtype == p.dtype for o, p in zip(fo, po)) and fdx.dtype == pdx.dtype
+    if exact:  # fp32: the same maths up to summation order
+        for a, b in zip(fo, po):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(fdx, pdx, rtol=2e-5, atol=2e-5)
+        for k in pg:
+            torch.testing.assert_close(fg[k], pg[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {k}: {m}")
+        return
+    ro, rdx, rg = _float64_reference(module, name, x)
+    pairs = [(f"out{i}", a, b, r) for i, (a, b, r) in enumerate(zip(fo, po, ro))] + [("dx", fdx, pdx, rdx)]
+    pairs += [(k, fg[k], pg[k], rg[k]) for k in pg]
+    for what, fused, plain, ref in pairs:
+        err_f, err_p = _rel(fused, ref), _rel(plain, ref)
+        assert err_f <= 1.25 * err_p + 1e-4, f"{name} {what}: fused error {err_f:.2e} vs PEFT's {err_p:.2e}"
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_fused_matches_peft_fp32_cpu(tmp_path, tokens):
+    model = one_layer_lora_model(tmp_path, hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32,
+                                 dtype=torch.float32, device="cpu")
+    layer = _layer(model)
+    for name, (module, fused_fn, plain_fn) in _cases(layer).items():
+        _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, torch.float32, "cpu"), name, exact=True)
+
+
+def test_fused_matches_peft_bf16_cpu_with_rslora(tmp_path):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = one_layer_lora_model(tmp_path, hidden=128, inter=256, heads=2, kv_heads=1, head_dim=64,
+                                     dtype=torch.bfloat16, device="cpu", use_rslora=True)
+        layer = _layer(model)
+        for name, (module, fused_fn, plain_fn) in _cases(layer).items():
+            _compare(module, fused_fn, plain_fn, _input(name, layer, 29, torch.bfloat16, "cpu"), name, exact=False)
+
+
+def test_layers_fused_maths_cannot_reproduce_take_peft_path(tmp_path):
+    model = one_layer_lora_model(tmp_path, hidden=64, inter=128, heads=2, kv_heads=1, head_dim=32,
+                                 dtype=torch.float32, device="cpu", lora_dropout=0.1)
+    attn = _layer(model).self_attn
+    assert fused_lora.group_parts(attn, ("q_proj", "k_proj", "v_proj")) is None  # dropout > 0
+    model2 = one_layer_lora_model(tmp_path / "b", hidden=64, inter=128, heads=2, kv_heads=1, head_dim=32,
+                                  dtype=torch.float32, device="cpu")
+    attn2 = _layer(model2).self_attn
+    assert fused_lora.lora_parts(attn2.q_proj) is not None
+    with model2.disable_adapter():
+        assert fused_lora.lora_parts(attn2.q_proj) is None
+    assert fused_lora.lora_parts(attn2.q_proj) is not None
+    assert fused_lora.lora_parts(attn2.q_proj.base_layer) is None  # not a LoRA layer
+
+
+def test_patched_model_trains_like_peft(tmp_path):
+    """Through the patched decoder (``use_fused_ops``), loss and every LoRA gradient match PEFT's."""
+    from hizli.models.patch import use_fused_ops, use_hizli_attention
+    from hizli.train import step as step_mod
+    from hizli.data.collate import PaddingFreeCollator
+    from helpers import token_rows
+
+    kw = dict(hidden=128, inter=256, heads=4, kv_heads=2, head_dim=32, dtype=torch.float32, device="cpu")
+    plain = one_layer_lora_model(tmp_path / "p", **kw)
+    fused = one_layer_lora_model(tmp_path / "f", **kw)
+    for m in (plain, fused):
+        use_hizli_attention(m)
+    counts = use_fused_ops(fused)
+    assert counts["swiglu"] == 1 and counts["rope"] == 1
+    batch = step_mod.to_device(PaddingFreeCollator()(token_rows(4, seed=3, vocab=256)), torch.device("cpu"))
+    results = []
+    for m in (plain, fused):
+        m.zero_grad()
+        loss = step_mod.loss_sum(m, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == 14
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the Triton dequantization and SwiGLU inside, recipe shapes, bf16 and fp16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,tokens", [((3072, 8192, 24, 8, 128), 1), ((3072, 8192, 24, 8, 128), 1000),
+                                          ((2048, 5632, 16, 4, 128), 333), ((1024, 2816, 8, 8, 128), 4096)],
+                         ids=["3b-1tok", "3b-1000tok", "mid-333tok", "small-4096tok"])
+def test_fused_matches_peft_gpu(tmp_path, dtype, shape, tokens):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hidden, inter, heads, kv_heads, head_dim = shape
+    model = one_layer_lora_model(tmp_path, hidden=hidden, inter=inter, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, dtype=dtype, device="cuda")
+    layer = _layer(model)
+    with torch.autocast("cuda", dtype=dtype):
+        for name, (module, fused_fn, plain_fn) in _cases(layer).items():
+            _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, dtype, "cuda"), name, exact=False)
