@@ -1,0 +1,318 @@
+"""Dequantization of a bitsandbytes NF4 weight into bf16/fp16/fp32: one Triton kernel, and a reference.
+
+The fused 4-bit LoRA layers (:mod:`hizli.models.fused_lora`) dequantize every frozen NF4 weight
+twice a step (forward, and again in backward instead of keeping it), straight into a slice of a
+stacked ``[sum(out_features), in_features]`` buffer. This op does that in one launch, writing into
+the caller's buffer.
+
+The format, as bitsandbytes stores it (``bnb.nn.Params4bit`` data plus its ``QuantState``), read
+from its Python and checked here bit for bit against ``bitsandbytes.functional.dequantize_4bit``:
+
+- The weight is quantized as one flat row-major sequence of ``n = prod(quant_state.shape)``
+  values, cut into blocks of ``quant_state.blocksize`` (64 by default) *of that flat sequence*:
+  with an ``in_features`` that is not a multiple of the block size, blocks straddle rows. The last
+  block may be partial.
+- ``packed`` holds ``ceil(n / 2)`` bytes (stored ``[ceil(n / 2), 1]``, or viewed through another
+  ``quant_storage`` dtype); element ``2i`` is the *high* nibble of byte ``i``, element ``2i + 1``
+  the low one. With ``n`` odd the last low nibble is padding.
+- A 4-bit code ``c`` stands for ``NF4_CODE[c] * absmax[block]``: the 16 NormalFloat levels of the
+  QLoRA paper (quantiles of N(0, 1) scaled to [-1, 1], with an exact zero), times the block's
+  absolute maximum. bitsandbytes' dequantization kernels use a built-in copy of the table, not
+  ``quant_state.code`` (it holds the same 16 values), and so does this module.
+- The product is computed in fp32 and rounded once (to nearest even) to the output dtype.
+- Double quantization (``quant_state.nested``): ``absmax`` is uint8, one code per block, itself
+  blockwise-quantized with an 8-bit code: ``absmax[b] = state2.code[q[b]] * state2.absmax[b //
+  state2.blocksize] + quant_state.offset``, a product rounded to fp32 and *then* the fp32 sum
+  (bitsandbytes runs them as two steps). The kernel is compiled without fp fusion so that the GPU
+  does not contract them into one fma, which would round once and differ in the last bit.
+
+Bytes at a Llama-3.2-3B MLP weight ([8192, 3072], bf16 out, nested absmax): 12.6 MB packed,
+0.4 MB of absmax codes, 50.3 MB written; 63.3 MB, 21 us at 3.0 TB/s. A lookup and a multiply per
+element: bandwidth-bound.
+
+Kernel design: each program takes ``_TILE_BYTES`` (2,048) consecutive packed bytes, as a
+``[BLOCKS, blocksize / 2]`` tile of whole quantization blocks (64 blocks of 64 values by default),
+so that each block's scale is one load (and, nested, one 8-bit decode) broadcast along its row.
+The bytes are contiguous along the tile's rows so that each of the 128 threads can take 16 of them
+in one vector load (sizes the kernel passes as arguments, ``n`` and ``n_bytes``, keep their
+divisibility by 16 visible to the compiler for the masks), and ``tl.interleave`` puts the two
+nibbles of each byte back side by side: 32 contiguous outputs a thread, 64 bytes of bf16. The NF4
+level is a gather from a 16-entry fp32 table (L1-resident). Not yet profiled on a GPU. bitsandbytes' Python and its CUDA dequantizer
+were read for the layout; this code is written from the format above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from hizli.kernels._triton_utils import lazy_jit
+from hizli.kernels.dispatch import interpreting, use_triton
+
+# The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023, appendix E), as float32. Code 7 is an
+# exact zero; the codes are in increasing order.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# Block sizes bitsandbytes quantizes with (quantize_4bit rejects others). The kernel needs a power
+# of two (a Triton tile dimension of blocksize / 2); the reference keeps the same set so that both
+# paths accept the same states.
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Packed bytes per program: a 16-byte load for each of 128 threads (4 warps), 4,096 outputs. A
+# [3072, 3072] weight is 2,304 programs, about 17 per multiprocessor of an H100: enough warps in
+# flight to cover memory latency, small enough tiles that the tail wave is short.
+_TILE_BYTES = 2048
+_WARPS = 4
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+
+
+@lazy_jit
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
+                        n, n_bytes, n_blocks, blocksize2,
+                        HALF: tl.constexpr, BLOCKS: tl.constexpr, NESTED: tl.constexpr,
+                        BF16_BY_BITS: tl.constexpr):
+    # One row of the tile per quantization block: HALF = blocksize / 2 bytes each.
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    block_ok = block < n_blocks
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // blocksize2, mask=block_ok, other=0.0)
+        scale = scale + tl.load(offset_ptr)  # a separate rounding: the launch disables fp fusion
+    else:
+        scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+    scale = scale[:, None]
+
+    byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (packed >> 4)) * scale
+    lo = tl.load(code_ptr + (packed & 0xF)) * scale
+    values = tl.interleave(hi, lo)  # [BLOCKS, 2 * HALF]: element 2i from the high nibble of byte i
+
+    if BF16_BY_BITS:
+        # Round to nearest even on the bits. Only for Triton's interpreter, whose fp32 -> bf16
+        # conversion (3.6) rounds half away from zero and drops the carry into the exponent; compiled
+        # kernels convert with the hardware's round-to-nearest-even instead (cvt.rn.bf16.f32).
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(values != values, 0x7FC00000, bits)  # a NaN stays a (quiet) NaN
+        result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        result = values.to(out_ptr.dtype.element_ty)
+    element = block[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+    tl.store(out_ptr + element, result, mask=element < n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking the arguments
+
+
+@dataclass
+class _Spec:
+    packed: torch.Tensor  # flat uint8, at least n_bytes long
+    shape: tuple[int, ...]
+    n: int
+    n_bytes: int
+    blocksize: int
+    n_blocks: int
+    dtype: torch.dtype
+    absmax: torch.Tensor  # float32 [n_blocks], or uint8 codes when nested
+    nested: bool
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    blocksize2: int = 0
+    offset: torch.Tensor | None = None
+
+
+def _resolve(packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype | None) -> _Spec:
+    if quant_state is None:
+        quant_state = getattr(packed, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("dequantize_nf4 needs a quant_state: pass it, or pass the Params4bit weight "
+                             "that carries one")
+    if isinstance(packed, torch.nn.Parameter):
+        packed = packed.data
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"dequantize_nf4: quant_state.quant_type={quant_state.quant_type!r} is not supported "
+                         "(only 'nf4'; use bitsandbytes.functional.dequantize_4bit for fp4)")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("dequantize_nf4: quant_state.packing_format_for_cpu=True is bitsandbytes' repacked "
+                         "CPU layout, not the packed NF4 format this op reads")
+    blocksize = int(quant_state.blocksize)
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"dequantize_nf4: quant_state.blocksize={blocksize} is not supported: use one of "
+                         f"{SUPPORTED_BLOCKSIZES} (bitsandbytes' block sizes)")
+    if dtype is None:
+        dtype = out.dtype if out is not None else quant_state.dtype
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"dequantize_nf4: dtype={dtype} is not supported: use bfloat16, float16 or float32")
+
+    shape = tuple(int(s) for s in quant_state.shape)
+    n = prod(shape)
+    n_bytes = (n + 1) // 2
+    n_blocks = -(-n // blocksize)
+    device = packed.device
+    if not packed.is_contiguous():
+        raise ValueError(f"dequantize_nf4: packed {tuple(packed.shape)} with strides {packed.stride()} is not "
+                         "contiguous")
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:  # a Params4bit with another quant_storage dtype: the same bytes
+        flat = flat.view(torch.uint8)
+    if flat.numel() < n_bytes:
+        raise ValueError(f"dequantize_nf4: packed has {flat.numel()} bytes, quant_state.shape={shape} needs "
+                         f"{n_bytes} (two 4-bit codes a byte)")
+
+    absmax = quant_state.absmax
+    spec = _Spec(flat, shape, n, n_bytes, blocksize, n_blocks, dtype, absmax, bool(quant_state.nested))
+    tensors = {"absmax": absmax}
+    if spec.nested:
+        state2 = quant_state.state2
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"dequantize_nf4: a nested quant_state needs uint8 absmax codes, got {absmax.dtype}")
+        if state2.dtype not in (None, torch.float32) or state2.code.numel() != 256:
+            raise ValueError(f"dequantize_nf4: nested absmax must be dequantized to float32 with a 256-entry "
+                             f"code, got state2.dtype={state2.dtype}, {state2.code.numel()} codes")
+        spec.blocksize2 = int(state2.blocksize)
+        spec.absmax2 = state2.absmax.float().contiguous()
+        spec.code2 = state2.code.float().contiguous()
+        offset = quant_state.offset
+        spec.offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
+        if spec.blocksize2 <= 0 or spec.absmax2.numel() < -(-n_blocks // spec.blocksize2):
+            raise ValueError(f"dequantize_nf4: state2.absmax has {spec.absmax2.numel()} entries for "
+                             f"{n_blocks} blocks at state2.blocksize={spec.blocksize2}")
+        tensors.update({"state2.absmax": spec.absmax2, "state2.code": spec.code2, "offset": spec.offset})
+    else:
+        spec.absmax = absmax.float()
+    spec.absmax = spec.absmax.reshape(-1).contiguous()
+    if spec.absmax.numel() < n_blocks:
+        raise ValueError(f"dequantize_nf4: quant_state.absmax has {spec.absmax.numel()} entries, "
+                         f"quant_state.shape={shape} at blocksize {blocksize} needs {n_blocks}")
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"dequantize_nf4: packed is on {device} but quant_state {name} is on {t.device}")
+
+    if out is not None:
+        if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+            raise ValueError(f"dequantize_nf4: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                             f"{shape} {dtype} on {device}")
+        if not out.is_contiguous():
+            raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} with strides {out.stride()} is not "
+                             "contiguous")
+    return spec
+
+
+_code_cache: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    """``NF4_CODE`` as a float32 tensor on ``device``, made once (no host copy per call)."""
+    code = _code_cache.get(device)
+    if code is None:
+        code = _code_cache[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher, reference, public op
+
+
+def _dequantize_triton(spec: _Spec, out: torch.Tensor) -> torch.Tensor:
+    if spec.n == 0:
+        return out
+    half = spec.blocksize // 2
+    blocks = max(1, _TILE_BYTES // half)
+    grid = (-(-spec.n_blocks // blocks),)
+    dummy = spec.absmax  # placeholders for the nested-only pointers (never read when not nested)
+    _nf4_dequant_kernel[grid](
+        spec.packed, spec.absmax, _nf4_code(spec.packed.device),
+        spec.absmax2 if spec.nested else dummy, spec.code2 if spec.nested else dummy,
+        spec.offset if spec.nested else dummy, out,
+        spec.n, spec.n_bytes, spec.n_blocks, spec.blocksize2 if spec.nested else 1,
+        HALF=half, BLOCKS=blocks, NESTED=spec.nested,
+        BF16_BY_BITS=spec.dtype == torch.bfloat16 and interpreting(),
+        num_warps=_WARPS, enable_fp_fusion=False)
+    return out
+
+
+def _block_scales(spec: _Spec) -> torch.Tensor:
+    """The fp32 scale of each quantization block, ``[n_blocks]`` (decoding the nested absmax)."""
+    if not spec.nested:
+        return spec.absmax[:spec.n_blocks]
+    q = spec.absmax[:spec.n_blocks].long()
+    owner = torch.arange(spec.n_blocks, device=q.device) // spec.blocksize2
+    # Two fp32 roundings, as bitsandbytes: the product, then the sum (eager torch does not fuse them).
+    return spec.code2[q] * spec.absmax2[owner] + spec.offset
+
+
+def _dequantize_reference(spec: _Spec) -> torch.Tensor:
+    data = spec.packed[:spec.n_bytes]
+    codes = torch.stack((data >> 4, data & 0x0F), dim=1).reshape(-1)[:spec.n]  # high nibble first
+    levels = _nf4_code(data.device)[codes.long()]
+    padded = torch.nn.functional.pad(levels, (0, spec.n_blocks * spec.blocksize - spec.n))
+    values = padded.view(spec.n_blocks, spec.blocksize) * _block_scales(spec)[:, None]  # fp32
+    return values.reshape(-1)[:spec.n].to(spec.dtype).view(spec.shape)
+
+
+def dequantize_nf4_reference(packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None,
+                             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-PyTorch statement of bitsandbytes' NF4 format (see the module docstring); no bitsandbytes call.
+
+    Same arguments and result as :func:`dequantize_nf4`.
+    """
+    spec = _resolve(packed, quant_state, out, dtype)
+    result = _dequantize_reference(spec)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A bitsandbytes NF4 weight as ``quant_state.shape`` (``[out_features, in_features]``) in ``dtype``.
+
+    Bit-identical to ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)`` (fp32 product
+    rounded once to ``dtype``), with or without double quantization. One Triton launch on CUDA
+    (:func:`hizli.kernels.dispatch.use_triton`), the reference elsewhere. Unlike ``dequantize_4bit``,
+    a ``packed`` of shape ``[1, k]`` does not transpose the result (bitsandbytes' shim for an old
+    transposed layout): the result always has ``quant_state.shape``.
+
+    Args:
+        packed: the packed weight: a ``bnb.nn.Params4bit`` (``module.weight`` of a
+            ``bnb.nn.Linear4bit``) or its data, any contiguous tensor holding the bytes (usually
+            ``[ceil(n / 2), 1]`` uint8).
+        quant_state: its ``bitsandbytes.functional.QuantState``; read from ``packed.quant_state``
+            when None.
+        out: a contiguous tensor of ``quant_state.shape`` on ``packed``'s device to write into (for
+            instance a row slice of a stacked weight buffer); returned.
+        dtype: bfloat16, float16 or float32; defaults to ``out.dtype`` when ``out`` is given, else to
+            ``quant_state.dtype``.
+
+    Returns:
+        The dequantized weight (``out`` when given).
+
+    Raises:
+        ValueError: a quant_type other than nf4, a block size outside 32..4096 (powers of two),
+            bitsandbytes' CPU-repacked layout, too few bytes or scales for the shape, tensors on
+            different devices, or an ``out`` of the wrong shape, dtype, device or layout.
+    """
+    spec = _resolve(packed, quant_state, out, dtype)
+    tensors = (spec.packed,) if out is None else (spec.packed, out)
+    if use_triton("nf4_dequant", *tensors):
+        if out is None:
+            out = torch.empty(spec.shape, dtype=spec.dtype, device=spec.packed.device)
+        return _dequantize_triton(spec, out)
+    result = _dequantize_reference(spec)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
