@@ -35,6 +35,10 @@ BF16 = 2
 # Token counts of 8 ShareGPT conversations rendered with the Llama-3.1 template, capped at 2,048 and
 # scaled to sum to 12,000 (a typical optimizer step of the recipe: 2 x 4 rows).
 SEQ_LENGTHS = [2048, 1793, 1544, 1402, 1311, 1608, 1288, 1006]
+# One layer's projections [out, in]: q, k, v, o, gate, up, down.
+NF4_SHAPES = [(HQ * HEAD_DIM, HIDDEN), (HKV * HEAD_DIM, HIDDEN), (HKV * HEAD_DIM, HIDDEN), (HIDDEN, HQ * HEAD_DIM),
+              (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+NF4_VALUES = sum(o * i for o, i in NF4_SHAPES)
 
 
 @dataclass
@@ -77,6 +81,9 @@ def cost_model(n: int, lengths: list[int]) -> dict[str, Op]:
                             "the flops are counted in the forward"),
         "attention": Op("attention", attn_fwd, q_bytes * 2 + kv_bytes * 2 + lse, 2.5 * attn_fwd,
                         q_bytes * 4 + kv_bytes * 4 + lse, f"causal, GQA 24/8, sequences {lengths}"),
+        # Independent of N: packed bytes, one absmax code a block of 64, the bf16 output; no backward.
+        "nf4_dequant": Op("nf4_dequant", 2.0 * NF4_VALUES, NF4_VALUES * (0.5 + 1 / 64 + BF16), 0.0, 0.0,
+                          "the 7 NF4 projection weights of one layer (nested absmax) into bf16; no backward"),
     }
 
 
@@ -92,8 +99,11 @@ def _with_mode(mode: str, fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def build(ops: dict[str, Op], n: int, lengths: list[int], skip: set[str]) -> None:
+    import bitsandbytes.functional as bnbf
+
     from hizli.kernels.attention import attention_candidates
     from hizli.kernels.cross_entropy import fused_linear_cross_entropy
+    from hizli.kernels.nf4 import dequantize_nf4
     from hizli.kernels.rms_norm import rms_norm
     from hizli.kernels.rope import rope
     from hizli.kernels.swiglu import swiglu
@@ -143,6 +153,23 @@ def build(ops: dict[str, Op], n: int, lengths: list[int], skip: set[str]) -> Non
     ops["cross_entropy"].impls["reference"] = ops["cross_entropy"].impls["triton"]
     ops["cross_entropy"].impls["full_logits"] = lambda: (full_logits, one, [hidden])
 
+    # nf4_dequant: each weight into its row slice of one buffer (as the fused LoRA layers do), and
+    # bitsandbytes' own dequantize_4bit (a new tensor per weight) for comparison
+    quantized = [bnbf.quantize_4bit(rnd(*shape, scale=0.02), compress_statistics=True, quant_type="nf4")
+                 for shape in NF4_SHAPES]
+    weights = torch.empty(sum(o * i for o, i in NF4_SHAPES), dtype=dt, device=dev)
+
+    def dequant_all():
+        start = 0
+        for (rows, cols), (packed, state) in zip(NF4_SHAPES, quantized):
+            dequantize_nf4(packed, state, out=weights[start:start + rows * cols].view(rows, cols))
+            start += rows * cols
+
+    for mode in ("triton", "reference"):
+        ops["nf4_dequant"].impls[mode] = lambda: (dequant_all, None, [])
+    ops["nf4_dequant"].impls["bitsandbytes"] = lambda: (
+        lambda: [bnbf.dequantize_4bit(packed, state) for packed, state in quantized], None, [])
+
     # attention: every candidate
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=dev)
     qa = rnd(n, HQ, HEAD_DIM, grad=True)
@@ -166,6 +193,8 @@ def time_impl(op: str, impl: str, make: Callable, quick: bool) -> dict:
     def fwd_bwd() -> None:
         os.environ["HIZLI_KERNELS"] = mode
         out = call()
+        if grad is None:  # an op without a backward (nf4_dequant)
+            return
         if isinstance(out, tuple):
             torch.autograd.backward(out, grad)
         else:
