@@ -93,13 +93,10 @@ def _dequantize_into(base: torch.nn.Module, out: torch.Tensor) -> None:
         out.copy_(weight)
         return
     if state.quant_type == "nf4":
-        try:
-            from hizli.kernels.nf4 import dequantize_nf4
-        except ImportError:  # TEMP until the kernel lands
-            dequantize_nf4 = None
-        if dequantize_nf4 is not None:
-            dequantize_nf4(weight, state, out=out)
-            return
+        from hizli.kernels.nf4 import dequantize_nf4  # Triton on CUDA, its PyTorch reference elsewhere
+
+        dequantize_nf4(weight, state, out=out)
+        return
     import bitsandbytes.functional as bnbf
 
     out.copy_(bnbf.dequantize_4bit(weight.data, state))
