@@ -7,7 +7,7 @@ import torch
 
 from hizli.train import step as step_mod
 from hizli.train.args import TrainingArguments
-from hizli.train.memory_plan import Shape, make_plan, split_rows
+from hizli.train.memory_plan import Shape, make_plan, split_rows, split_step
 from hizli.train.trainer import SFTTrainer
 
 from helpers import FakeTokenizer, tiny_lora_model, token_rows
@@ -55,6 +55,31 @@ def test_split_rows_balances_tokens_and_keeps_every_row():
     groups = split_rows(range(6), lengths, 3)
     assert sorted(sum(groups, [])) == list(range(6))
     assert max(sum(lengths[r] for r in g) for g in groups) == 1000
+
+
+def test_each_step_runs_as_few_micro_batches_as_its_rows_allow():
+    """The token budget comes from the worst step; steps of short rows are not split as finely."""
+    lengths = [2000, 1900, 300, 200, 250, 100, 150, 120]
+    long_step, short_step = [0, 1, 2, 3], [4, 5, 6, 7]
+    assert len(split_step(long_step, lengths, 4, 2000)) == 3  # 2000 | 1900 | 300+200
+    short = split_step(short_step, lengths, 4, 2000)
+    assert len(short) == 1 and sorted(short[0]) == short_step
+    for budget, rows in ((2000, long_step), (600, short_step)):
+        groups = split_step(rows, lengths, 4, budget)
+        assert sorted(sum(groups, [])) == sorted(rows)
+        assert max(sum(lengths[r] for r in g) for g in groups) <= budget
+    # a row longer than the budget cannot be split: the most micro-batches allowed, nothing dropped
+    assert sorted(sum(split_step([0, 4], lengths, 2, 1000), [])) == [0, 4]
+
+
+def test_plan_counts_the_micro_batches_steps_really_run():
+    """One step of long rows sets the budget; the time model sees the other steps' fewer micro-batches."""
+    steps, lengths = _steps()
+    lengths[:8] = [2048] * 8  # a worst-case first step
+    plan = make_plan(shape=LLAMA_3B, steps=steps, lengths=lengths, allowed=("keep", "recompute", "offload"),
+                     budget_bytes=3.5 * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    counts = [len(split_step(rows, lengths, plan.micro_batches, plan.tokens_per_micro_batch)) for rows in steps]
+    assert counts[0] == plan.micro_batches and sum(counts[1:]) / len(counts[1:]) < plan.micro_batches
 
 
 def _args(tmp_path, **kw):

@@ -30,7 +30,7 @@ from hizli.train import checkpoint, memory, metrics, optim, step as step_mod
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.models.checkpointing import apply_layer_modes
 from hizli.train.batches import BatchPlan, Position
-from hizli.train.memory_plan import plan_for, split_rows
+from hizli.train.memory_plan import plan_for, split_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,7 +274,8 @@ class SFTTrainer:
         Returns the step's result and the (possibly new) micro-batch count."""
         while True:
             lengths = self.train_dataset.lengths
-            groups = micro if parts is None else split_rows(sum(micro, []), lengths, parts)
+            budget = self.memory_plan["tokens_per_micro_batch"] if self.memory_plan and parts != 1 else None
+            groups = micro if parts is None else split_step(sum(micro, []), lengths, parts, budget)
             batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
             try:
                 return self._optimizer_step(batches, micro, step_no, optimizer, scheduler, scaler, params, device,
@@ -484,7 +485,7 @@ class SFTTrainer:
 
     def _describe(self, log, plan, total_steps, collate, parts, amp_dtype, device) -> None:
         layout = getattr(collate, "layout", type(collate).__name__)
-        how = "" if parts is None else f" (each step's rows run as {parts} micro-batch{'es' if parts > 1 else ''})"
+        how = "" if parts is None else f" (each step's rows run as {'up to ' if parts > 1 else ''}{parts} micro-batch{'es' if parts > 1 else ''})"
         log.note(f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
                  f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
                  f"layout {layout}{how}, "
