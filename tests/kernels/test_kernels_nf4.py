@@ -135,6 +135,22 @@ def test_out_and_dtype():
     assert torch.equal(dequantize_nf4(packed, qs, dtype=torch.float16), want32.half())  # one rounding
 
 
+def test_checks_are_cached_per_weight_but_out_is_checked_every_call():
+    """The checked state is kept for the next call (the hot path of training), keyed by the packed
+    bytes' storage and the dtype, so other bytes under the same state are decoded as themselves."""
+    packed, qs = _quantize((48, 64), torch.bfloat16, 64, nested=True)
+    first = dequantize_nf4(packed, qs)
+    assert torch.equal(dequantize_nf4(packed, qs), first)
+    other = packed.clone()
+    other[:8] = 0x12  # different codes for the first 16 values
+    got = dequantize_nf4(other, qs)
+    assert torch.equal(got, F.dequantize_4bit(other, qs)) and not torch.equal(got, first)
+    as_fp32 = dequantize_nf4(packed, qs, dtype=torch.float32)  # another dtype: its own cache entry
+    assert as_fp32.dtype == torch.float32 and torch.equal(as_fp32.bfloat16(), first)
+    with pytest.raises(ValueError, match=r"out is \(64, 48\)"):
+        dequantize_nf4(packed, qs, out=torch.empty(64, 48, dtype=torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 

@@ -210,6 +210,38 @@ def _resolve(packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype |
     return spec
 
 
+def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype | None) -> _Spec:
+    """``_resolve``, checked once per weight and dtype: the result is kept on the quant_state.
+
+    A training step dequantizes every weight several times (forward, recompute, backward) per
+    micro-batch, and checking the state costs more host time than launching the kernel. The cache
+    is keyed by the packed data's address and the dtype, so a weight moved or re-quantized (new
+    storage) is checked again; only ``out`` is checked on every call.
+    """
+    state = quant_state if quant_state is not None else getattr(packed, "quant_state", None)
+    data = packed.data if isinstance(packed, torch.nn.Parameter) else packed
+    want = dtype if dtype is not None else (out.dtype if out is not None else getattr(state, "dtype", None))
+    cache = getattr(state, "_hizli_nf4_specs", None)
+    spec = cache.get((data.data_ptr(), data.device, want)) if cache is not None else None
+    if spec is None:
+        spec = _resolve(packed, quant_state, None, dtype if dtype is not None else want)
+        if cache is None:
+            cache = {}
+            try:
+                state._hizli_nf4_specs = cache
+            except AttributeError:  # a state object that takes no attributes: check every call
+                pass
+        cache[(data.data_ptr(), data.device, spec.dtype)] = spec
+    if out is not None:
+        if out.shape != spec.shape or out.dtype != spec.dtype or out.device != spec.packed.device:
+            raise ValueError(f"dequantize_nf4: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                             f"{spec.shape} {spec.dtype} on {spec.packed.device}")
+        if not out.is_contiguous():
+            raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} with strides {out.stride()} is not "
+                             "contiguous")
+    return spec
+
+
 _code_cache: dict[torch.device, torch.Tensor] = {}
 
 
@@ -305,7 +337,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state=None, out: torch.Tensor | N
             bitsandbytes' CPU-repacked layout, too few bytes or scales for the shape, tensors on
             different devices, or an ``out`` of the wrong shape, dtype, device or layout.
     """
-    spec = _resolve(packed, quant_state, out, dtype)
+    spec = _resolve_cached(packed, quant_state, out, dtype)
     tensors = (spec.packed,) if out is None else (spec.packed, out)
     if use_triton("nf4_dequant", *tensors):
         if out is None:
