@@ -194,6 +194,9 @@ def test_patched_model_trains_like_peft(tmp_path):
         use_hizli_attention(m)
     counts = use_fused_ops(fused)
     assert counts["swiglu"] == 1 and counts["rope"] == 1
+    from hizli.models.fused_lora import model_uses_fused_lora
+
+    assert model_uses_fused_lora(fused) and not model_uses_fused_lora(plain)  # the memory plan reads this
     batch = step_mod.to_device(PaddingFreeCollator()(token_rows(4, seed=3, vocab=256)), torch.device("cpu"))
     results = []
     for m in (plain, fused):

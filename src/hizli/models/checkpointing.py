@@ -45,11 +45,19 @@ class _Offloader:
         return cpu, done
 
     def to_gpu(self, cpu: torch.Tensor, copied: torch.cuda.Event) -> tuple[torch.Tensor, torch.cuda.Event]:
+        # Allocated from the compute stream's pool: a block allocated on the side stream would be
+        # cached in that stream's pool after use, memory the compute stream could not reuse (it
+        # showed as reserved-over-allocated under tight caps).
+        # The block may have held a tensor that compute-stream work queued so far still reads: the
+        # copy waits for that work (it still overlaps the layer recomputed next).
+        gpu = torch.empty(cpu.shape, dtype=cpu.dtype, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(copied)
-            gpu = cpu.to(self.device, non_blocking=True)
+            gpu.copy_(cpu, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
+        gpu.record_stream(self.stream)
         return gpu, done
 
 

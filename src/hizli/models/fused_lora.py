@@ -6,8 +6,8 @@ scales and adds), each a Python call and a kernel launch, and autograd keeps eve
 small micro-batches (a tight memory budget) the step becomes bound by those Python calls rather
 than by the GPU. Here one autograd function covers a group of projections that share an input:
 
-- forward: the group's NF4 weights are dequantised into one ``[sum(out), in]`` buffer (one matmul
-  for q, k and v together, one for gate and up), the input goes through all the group's ``lora_A``
+- forward: the q/k/v weights are dequantised into one ``[sum(out), in]`` buffer (one matmul for
+  the three; gate and up share one weight-sized buffer in turn, to keep the transient small), the input goes through all the group's ``lora_A``
   at once (``[T, n*r]``), and each ``lora_B`` product is accumulated into its slice of the output
   by ``addmm_`` (no extra pass over the activations, no clone);
 - backward: the weights are dequantised again rather than kept (the dequantised MLP weights alone
@@ -15,7 +15,7 @@ than by the GPU. Here one autograd function covers a group of projections that s
   MLP overwrites its saved gate/up outputs with their gradients.
 
 What is saved for backward: the input ``x``, the tiny ``x @ A^T`` (``[T, n*r]``) and, for the MLP,
-its gate and up outputs ``[T, 2I]`` (not ``silu(gate) * up``, which backward recomputes).
+its gate and up outputs ``[2, T, I]`` (not ``silu(gate) * up``, which backward recomputes).
 
 The maths is PEFT's: ``y = x W^T + s (x A^T) B^T`` with ``s = lora_alpha / r`` (or rsLoRA's), in
 the autocast dtype (or the input's without autocast). The adapters stay PEFT modules, so saving,
@@ -72,6 +72,15 @@ def group_parts(module: torch.nn.Module, names: Sequence[str]) -> list | None:
             return None
         parts.append(p)
     return parts
+
+
+def model_uses_fused_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s MLPs were routed through hizli (``use_fused_ops``) and their LoRA layers
+    take the fused path (the memory plan's activation sizes depend on it)."""
+    for module in model.modules():
+        if getattr(module, "_hizli_fused", False) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
+            return group_parts(module, ("gate_proj", "up_proj", "down_proj")) is not None
+    return False
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -193,13 +202,18 @@ class _LoraSwiGLU(torch.autograd.Function):
         with _no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             a_cat = torch.cat([a_gate, a_up]).to(dtype)
-            w = dequantized(bases[:2], (inter, inter), dtype, x.device)
-            gu = x2 @ w.t()  # [T, 2I]: gate then up
+            # gate and up outputs in one [2, T, I] buffer; one dequantized weight at a time (50 MB at
+            # the 3B shape rather than 100: that is ~450 tokens more per micro-batch under a tight cap)
+            gu = torch.empty((2, x2.shape[0], inter), dtype=dtype, device=x.device)
+            w = torch.empty((inter, x2.shape[1]), dtype=dtype, device=x.device)
+            for i, base in enumerate(bases[:2]):
+                _dequantize_into(base, w)  # stream order: the previous matmul has read w by then
+                torch.mm(x2, w.t(), out=gu[i])
             del w
             xa = x2 @ a_cat.t()
-            gu[:, :inter].addmm_(xa[:, :r_gate], b_gate.to(dtype).t(), alpha=s_gate)
-            gu[:, inter:].addmm_(xa[:, r_gate:], b_up.to(dtype).t(), alpha=s_up)
-            h = swiglu_forward(gu[:, :inter], gu[:, inter:])
+            gu[0].addmm_(xa[:, :r_gate], b_gate.to(dtype).t(), alpha=s_gate)
+            gu[1].addmm_(xa[:, r_gate:], b_up.to(dtype).t(), alpha=s_up)
+            h = swiglu_forward(gu[0], gu[1])
             a_d = a_down.to(dtype)
             ha = h @ a_d.t()
             w = dequantized(bases[2:], (b_down.shape[0],), dtype, x.device)
@@ -219,7 +233,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         dtype = ctx.dtype
         s_gate, s_up, s_down = ctx.scalings
         inter, r_gate = b_gate.shape[0], a_cat.shape[0] - b_up.shape[1]
-        gate, up = gu[:, :inter], gu[:, inter:]
+        gate, up = gu[0], gu[1]
         with _no_autocast(x2.device):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
             # down projection
@@ -235,7 +249,6 @@ class _LoraSwiGLU(torch.autograd.Function):
             # SwiGLU: the gradients overwrite gate and up, which nothing needs any more
             d_gate, d_up = swiglu_backward(dh, gate, up, out=(gate, up))
             del dh
-            d_gu = gu
             # gate and up projections
             d_xa = torch.cat([(d_gate @ b_gate.to(dtype)).mul_(s_gate), (d_up @ b_up.to(dtype)).mul_(s_up)], dim=1)
             d_b_gate = (d_gate.t() @ xa[:, :r_gate]).mul_(s_gate)
@@ -243,8 +256,11 @@ class _LoraSwiGLU(torch.autograd.Function):
             d_a_gate, d_a_up = (d_xa.t() @ x2).split([r_gate, a_cat.shape[0] - r_gate], dim=0)
             dx = None
             if ctx.needs_input_grad[0]:
-                w = dequantized(ctx.bases[:2], (inter, inter), dtype, x2.device)
-                dx = d_gu @ w
+                w = torch.empty((inter, x2.shape[1]), dtype=dtype, device=x2.device)
+                _dequantize_into(ctx.bases[0], w)
+                dx = d_gate @ w
+                _dequantize_into(ctx.bases[1], w)
+                dx.addmm_(d_up, w)
                 del w
                 dx.addmm_(d_xa, a_cat)
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)

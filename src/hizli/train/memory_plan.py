@@ -9,14 +9,16 @@ memory, or ``max_memory_gib``):
   (``recompute``), or nothing on the GPU (``offload``: the input waits in pinned CPU memory), within
   what ``use_gradient_checkpointing`` allows (see ``hizli.models.checkpointing``).
 
-The plan minimises a simple time model (recomputing a layer costs about a third of its work again;
-each extra micro-batch repeats the weight dequantisation and small launches), subject to the
-predicted peak fitting the budget. The prediction is printed beside the plan, and ``hizli bench``
+The plan minimises a simple time model (``step_seconds``: recomputing a layer costs about a third
+of its work again, and every micro-batch pays the host's per-layer work again, which dominates
+small micro-batches), subject to the predicted peak fitting the budget. The prediction is printed beside the plan, and ``hizli bench``
 reports it next to the measured peak so the model can be checked.
 
 Bytes per token per layer, for hidden size H, key/value width KV, MLP width I, element size e:
-``keep`` holds about e * (7H + 2KV + 3I) (inputs of both norms, their outputs, q, k, v, the
-attention output, gate, up and their product), ``recompute`` e * H (the layer input), ``offload`` 0.
+``keep`` holds about e * (7H + 2KV + 3I) through PEFT's modules (inputs of both norms, their
+outputs, q, k, v, the attention output, gate, up and their product) and e * (7H + 3KV + 2I) through
+hizli's fused LoRA layers (the q/k/v matmul output, the rotated q and k, gate and up; no product);
+``recompute`` e * H (the layer input); ``offload`` 0.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ GIB = 1024**3
 # (2026-11-27, Llama-3.2-3B shape): recomputing 27 of 28 layers ran at 0.70x the speed of keeping them.
 RECOMPUTE_COST = 0.43  # extra time of a recomputed layer, relative to its forward + backward
 OFFLOAD_COST = 0.50  # recompute plus copies that mostly overlap compute
-MICRO_BATCH_COST = 0.08  # each extra micro-batch: dequantisation of every weight again, launch overhead
+# A step takes the longer of its GPU time and its host time (the Python and launch work of every
+# layer, paid again by every micro-batch whatever its size). H200, 2026-11-27, 3B shape: the default
+# plan's matmuls ran at about 450 TFLOP/s; a decoder layer's forward + backward cost about 6 ms of
+# host time per micro-batch (fused_lora_bench.py: host time equal to GPU time up to 8,192 tokens).
+EFFECTIVE_FLOPS = 450e12
+HOST_S_PER_LAYER = 6e-3
 
 
 @dataclass
@@ -63,15 +70,18 @@ class Shape:
     intermediate: int
     vocab: int
     elt: int  # bytes per activation element
+    fused: bool = False  # LoRA layers through hizli.models.fused_lora
 
     @classmethod
-    def of(cls, config, elt: int) -> "Shape":
+    def of(cls, config, elt: int, fused: bool = False) -> "Shape":
         heads = config.num_attention_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.num_hidden_layers, config.hidden_size, config.num_key_value_heads * d,
-                   config.intermediate_size, config.vocab_size, elt)
+                   config.intermediate_size, config.vocab_size, elt, fused)
 
     def keep_bytes(self) -> int:
+        if self.fused:
+            return self.elt * (7 * self.hidden + 3 * self.kv + 2 * self.intermediate)
         return self.elt * (7 * self.hidden + 2 * self.kv + 3 * self.intermediate)
 
     def input_bytes(self) -> int:
@@ -82,9 +92,16 @@ class Shape:
         twice its kept activations), the loss's logits chunk and its hidden-state buffers, and a
         dequantised weight. Calibrated on an H200 (2026-11-27, Llama-3.2-3B shape, 15,310 tokens):
         all layers kept, 42.5 GiB measured against 44.6 GiB from this model (before slack)."""
-        layer = 2.3 * self.keep_bytes() * tokens  # 252 kB/token measured with every layer offloaded
+        if self.fused:
+            # the recomputed layer's saved tensors plus backward's [T, I] and two [T, H] temporaries;
+            # 106 kB/token measured on an H200 (2026-11-27, 3B shape, 2,048-token micro-batches, all
+            # layers offloaded) against 111 kB from this formula; one weight-sized dequant buffer
+            layer = 1.1 * self.elt * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate) * tokens
+            weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
+        else:
+            layer = 2.3 * self.keep_bytes() * tokens  # 252 kB/token measured with every layer offloaded
+            weight = 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
         loss = ce_rows * self.vocab * self.elt + 3 * self.elt * self.hidden * tokens
-        weight = 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
         return int(layer + loss + weight)
 
 
@@ -127,6 +144,15 @@ def _peak(base: float) -> float:
     return base * 1.05 + 128 * 1024**2
 
 
+def step_seconds(shape: Shape, tokens: float, micro_batches: float, not_kept: float, penalty: float) -> float:
+    """Predicted seconds of a step of ``tokens`` run as ``micro_batches``, with a fraction
+    ``not_kept`` of the layers recomputed at ``penalty`` extra each: the longer of GPU and host time."""
+    layer_params = shape.hidden * (2 * shape.hidden + 2 * shape.kv) + 3 * shape.hidden * shape.intermediate
+    gpu = tokens * 6 * layer_params * shape.layers / EFFECTIVE_FLOPS * (1 + penalty * not_kept)
+    host = micro_batches * shape.layers * HOST_S_PER_LAYER * (1 + 0.5 * not_kept)
+    return max(gpu, host)
+
+
 def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence[int], allowed: Sequence[str],
               budget_bytes: float, static_bytes: float, max_parts: int) -> MemoryPlan:
     """Pick micro-batch count and per-layer modes with the lowest time cost whose peak fits."""
@@ -135,6 +161,7 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
     # re-reads the head's weight, so small chunks cost time, but only on tight budgets)
     spare = budget_bytes - static_bytes
     ce_rows = int(max(128, min(1024, spare * 0.15 / max(1, shape.vocab * shape.elt))) // 64 * 64)
+    mean_tokens = sum(lengths[r] for rows in steps for r in rows) / max(1, len(steps))
     for parts in range(1, max(1, max_parts) + 1):
         tokens = max_micro_tokens(steps, lengths, parts)
         if tokens == 0:
@@ -158,7 +185,7 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
                 if peak > budget_bytes:
                     continue
                 fitted = True
-                cost = 1 + penalty * rest / shape.layers + MICRO_BATCH_COST * (mean_parts - 1)
+                cost = step_seconds(shape, mean_tokens, mean_parts, rest / shape.layers, penalty)
                 if best is None or cost < best[0] - 1e-9:
                     best = (cost, MemoryPlan(parts, ["keep"] * keep + [mode] * rest, tokens, ce_rows, peak / GIB,
                                              budget_bytes / GIB, static_bytes / GIB))
@@ -203,7 +230,9 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
     if max_memory_gib:
         budget = min(budget, max_memory_gib * GIB)
-    shape = Shape.of(causal_lm(model).config, amp_elt)
+    from hizli.models.fused_lora import model_uses_fused_lora
+
+    shape = Shape.of(causal_lm(model).config, amp_elt, fused=device.type == "cuda" and model_uses_fused_lora(model))
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,
                      static_bytes=static, max_parts=max_parts)
