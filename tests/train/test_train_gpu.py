@@ -42,7 +42,7 @@ def _model_folder(tmp_path_factory):
     return str(out)
 
 
-def _run(folder, tmp_path, fast: bool, dtype: str):
+def _run(folder, tmp_path, fast: bool, dtype: str, max_memory_gib=None, full=False):
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template
     from hizli.data.load import load_conversations
     from hizli.data.sample import sample_path
@@ -60,12 +60,15 @@ def _run(folder, tmp_path, fast: bool, dtype: str):
                              max_steps=STEPS, learning_rate=2e-4, optim="adamw_torch", weight_decay=0.01, seed=3407,
                              bf16=dtype == "bfloat16", fp16=dtype == "float16", save_strategy="no",
                              output_dir=str(tmp_path / ("fast" if fast else "plain")), disable_tqdm=True,
-                             padding_free=fast, merge_micro_batches=None if fast else False)
+                             padding_free=fast, merge_micro_batches=None if fast else False,
+                             max_memory_gib=max_memory_gib)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=load_conversations(sample_path("sharegpt")),
                          max_seq_length=1024, args=args)
     stats = trainer.train()
     os.environ.pop("HIZLI_KERNELS", None)
     step_mod.FUSED_CE = True
+    if full:
+        return trainer, stats
     return [e["loss"] for e in stats.log_history if "loss" in e]
 
 
@@ -99,3 +102,25 @@ def test_memory_report_reads_torch_cuda(tmp_path):
     report = memory.finish(start, runtime_s=1.0)
     assert report.peak_gib == pytest.approx(torch.cuda.max_memory_reserved() / 2**30)
     assert report.peak_gib >= 0.5
+
+
+def test_a_memory_cap_holds_and_is_lifted_afterwards(folder, tmp_path):
+    """max_memory_gib: the plan splits steps and offloads, the reserved peak stays under the cap (the
+    allocator itself is capped while training), the losses match the uncapped run's, and the
+    process's allocator limit is back to what it was once training ends."""
+    import gc
+
+    uncapped = _run(folder, tmp_path / "free", fast=True, dtype="bfloat16")
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.get_per_process_memory_fraction(0)
+    static = torch.cuda.memory_allocated() / 2**30
+    cap = static + 1.2  # the model loads within it, and the plan must work for the rest
+    trainer, stats = _run(folder, tmp_path / "capped", fast=True, dtype="bfloat16", max_memory_gib=cap, full=True)
+    plan = trainer.memory_plan
+    assert plan["micro_batches"] > 1 and plan["budget_gib"] <= cap
+    assert stats.metrics["peak_reserved_gib"] <= cap
+    assert torch.cuda.get_per_process_memory_fraction(0) == before
+    capped = [e["loss"] for e in stats.log_history if "loss" in e]
+    rel = [abs(a - b) / b for a, b in zip(capped, uncapped)]
+    assert len(capped) == STEPS and max(rel) <= 0.02

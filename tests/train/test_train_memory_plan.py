@@ -125,3 +125,18 @@ def test_without_retries_out_of_memory_is_explained(tmp_path, monkeypatch):
     with pytest.raises(GPUOutOfMemoryError, match="2.00 GiB"):
         trainer.train()
 
+
+
+def test_capped_plan_uses_the_room_between_row_counts():
+    """The token budget is the most that fits, not only what whole splits of the worst step give;
+    under max_memory_gib (the allocator capped too) the slack for cached blocks is smaller."""
+    steps, lengths = _steps()
+    kw = dict(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True), steps=steps, lengths=lengths,
+              allowed=("keep", "recompute", "offload"), budget_bytes=3.1 * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    loose, tight = make_plan(**kw), make_plan(capped=True, **kw)
+    for plan in (loose, tight):
+        assert plan.predicted_peak_gib <= 3.1 and not plan.notes
+        assert plan.tokens_per_micro_batch >= max(lengths)
+        counts = [len(split_step(rows, lengths, 8, plan.tokens_per_micro_batch)) for rows in steps]
+        assert max(counts) == plan.micro_batches
+    assert tight.tokens_per_micro_batch > loose.tokens_per_micro_batch

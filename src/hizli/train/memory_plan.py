@@ -138,10 +138,18 @@ def split_step(rows: Sequence[int], lengths: Sequence[int], max_parts: int, toke
     return split_rows(rows, lengths, max_parts)
 
 
-def _peak(base: float) -> float:
+SLACK_RATIO, SLACK_BYTES = 1.05, 128 * 1024**2
+CAPPED_SLACK_RATIO, CAPPED_SLACK_BYTES = 1.02, 64 * 1024**2
+
+
+def _peak(base: float, capped: bool = False) -> float:
     """Reserved memory from allocated: allocator slack of 5 % plus 128 MiB (reserved exceeded
-    allocated by 0.4 % keeping every layer and by 4 % recomputing them, on the calibration runs)."""
-    return base * 1.05 + 128 * 1024**2
+    allocated by 0.4 % keeping every layer and by 4 % recomputing them, on the calibration runs).
+    Under ``max_memory_gib`` the trainer caps the allocator itself, which then frees cached blocks
+    before it would exceed the cap, so what must fit is little more than the allocated peak."""
+    if capped:
+        return base * CAPPED_SLACK_RATIO + CAPPED_SLACK_BYTES
+    return base * SLACK_RATIO + SLACK_BYTES
 
 
 def step_seconds(shape: Shape, tokens: float, micro_batches: float, not_kept: float, penalty: float) -> float:
@@ -154,46 +162,61 @@ def step_seconds(shape: Shape, tokens: float, micro_batches: float, not_kept: fl
 
 
 def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence[int], allowed: Sequence[str],
-              budget_bytes: float, static_bytes: float, max_parts: int) -> MemoryPlan:
-    """Pick micro-batch count and per-layer modes with the lowest time cost whose peak fits."""
+              budget_bytes: float, static_bytes: float, max_parts: int, capped: bool = False) -> MemoryPlan:
+    """Pick the token budget per micro-batch and the per-layer modes with the lowest time cost whose
+    peak fits. For each layer layout the budget is the most tokens that fit (at least the longest
+    row, at most the longest step); every step then runs as the fewest micro-batches within it."""
     best: tuple[float, MemoryPlan] | None = None
     # the loss's logits chunk: 1,024 rows where memory is ample; fewer when it is not (each chunk
     # re-reads the head's weight, so small chunks cost time, but only on tight budgets)
     spare = budget_bytes - static_bytes
     ce_rows = int(max(128, min(1024, spare * 0.15 / max(1, shape.vocab * shape.elt))) // 64 * 64)
     mean_tokens = sum(lengths[r] for rows in steps for r in rows) / max(1, len(steps))
-    for parts in range(1, max(1, max_parts) + 1):
-        tokens = max_micro_tokens(steps, lengths, parts)
-        if tokens == 0:
-            break
-        mean_parts = sum(len(split_step(rows, lengths, parts, tokens)) for rows in steps) / max(1, len(steps))
-        base = static_bytes + shape.transient_bytes(tokens, ce_rows)
+    longest_row = max((lengths[r] for rows in steps for r in rows), default=0)
+    longest_step = max((sum(lengths[r] for r in rows) for rows in steps), default=0)
+    fixed = shape.transient_bytes(0, ce_rows)  # the dequant buffer and the loss chunk
+    per_token = (shape.transient_bytes(4096, ce_rows) - fixed) / 4096
+    ratio, extra = (CAPPED_SLACK_RATIO, CAPPED_SLACK_BYTES) if capped else (SLACK_RATIO, SLACK_BYTES)
+    room = (budget_bytes - extra) / ratio - static_bytes - fixed
+    splits_at: dict[int, tuple[int, float, int]] = {}
+
+    def splits(tokens: int) -> tuple[int, float, int] | None:
+        """(most micro-batches of a step, their mean, largest micro-batch) at this token budget."""
+        if tokens not in splits_at:
+            counts, largest = [], 0
+            for rows in steps:
+                groups = split_step(rows, lengths, max_parts, tokens)
+                counts.append(len(groups))
+                largest = max(largest, max(sum(lengths[r] for r in g) for g in groups))
+            splits_at[tokens] = (max(counts), sum(counts) / len(counts), largest)
+        return splits_at[tokens]
+
+    if longest_row and room > 0:
         for keep in range(shape.layers, -1, -1):
             rest = shape.layers - keep
             options = []
             if rest == 0:
-                options.append(("keep", keep * shape.keep_bytes() * tokens, 0.0))
+                options.append(("keep", keep * shape.keep_bytes(), 0.0))
             else:
                 if "recompute" in allowed:
-                    options.append(("recompute", (keep * shape.keep_bytes() + rest * shape.input_bytes()) * tokens,
+                    options.append(("recompute", keep * shape.keep_bytes() + rest * shape.input_bytes(),
                                     RECOMPUTE_COST))
                 if "offload" in allowed:
-                    options.append(("offload", keep * shape.keep_bytes() * tokens, OFFLOAD_COST))
-            fitted = False
+                    options.append(("offload", keep * shape.keep_bytes(), OFFLOAD_COST))
             for mode, held, penalty in options:
-                peak = _peak(base + held)
-                if peak > budget_bytes:
+                tokens = min(longest_step, int(room / (per_token + held)))
+                if tokens < longest_row:
                     continue
-                fitted = True
+                micro, mean_parts, used = splits(tokens)
+                if used > tokens:  # a step needs more micro-batches than it has rows
+                    continue
+                peak = _peak(static_bytes + shape.transient_bytes(used, ce_rows) + held * used, capped)
                 cost = step_seconds(shape, mean_tokens, mean_parts, rest / shape.layers, penalty)
                 if best is None or cost < best[0] - 1e-9:
-                    best = (cost, MemoryPlan(parts, ["keep"] * keep + [mode] * rest, tokens, ce_rows, peak / GIB,
+                    best = (cost, MemoryPlan(micro, ["keep"] * keep + [mode] * rest, used, ce_rows, peak / GIB,
                                              budget_bytes / GIB, static_bytes / GIB))
-                break
-            if fitted:
-                break
-        if best is not None and best[1].layer_modes.count("keep") == shape.layers:
-            break  # nothing is faster than keeping everything in the fewest micro-batches
+            if best is not None and keep == shape.layers and best[1].micro_batches == 1:
+                break  # nothing is faster than keeping everything in one micro-batch
     if best is not None:
         return best[1]
     # Nothing fits by the estimate: the smallest-footprint plan, said so; the OOM handler explains if it fails.
@@ -202,7 +225,7 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
     mode = "offload" if "offload" in allowed else ("recompute" if "recompute" in allowed else "keep")
     held = (shape.input_bytes() * shape.layers * tokens) if mode == "recompute" else \
         (shape.keep_bytes() * shape.layers * tokens if mode == "keep" else 0)
-    peak = _peak(static_bytes + shape.transient_bytes(tokens, 128) + held)
+    peak = _peak(static_bytes + shape.transient_bytes(tokens, 128) + held, capped)
     notes = [] if peak <= budget_bytes else [f"no plan fits the {budget_bytes / GIB:.2f} GiB budget by the estimate "
                                              f"({peak / GIB:.2f} GiB predicted); running the smallest one"]
     return MemoryPlan(parts, [mode] * shape.layers, tokens, 128, peak / GIB, budget_bytes / GIB, static_bytes / GIB,
@@ -235,7 +258,8 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
     shape = Shape.of(causal_lm(model).config, amp_elt, fused=device.type == "cuda" and model_uses_fused_lora(model))
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,
-                     static_bytes=static, max_parts=max_parts)
+                     static_bytes=static, max_parts=max_parts,
+                     capped=bool(max_memory_gib) and device.type == "cuda")
     if not math.isfinite(plan.predicted_peak_gib):
         raise AssertionError(plan)
     return plan

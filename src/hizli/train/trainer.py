@@ -211,6 +211,7 @@ class SFTTrainer:
         self._oom_retries = 0
         eval_points: list[tuple[int, float]] = []
         step_no = start_step
+        restore_cap = _cap_allocator(device, args.max_memory_gib)
         try:
             with self._signals():
                 for micro, _before, after in plan.steps(position):
@@ -249,6 +250,7 @@ class SFTTrainer:
                                 f"with `hizli train RECIPE --resume` or trainer.train(resume_from_checkpoint=True)",
                                 path)
         finally:
+            restore_cap()
             log.close()
         runtime = time.perf_counter() - t_start
         report = memory.finish(start_mem, runtime)
@@ -532,6 +534,24 @@ def _peak_gib(device: torch.device) -> float | None:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     return round(memory.snapshot("cpu").reserved_gib, 3)
+
+
+def _cap_allocator(device, max_memory_gib: float | None):
+    """Make ``max_memory_gib`` a hard limit for PyTorch's CUDA allocator while training; returns the
+    function that puts the previous limit back.
+
+    Capped, the allocator frees its cached blocks and retries before it would reserve more than the
+    cap (and raises out-of-memory only if the live tensors themselves do not fit), so fragmentation
+    cannot push the reserved peak over what the user allowed.
+    """
+    if not max_memory_gib or device.type != "cuda":
+        return lambda: None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    previous = getter(index) if getter is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(min(previous, max_memory_gib * 1024**3 / total), index)
+    return lambda: torch.cuda.set_per_process_memory_fraction(previous, index)
 
 
 def _jsonable(v: Any) -> bool:
