@@ -114,11 +114,10 @@ def test_a_memory_cap_holds_and_is_lifted_afterwards(folder, tmp_path):
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.get_per_process_memory_fraction(0)
-    static = torch.cuda.memory_allocated() / 2**30
-    cap = static + 1.2  # the model loads within it, and the plan must work for the rest
+    cap = torch.cuda.memory_allocated() / 2**30 + 0.6  # the model and optimizer take ~0.35 GiB of it
     trainer, stats = _run(folder, tmp_path / "capped", fast=True, dtype="bfloat16", max_memory_gib=cap, full=True)
     plan = trainer.memory_plan
-    assert plan["micro_batches"] > 1 and plan["budget_gib"] <= cap
+    assert plan["budget_gib"] <= cap and (plan["micro_batches"] > 1 or set(plan["layer_modes"]) != {"keep"})
     assert stats.metrics["peak_reserved_gib"] <= cap
     assert torch.cuda.get_per_process_memory_fraction(0) == before
     capped = [e["loss"] for e in stats.log_history if "loss" in e]

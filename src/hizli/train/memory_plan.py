@@ -34,10 +34,10 @@ RECOMPUTE_COST = 0.43  # extra time of a recomputed layer, relative to its forwa
 OFFLOAD_COST = 0.50  # recompute plus copies that mostly overlap compute
 # A step takes the longer of its GPU time and its host time (the Python and launch work of every
 # layer, paid again by every micro-batch whatever its size). H200, 2026-11-27, 3B shape: the default
-# plan's matmuls ran at about 450 TFLOP/s; a decoder layer's forward + backward cost about 6 ms of
-# host time per micro-batch (fused_lora_bench.py: host time equal to GPU time up to 8,192 tokens).
+# plan's matmuls ran at about 450 TFLOP/s; capped runs of 4-6 micro-batches, every layer offloaded,
+# took about 0.41 s of host time per micro-batch, 15 ms per layer (10 ms, plus half for the recompute).
 EFFECTIVE_FLOPS = 450e12
-HOST_S_PER_LAYER = 6e-3
+HOST_S_PER_LAYER = 10e-3
 
 
 @dataclass
@@ -167,10 +167,11 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
     peak fits. For each layer layout the budget is the most tokens that fit (at least the longest
     row, at most the longest step); every step then runs as the fewest micro-batches within it."""
     best: tuple[float, MemoryPlan] | None = None
-    # the loss's logits chunk: 1,024 rows where memory is ample; fewer when it is not (each chunk
-    # re-reads the head's weight, so small chunks cost time, but only on tight budgets)
+    # the loss's logits chunk: 1,024 rows where memory is ample; fewer when it is not. Each chunk
+    # re-reads the head's weight, but under a tight budget the step is bound by host work, not by
+    # those reads, and every MiB the chunk does not take goes to a larger micro-batch.
     spare = budget_bytes - static_bytes
-    ce_rows = int(max(128, min(1024, spare * 0.15 / max(1, shape.vocab * shape.elt))) // 64 * 64)
+    ce_rows = int(max(128, min(1024, spare * 0.04 / max(1, shape.vocab * shape.elt))) // 64 * 64)
     mean_tokens = sum(lengths[r] for rows in steps for r in rows) / max(1, len(steps))
     longest_row = max((lengths[r] for rows in steps for r in rows), default=0)
     longest_step = max((sum(lengths[r] for r in rows) for rows in steps), default=0)
