@@ -361,8 +361,13 @@ def report_free_within_cap(cap_bytes: int) -> None:
     torch.cuda.memory.mem_get_info = mem_get_info
 
 
-def hizli_load(model_dir: str, max_len: int):
-    from hizli.api import FastLanguageModel
+def load_recipe_model(system: str, model_dir: str, max_len: int):
+    """The recipe's model and LoRA through ``system``'s FastLanguageModel: the same call for both
+    (hizli keeps Unsloth's names), so only the import differs."""
+    if system == "unsloth":
+        from unsloth import FastLanguageModel
+    else:
+        from hizli.api import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=max_len, dtype=None,
                                                          load_in_4bit=True)
@@ -404,17 +409,6 @@ def hizli_trainer_fn(model, tokenizer, tokens, max_memory_gib: float | None) -> 
                              "budget_gib": plan.get("budget_gib")} if plan else None}
 
     return train_two_steps
-
-
-def unsloth_load(model_dir: str, max_len: int):
-    from unsloth import FastLanguageModel
-
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=max_len, dtype=None,
-                                                         load_in_4bit=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                             bias="none", use_gradient_checkpointing="unsloth", random_state=3407,
-                                             use_rslora=False, loftq_config=None)
-    return model, tokenizer
 
 
 def unsloth_step_fn(model, tokens) -> Callable[[int], dict]:
@@ -504,12 +498,12 @@ def worker_main(a: argparse.Namespace) -> int:
         from hizli import _log
 
         _log.setup(logging.WARNING)
-        model, tokenizer = hizli_load(a.model, max_len)
+        model, tokenizer = load_recipe_model("hizli", a.model, max_len)
         max_memory_gib = float(cap) if cap != "whole" and cuda else None
         doc["max_memory_gib"] = max_memory_gib
         train = hizli_trainer_fn(model, tokenizer, tokens, max_memory_gib)
     else:
-        model, _tokenizer = unsloth_load(a.model, max_len)
+        model, _tokenizer = load_recipe_model("unsloth", a.model, max_len)
         train = unsloth_step_fn(model, tokens)
     doc["load_s"] = round(time.time() - t_load, 1)
     doc["startup_s"] = round(time.time() - t_start, 1)

@@ -238,7 +238,7 @@ def test_token_stream_is_real_text_cut_to_length(ls, tiny_model_dir, tmp_path):
 def test_hizli_trial_on_a_tiny_model(ls, tiny_model_dir):
     """The worker's hizli path: load once, then two trials of two optimizer steps through hizli's own
     SFTTrainer (on the CPU: no cap, so no memory plan; the code path is the GPU's)."""
-    model, tokenizer = ls.hizli_load(tiny_model_dir, 256)
+    model, tokenizer = ls.load_recipe_model("hizli", tiny_model_dir, 256)
     tokens, _ = ls.token_stream(tiny_model_dir, SAMPLE, 256)
     train = ls.hizli_trainer_fn(model, tokenizer, tokens, max_memory_gib=8.0)
     r = ls.find_longest(lambda n: ls.measure(train, n, model, None), start=64, limit=128, resolution=64)
