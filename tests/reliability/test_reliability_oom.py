@@ -88,6 +88,9 @@ def test_suggestions_follow_the_settings(tmp_path, figures):
     # 1.06 GiB free + 1.31 GiB cached but unused >= 2 GiB asked: fragmentation, worth saying
     assert "expandable_segments:True may be enough" in message
     assert "expandable_segments" not in str(oom.explain(torch.OutOfMemoryError(MESSAGES["2.1"][0])))
+    # under max_memory_gib the allocator is capped: the message says the cap is the limit
+    capped = str(oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path, max_memory_gib=3.5), model=model))
+    assert "capped at max_memory_gib=3.5 GiB" in capped and "capped at" not in message
     figures.add(messages=1)
 
 

@@ -99,7 +99,11 @@ def explain(error: BaseException, *, device: Any = None, args: Any = None, model
     card = f" on {_card_name(report.device)}" if report.device else ""
     lines = [f"{where}out of GPU memory{card}: asked for {gib(report.requested)} with {gib(report.free)} free of "
              f"{gib(report.total)}" + (f" (this process held {gib(report.in_use)})" if report.in_use else "") + "."]
-    if report.free_now is not None:
+    cap = getattr(args, "max_memory_gib", None)
+    if cap:  # the trainer limits PyTorch's allocator to the cap, so the card's free memory is not the limit
+        lines.append(f"This run is capped at max_memory_gib={cap:g} GiB (PyTorch's allocator is held to it "
+                     "while training), so what counts is the cap, not the card's free memory.")
+    elif report.free_now is not None:
         lines.append(f"After releasing this step's tensors {gib(report.free_now)} is free.")
     unused = report.reserved_unallocated
     if unused and report.requested and report.free is not None and report.free + unused >= report.requested:
