@@ -7,9 +7,10 @@ small micro-batches (a tight memory budget) the step becomes bound by those Pyth
 than by the GPU. Here one autograd function covers a group of projections that share an input:
 
 - forward: the q/k/v weights are dequantised into one ``[sum(out), in]`` buffer (one matmul for
-  the three; gate and up share one weight-sized buffer in turn, to keep the transient small), the input goes through all the group's ``lora_A``
-  at once (``[T, n*r]``), and each ``lora_B`` product is accumulated into its slice of the output
-  by ``addmm_`` (no extra pass over the activations, no clone);
+  the three; gate and up take turns in one weight-sized buffer, to keep the transient small), the
+  input goes through all the group's ``lora_A`` at once (``[T, n*r]``), and each ``lora_B`` product
+  is accumulated into its slice of the output by ``addmm_`` (no extra pass over the activations, no
+  clone);
 - backward: the weights are dequantised again rather than kept (the dequantised MLP weights alone
   would be 100 MB per layer), the ``lora_A`` gradients of the group come from one matmul, and the
   MLP overwrites its saved gate/up outputs with their gradients.

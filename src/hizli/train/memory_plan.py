@@ -11,8 +11,8 @@ memory, or ``max_memory_gib``):
 
 The plan minimises a simple time model (``step_seconds``: recomputing a layer costs about a third
 of its work again, and every micro-batch pays the host's per-layer work again, which dominates
-small micro-batches), subject to the predicted peak fitting the budget. The prediction is printed beside the plan, and ``hizli bench``
-reports it next to the measured peak so the model can be checked.
+small micro-batches), subject to the predicted peak fitting the budget. The prediction is printed
+beside the plan, and ``hizli bench`` reports it next to the measured peak so the model can be checked.
 
 Bytes per token per layer, for hidden size H, key/value width KV, MLP width I, element size e:
 ``keep`` holds about e * (7H + 2KV + 3I) through PEFT's modules (inputs of both norms, their
@@ -55,8 +55,9 @@ class MemoryPlan:
         counts = {m: self.layer_modes.count(m) for m in ("keep", "recompute", "offload") if m in self.layer_modes}
         layers = ", ".join(f"{n} {m}" for m, n in counts.items())
         return (f"memory plan: up to {self.micro_batches} micro-batch(es) of <= {self.tokens_per_micro_batch:,} "
-                f"tokens per step; layers: {layers}; loss chunks of {self.ce_chunk_rows} rows; predicted peak {self.predicted_peak_gib:.2f} GiB of a "
-                f"{self.budget_gib:.2f} GiB budget (model and optimizer {self.static_gib:.2f} GiB)")
+                f"tokens per step; layers: {layers}; loss chunks of {self.ce_chunk_rows} rows; predicted peak "
+                f"{self.predicted_peak_gib:.2f} GiB of a {self.budget_gib:.2f} GiB budget (model and optimizer "
+                f"{self.static_gib:.2f} GiB)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +123,8 @@ def max_micro_tokens(steps: Sequence[Sequence[int]], lengths: Sequence[int], par
                default=0)
 
 
-def split_step(rows: Sequence[int], lengths: Sequence[int], max_parts: int, token_budget: int | None) -> list[list[int]]:
+def split_step(rows: Sequence[int], lengths: Sequence[int], max_parts: int,
+               token_budget: int | None) -> list[list[int]]:
     """A step's rows in the fewest micro-batches (at most ``max_parts``) of <= ``token_budget`` tokens.
 
     The budget is set by the step with the longest rows; a step of short rows then runs in fewer,
@@ -181,7 +183,7 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
     room = (budget_bytes - extra) / ratio - static_bytes - fixed
     splits_at: dict[int, tuple[int, float, int]] = {}
 
-    def splits(tokens: int) -> tuple[int, float, int] | None:
+    def splits(tokens: int) -> tuple[int, float, int]:
         """(most micro-batches of a step, their mean, largest micro-batch) at this token budget."""
         if tokens not in splits_at:
             counts, largest = [], 0

@@ -487,7 +487,8 @@ class SFTTrainer:
 
     def _describe(self, log, plan, total_steps, collate, parts, amp_dtype, device) -> None:
         layout = getattr(collate, "layout", type(collate).__name__)
-        how = "" if parts is None else f" (each step's rows run as {'up to ' if parts > 1 else ''}{parts} micro-batch{'es' if parts > 1 else ''})"
+        how = "" if parts is None else (f" (each step's rows run as up to {parts} micro-batches)" if parts > 1
+                                        else " (each step's rows run as 1 micro-batch)")
         log.note(f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
                  f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
                  f"layout {layout}{how}, "
