@@ -19,7 +19,8 @@ class TrainingArguments:
     hizli-only fields: ``padding_free`` (None = auto: lay batches out as one row without padding),
     ``merge_micro_batches`` (None = auto: run the micro-batches of one optimizer step as one when
     memory allows; exact, since the loss is normalised per optimizer step), ``max_memory_gib``
-    (cap for the memory plan; on a CPU the plan is used only when a cap is given), ``nan_policy``
+    (cap for the memory plan, in GiB; on a GPU also a hard limit on PyTorch's allocator while
+    training, lifted afterwards; on a CPU the plan is used only when a cap is given), ``nan_policy``
     ("stop" or "skip" a step whose loss or gradient is not finite), ``bad_rows`` ("error" or "skip"
     unusable data rows), ``oom_retries`` (how often a step that runs out of GPU memory is planned
     again for 3/4 of the budget and repeated; 0 stops at the first one, with an explanation).
