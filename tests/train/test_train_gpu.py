@@ -105,9 +105,9 @@ def test_memory_report_reads_torch_cuda(tmp_path):
 
 
 def test_a_memory_cap_holds_and_is_lifted_afterwards(folder, tmp_path):
-    """max_memory_gib: the plan splits steps and offloads, the reserved peak stays under the cap (the
-    allocator itself is capped while training), the losses match the uncapped run's, and the
-    process's allocator limit is back to what it was once training ends."""
+    """max_memory_gib: the plan splits steps or stops keeping every layer, the reserved peak stays
+    under the cap (the allocator itself is capped while training), the losses match the uncapped
+    run's, and the process's allocator limit is back to what it was once training ends."""
     import gc
 
     uncapped = _run(folder, tmp_path / "free", fast=True, dtype="bfloat16")
