@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and report steady tokens/s, peak memory, time to first step and MFU.")
     b.add_argument("--model", default="llama-3.2-3b",
                    help="shape name (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, qwen2.5-3b, tiny) or config path")
-    b.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the embedded model's)")
+    b.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json, saved into a model folder that has "
+                                       "none (default: the embedded model's); a folder's own tokenizer is used as is")
     b.add_argument("--data", help="conversations file (.jsonl); default: the packaged sample")
     b.add_argument("--steps", type=int, default=40)
     b.add_argument("--batch", type=int, default=2)

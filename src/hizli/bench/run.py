@@ -94,6 +94,7 @@ def run(args) -> dict[str, Any]:
     from hizli.bench.shapes import attention_flops, matmul_params, random_model_folder
     from hizli.data.load import load_conversations
 
+    marks = {"imports": time.time()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = random_model_folder(args.model)
     if device.type == "cuda":
@@ -101,15 +102,20 @@ def run(args) -> dict[str, Any]:
     if not (Path(folder) / "tokenizer_config.json").is_file():  # random weights come without one
         load_tokenizer(args.tokenizer).save_pretrained(folder)
     t_load = time.time()
-    model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=args.seq_len, dtype=None,
-                                                 load_in_4bit=not args.no_4bit)
-    tokenizer = get_chat_template(load_tokenizer(args.tokenizer), chat_template="llama-3.1")
+    # the recipe's way: the tokenizer from_pretrained returns, given the llama-3.1 template
+    model, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=args.seq_len, dtype=None,
+                                                         load_in_4bit=not args.no_4bit)
+    marks["model_load"] = time.time()
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3.1")
+    marks["tokenizer"] = time.time()
     checkpointing = "unsloth" if levers["checkpointing"] else False
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              use_gradient_checkpointing=checkpointing, random_state=3407)
     from hizli.train.run import dataset_source
 
+    marks["lora"] = time.time()
     rows = load_conversations(dataset_source(args.data or "hizli:sharegpt"), bad_rows="skip")
+    marks["data_read"] = time.time()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     targs = TrainingArguments(
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum, warmup_steps=5,
@@ -130,6 +136,7 @@ def run(args) -> dict[str, Any]:
         from hizli.train import step as step_mod
 
         step_mod.FUSED_CE = False
+    marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()
     log = [e for e in stats.log_history if "tokens" in e]
@@ -155,6 +162,8 @@ def run(args) -> dict[str, Any]:
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None,
         "first_step_s": round(first_step[0] - t_process, 2) if first_step else None,
         "load_and_prep_s": round(prep_s, 2),
+        "startup_s": startup_parts(t_process, t_load, marks, first_step[0] if first_step else None,
+                                   log[0]["step_time_s"] if log else None),
         "train_runtime_s": stats.metrics["train_runtime"],
         "useful_tflops_per_token": flops_per_token / 1e12,
         "measured_bf16_tflops": round(peak, 1) if peak else None,
@@ -164,6 +173,23 @@ def run(args) -> dict[str, Any]:
         "predicted_peak_gib": (trainer.memory_plan or {}).get("predicted_peak_gib"),
     }
     return result
+
+
+def startup_parts(t_process: float, t_load: float, marks: dict[str, float], first_step_end: float | None,
+                  first_step_s: float | None) -> dict[str, float]:
+    """Where the time from process start to the first finished step went, in seconds per phase
+    (``benchmark_setup`` is the bench's own work before the recipe starts, such as clearing the cache
+    after making random weights; ``train_setup`` is train() before its first step: the memory plan,
+    optimizer, scheduler)."""
+    parts, before = {}, t_process
+    names = [("imports", marks["imports"]), ("benchmark_setup", t_load)] + [
+        (name, marks[name]) for name in ("model_load", "tokenizer", "lora", "data_read", "data_prep")]
+    if first_step_end is not None and first_step_s is not None:
+        names += [("train_setup", first_step_end - first_step_s), ("first_step", first_step_end)]
+    for name, at in names:
+        parts[name] = round(at - before, 2)
+        before = at
+    return parts
 
 
 class _Profiler:
