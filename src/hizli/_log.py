@@ -37,6 +37,12 @@ def info(message: str) -> None:
     logger.info(message)
 
 
+def debug(message: str) -> None:
+    """For whoever investigates (``logging.getLogger("hizli").setLevel(logging.DEBUG)``)."""
+    setup_default()
+    logger.debug(message)
+
+
 def warn_once(key: str, message: str) -> None:
     """Warn the first time ``key`` is seen in this process, stay silent afterwards."""
     if key in _said:

@@ -27,11 +27,14 @@ class LazyJit:
     ``TRITON_INTERPRET`` is read by ``triton.jit`` at that moment, so set it before the first launch.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable[..., Any], **jit_kwargs: Any) -> None:
+        self.fn, self.jit_kwargs = fn, jit_kwargs
 
     def materialize(self) -> Any:
         module_globals = self.fn.__globals__
+        from hizli.kernels import warmup
+
+        warmup.wait()  # a background compile of these kernels may be under way: use its results
         import triton
         import triton.language as tl
 
@@ -42,7 +45,7 @@ class LazyJit:
         for name, value in list(module_globals.items()):
             if isinstance(value, LazyJit):
                 assert value.fn.__name__ == name, f"lazy kernel {value.fn.__name__} bound as {name}"
-                module_globals[name] = triton.jit(value.fn)
+                module_globals[name] = triton.jit(value.fn, **value.jit_kwargs)
         return module_globals[self.fn.__name__]
 
     def __getitem__(self, grid: Any) -> Any:
@@ -70,9 +73,14 @@ def _patch_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-def lazy_jit(fn: Callable[..., Any]) -> LazyJit:
-    """Decorator: ``@lazy_jit`` in place of ``@triton.jit`` (see :class:`LazyJit`)."""
-    return LazyJit(fn)
+def lazy_jit(fn: Callable[..., Any] | None = None, **jit_kwargs: Any) -> Any:
+    """Decorator: ``@lazy_jit`` in place of ``@triton.jit`` (see :class:`LazyJit`); keyword arguments
+    go to ``triton.jit``, e.g. ``do_not_specialize=("n_rows",)`` for an argument that changes from
+    batch to batch (Triton compiles a kernel once per divisibility-by-16 class of each int argument
+    otherwise, and a compile costs a few hundred ms in the middle of training)."""
+    if fn is None:
+        return lambda f: LazyJit(f, **jit_kwargs)
+    return LazyJit(fn, **jit_kwargs)
 
 
 def next_power_of_2(n: int) -> int:

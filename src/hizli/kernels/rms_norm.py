@@ -46,7 +46,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, x_stride, y_stri
     tl.store(rstd_ptr + row, rstd)
 
 
-@lazy_jit
+@lazy_jit(do_not_specialize=("n_rows", "rows_per_program"))  # both follow the batch's token count
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
                          dy_stride, x_stride, dx_stride, rows_per_program,
                          BLOCK: tl.constexpr, HAS_DW: tl.constexpr):

@@ -50,7 +50,7 @@ def _rope_heads(x_ptr, o_ptr, x_base, o_base, x_sh, o_sh, n_heads, c1, c2, s1, s
     tl.store(op + HALF, (x2 * c2 + x1 * s2).to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@lazy_jit
+@lazy_jit(do_not_specialize=("seq_len",))  # follows the batch's token count
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len, n_qh, n_kh,
                  q_sb, q_st, q_sh, k_sb, k_st, k_sh, qo_sb, qo_st, qo_sh, ko_sb, ko_st, ko_sh,
                  c_sb, c_st, s_sb, s_st,

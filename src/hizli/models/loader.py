@@ -190,6 +190,8 @@ def load(
                 "instead; memory use will be about 4x higher. Install bitsandbytes>=0.46 for 4-bit.",
             )
     hub = dict(token=token, revision=revision) if src.kind == "hub" else {}
+    if fast_path:
+        _start_kernel_warmup(src, hub, device, torch_dtype, quantization == "nf4", trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path,
@@ -217,13 +219,31 @@ def load(
     if fast_path and attn_implementation == "sdpa":
         use_hizli_attention(model)
     if fast_path and device.startswith("cuda"):
+        from hizli.kernels import warmup
         from hizli.models.patch import use_fused_ops
 
         model.hizli_fused = use_fused_ops(model)
+        warmup.prime_in_background(device)
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)
     return model, tokenizer
+
+
+def _start_kernel_warmup(src: Source, hub: dict, device: str, dtype, nf4: bool, trust_remote_code: bool) -> None:
+    """Compile the fast path's kernels in the background while the weights load (see
+    ``hizli.kernels.warmup``); any problem here only means they compile at first use instead."""
+    from hizli.kernels import warmup
+
+    if src.kind not in ("folder", "hub") or not warmup.enabled(device):
+        return
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **hub)
+        warmup.start(config, dtype, device, nf4)
+    except Exception as e:  # noqa: BLE001 - from_pretrained, next, reports real problems with the model
+        _log.debug(f"no background kernel compile: {e!r}")
 
 
 def load_tokenizer(path: str, *, token: str | None = None, trust_remote_code: bool = False,

@@ -26,6 +26,7 @@ import torch
 
 from hizli import _log
 from hizli.data.collate import DataCollatorForSeq2Seq, PaddingFreeCollator
+from hizli.kernels import warmup
 from hizli.train import checkpoint, memory, metrics, optim, step as step_mod
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.models.checkpointing import apply_layer_modes
@@ -182,6 +183,7 @@ class SFTTrainer:
         total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.build_optimizer(params, args)
+        warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype)
         scheduler = optim.build_scheduler(optimizer, args, total_steps)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None

@@ -1,0 +1,293 @@
+"""Compile the Triton kernels of the fast path while the model loads, not in the first training step.
+
+On a machine that has not run hizli before, Triton compiles each kernel at its first launch: about
+0.3 s of compiler and 0.3 s of C compiler (its launcher) per kernel, and 1 s more to hash Triton's own
+library and build its driver module, 4 to 5 s in all on an H100 (measured 2026-11-28), all inside the
+first step. Here a separate process (its own interpreter, so the main one is not slowed) runs every
+kernel of a training step at the model's sizes on a few tokens while the main process loads the
+weights; Triton writes what it compiles to its on-disk cache (``TRITON_CACHE_DIR``, by default
+``~/.triton/cache``), where the training process then finds it. Nothing is shared but that cache, so
+a warm-up that fails or guesses a kernel's variant wrong costs nothing but the compile it would have
+saved: the training process compiles that kernel itself, as it always did.
+
+A kernel's compiled variant depends on its argument dtypes, its compile-time constants (block sizes
+from the model's sizes), and whether each int argument is divisible by 16; the ints that follow the
+batch's token count are marked ``do_not_specialize`` in the kernels, so a few tokens here produce the
+variants of every batch size.
+
+``HIZLI_KERNEL_WARMUP=0`` turns it off. It runs only on CUDA with Triton kernels enabled, only for
+models with a Llama-like configuration, and only once per process group (``LOCAL_RANK`` 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from hizli import _log
+
+ENV = "HIZLI_KERNEL_WARMUP"
+TOKENS = 40  # any count: the token-count arguments are not specialised (see the module docstring)
+# Every Triton kernel a fast-path training step launches (a test checks this against the kernel modules).
+KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
+           "_swiglu_bwd_kernel", "_ce_chunk_kernel", "_nf4_dequant_kernel")
+
+_process: subprocess.Popen | None = None
+_process_log: str | None = None
+_thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True)
+class KernelShapes:
+    """What the kernels' variants depend on: the model's sizes, its compute dtype, its weight format."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: str  # "bfloat16" or "float16"
+    nf4: bool  # 4-bit weights (bitsandbytes NF4, double quantisation, blocks of 64), else 16-bit
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype, nf4: bool) -> "KernelShapes | None":
+        """The shapes of a Llama-like ``config`` (None for another architecture or dtype)."""
+        config = getattr(config, "text_config", None) or config
+        try:
+            hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+            shapes = cls(hidden=hidden, intermediate=int(config.intermediate_size), heads=heads,
+                         kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                         head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
+                         vocab=int(config.vocab_size), dtype=str(dtype).replace("torch.", ""), nf4=bool(nf4))
+        except (AttributeError, TypeError, ValueError):
+            return None
+        if shapes.dtype not in ("bfloat16", "float16") or shapes.head_dim % 2:
+            return None
+        return shapes
+
+
+# ------------------------------------------------------------------------------------------------
+# What the background process runs
+
+
+def _nf4_base(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> SimpleNamespace:
+    """A stand-in for a bitsandbytes ``Linear4bit`` in the recipe's format: what the fused layers read
+    of it (packed bytes, a nested quant state), with zero codes (the values do not matter here)."""
+    n = out_features * in_features
+    n_blocks = -(-n // 64)
+    state2 = SimpleNamespace(absmax=torch.zeros(-(-n_blocks // 256), dtype=torch.float32, device=device),
+                             code=torch.zeros(256, dtype=torch.float32, device=device), blocksize=256,
+                             dtype=torch.float32)
+    state = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=dtype, shape=torch.Size((out_features, in_features)),
+                            absmax=torch.zeros(n_blocks, dtype=torch.uint8, device=device), nested=True,
+                            state2=state2, offset=torch.zeros((), dtype=torch.float32, device=device),
+                            code=torch.zeros(16, dtype=torch.float32, device=device), packing_format_for_cpu=False)
+    packed = torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    packed.quant_state = state
+    return SimpleNamespace(weight=packed, in_features=in_features, out_features=out_features)
+
+
+def _part(out_features: int, in_features: int, shapes: KernelShapes, device: torch.device, rank: int = 16):
+    """``(base, lora_A, lora_B, scaling)`` as ``hizli.models.fused_lora.lora_parts`` returns them."""
+    dtype = getattr(torch, shapes.dtype)
+    if shapes.nf4:
+        base = _nf4_base(out_features, in_features, dtype, device)
+    else:
+        base = torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
+        base.weight.requires_grad_(False)
+    a = (torch.randn(rank, in_features, device=device) * 0.01).requires_grad_()
+    b = (torch.randn(out_features, rank, device=device) * 0.01).requires_grad_()
+    return base, a, b, 1.0
+
+
+def exercise(shapes: KernelShapes, device: torch.device | str, tokens: int = TOKENS) -> None:
+    """Run every Triton kernel of a fast-path training step at ``shapes``, forward and backward, on
+    ``tokens`` tokens laid out as the patched decoder lays them out (a padding-free ``[1, T, H]`` row).
+    On a CPU the same calls take the kernels' PyTorch references (the tests run it there)."""
+    from hizli.kernels.cross_entropy import _CE_BLOCK, fused_linear_cross_entropy
+    from hizli.kernels.rms_norm import rms_norm
+    from hizli.kernels.rope import rope
+    from hizli.models.fused_lora import lora_group, lora_swiglu_mlp
+
+    device = torch.device(device)
+    dtype = getattr(torch, shapes.dtype)
+    h, i, d = shapes.hidden, shapes.intermediate, shapes.head_dim
+    qkv = [_part(shapes.heads * d, h, shapes, device), _part(shapes.kv_heads * d, h, shapes, device),
+           _part(shapes.kv_heads * d, h, shapes, device)]
+    o = [_part(h, shapes.heads * d, shapes, device)]
+    mlp = [_part(i, h, shapes, device), _part(i, h, shapes, device), _part(h, i, shapes, device)]
+    # The loss kernel's variant depends on the vocabulary only through its block size and whether it
+    # divides by 16: a stand-in head of that kind spares the process a [V, H] weight.
+    vocab = shapes.vocab if shapes.vocab <= 2 * _CE_BLOCK else 2 * _CE_BLOCK + (0 if shapes.vocab % 16 == 0 else 1)
+    head = torch.randn(vocab, h, dtype=dtype, device=device) * 0.02
+
+    x = torch.randn(1, tokens, h, dtype=dtype, device=device, requires_grad=True)
+    norm_w = torch.ones(h, dtype=dtype, device=device)
+    for trained_norm in (False, True):  # LoRA keeps norms frozen; a full fine-tune trains them
+        normed = rms_norm(x, norm_w.clone().requires_grad_(trained_norm), 1e-5)
+        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_group(normed, qkv))
+        angle = torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * torch.linspace(0, 1, d, device=device)
+        cos, sin = angle.cos()[None].to(dtype), angle.sin()[None].to(dtype)
+        q, k = rope(q, k, cos, sin)
+        attn = (q.transpose(1, 2).reshape(1, tokens, -1) + k.sum() + v.sum()).contiguous()  # stands in for attention
+        hidden = normed + lora_group(attn, o)[0]
+        hidden = hidden + lora_swiglu_mlp(rms_norm(hidden, norm_w, 1e-5), mlp)
+        targets = torch.randint(0, vocab, (tokens,), device=device)
+        loss = fused_linear_cross_entropy(rms_norm(hidden, norm_w, 1e-5).reshape(tokens, h), head, targets)
+        loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _main(argv: list[str]) -> int:
+    shapes = KernelShapes(**json.loads(argv[0]))
+    device = torch.device(argv[1] if len(argv) > 1 else "cuda")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    exercise(shapes, device)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Starting it and waiting for it (the training process)
+
+
+def enabled(device: str) -> bool:
+    from hizli.kernels.dispatch import interpreting, kernels_mode
+
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not str(device).startswith("cuda") or kernels_mode() == "reference" or interpreting():
+        return False
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0 or (os.cpu_count() or 1) < 2:
+        return False  # one process per machine, and not on one core (it would slow the load down)
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels (its own rule: ``TRITON_CACHE_DIR``, else
+    ``$TRITON_HOME/.triton/cache`` with ``TRITON_HOME`` defaulting to the home folder)."""
+    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~/")
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache")
+
+
+def cache_has_kernels(names: tuple[str, ...] = KERNELS) -> bool:
+    """Whether Triton's cache holds a compiled variant of each kernel (it has run here before).
+
+    Only the names are checked, not the variants: after another model's run the sizes may differ,
+    and those kernels then compile at first use, as they would without a warm-up. Skipping the
+    background process when the cache is warm matters for small models, which load faster than a
+    fresh interpreter imports torch."""
+    root = triton_cache_dir()
+    try:
+        found = {entry.name for folder in os.scandir(root) if folder.is_dir() for entry in os.scandir(folder.path)
+                 if entry.name.endswith(".cubin")}
+    except OSError:
+        return False
+    return all(f"{name}.cubin" in found for name in names)
+
+
+def _room_for_it(config: Any, shapes: KernelShapes, device: str) -> bool:
+    """Whether the GPU holds the model and, beside it, the background process (its CUDA context and
+    a layer's worth of buffers, about 1 GiB at 8B sizes) with 2 GiB to spare."""
+    config = getattr(config, "text_config", None) or config
+    h, i, d = shapes.hidden, shapes.intermediate, shapes.head_dim
+    layer = h * d * (2 * shapes.heads + 2 * shapes.kv_heads) + 3 * h * i
+    layers = int(getattr(config, "num_hidden_layers", 32) or 32)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    model_bytes = layers * layer * (0.57 if shapes.nf4 else 2) + shapes.vocab * h * 2 * (1 if tied else 2)
+    try:
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+    except Exception:  # noqa: BLE001 - no answer: do not risk it
+        return False
+    return free > model_bytes + 3 * 2**30
+
+
+def start(config: Any, dtype: torch.dtype, device: str, nf4: bool) -> bool:
+    """Begin compiling the kernels for ``config`` in a background process; True if it started."""
+    global _process, _process_log
+    if _process is not None or not enabled(device):
+        return False
+    shapes = KernelShapes.from_config(config, dtype, nf4)
+    if shapes is None or cache_has_kernels(KERNELS if nf4 else KERNELS[:-1]) or not _room_for_it(config, shapes, device):
+        return False
+    fd, _process_log = tempfile.mkstemp(prefix="hizli-kernel-warmup-", suffix=".log")
+    with os.fdopen(fd, "w") as log:
+        _process = subprocess.Popen([sys.executable, "-m", "hizli.kernels.warmup", json.dumps(asdict(shapes)),
+                                     str(device)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, ENV: "0"})
+    _log.debug(f"compiling the Triton kernels for {shapes} in the background (pid {_process.pid})")
+    return True
+
+
+def _prime_triton() -> None:
+    # Triton hashes its own 400 MB library (the key of every cache entry) and builds its driver
+    # module once per process; hashing and file reads release the GIL, so this overlaps the work
+    # of the main thread.
+    try:
+        from triton.runtime import driver
+        from triton.runtime.cache import triton_key
+
+        triton_key()
+        driver.active.get_current_device()
+    except Exception as e:  # noqa: BLE001 - the main thread does the same later and reports errors
+        _log.debug(f"priming Triton in the background failed: {e!r}")
+
+
+def prime_in_background(device: str) -> None:
+    """Start the per-process part of Triton's start-up in a thread. Call it after the heavy imports
+    (transformers, bitsandbytes) are done: two threads importing modules that import each other can
+    deadlock."""
+    global _thread
+    if _thread is not None or not enabled(device):
+        return
+    _thread = threading.Thread(target=_prime_triton, name="hizli-triton-prime", daemon=True)
+    _thread.start()
+
+
+def wait(timeout: float = 120.0) -> None:
+    """Wait for the background compile and priming, if any (before the first kernel launch, and
+    before measuring free GPU memory, which the background process holds a little of)."""
+    global _process, _thread
+    thread, _thread = _thread, None
+    if thread is not None:
+        thread.join(timeout)
+    process, _process = _process, None
+    if process is None:
+        return
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+    if code != 0 and _process_log:
+        try:
+            with open(_process_log) as f:
+                tail = f.read()[-2000:]
+        except OSError:
+            tail = ""
+        _log.debug(f"background kernel compile exited with {code}; the kernels compile at first use.\n{tail}")
+    if _process_log:
+        try:
+            os.unlink(_process_log)
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
