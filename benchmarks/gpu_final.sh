@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The final GPU session: GPU tests, benchmarks/compare, then the longest-sequence search (8 GiB and
-# the whole card). Runs detached (setsid) so it can span several device calls; everything lands in
-# /tmp/hizli-final, which benchmarks/gpu_collect.sh tars into $OUT.
-#   setsid bash benchmarks/gpu_final.sh STEPS > /dev/null 2>&1 < /dev/null &
+# The final GPU session: GPU tests of what changed, benchmarks/compare (cold compile caches for every
+# system), then the longest-sequence search. Runs detached (setsid) so it can span several device
+# calls; everything lands in /tmp/hizli-final, which benchmarks/gpu_collect.sh tars into $OUT.
+#   SYSTEMS=... SEQ_CAPS=whole GPU_TESTS="..." setsid bash benchmarks/gpu_final.sh STEPS > /dev/null 2>&1 < /dev/null &
 set -u
 D=/tmp/hizli-final; rm -rf $D; mkdir -p $D
 export PYTHONUNBUFFERED=1
+SYSTEMS=${SYSTEMS:-unsloth_best,unsloth,hizli,hizli_capped,hizli_capped_unsloth,hf,liger}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  timeout 420 python3 -m pytest -m gpu tests/train/test_train_gpu.py tests/reliability tests/models \
-    tests/kernels/test_kernels_nf4.py tests/kernels/test_kernels_swiglu.py -q -p no:cacheprovider > $D/gpu-tests.log 2>&1
+  timeout 420 python3 -m pytest -m gpu ${GPU_TESTS:-tests/train/test_train_gpu.py tests/reliability tests/models \
+    tests/kernels} -q -p no:cacheprovider > $D/gpu-tests.log 2>&1
   echo "gpu tests exit $?"; date -u
-  python3 benchmarks/compare --steps ${1:-20} --out $D > $D/compare.log 2>&1
+  python3 benchmarks/compare --steps ${1:-20} --systems $SYSTEMS --out $D > $D/compare.log 2>&1
   echo "compare exit $?"; date -u
   cp /tmp/hizli-compare/*.json /tmp/hizli-compare/*.log $D/ 2>/dev/null
-  python3 benchmarks/longest_seq.py --systems hizli,unsloth --caps 8 --work $D/seq --out $D > $D/seq8.log 2>&1
-  echo "longest 8 GiB exit $?"; date -u
-  python3 benchmarks/longest_seq.py --systems hizli,unsloth --caps whole --start 131072 --resolution 4096 \
-    --search-budget 200 --work $D/seq --out $D > $D/seqwhole.log 2>&1
-  echo "longest whole exit $?"; date -u
+  for CAP in ${SEQ_CAPS:-8 whole}; do
+    if [ $CAP = whole ]; then EXTRA="--start 131072 --resolution 4096 --search-budget ${SEQ_BUDGET:-200}"; else EXTRA=""; fi
+    python3 benchmarks/longest_seq.py --systems hizli,unsloth --caps $CAP $EXTRA --work $D/seq --out $D > $D/seq$CAP.log 2>&1
+    echo "longest $CAP exit $?"; date -u
+  done
 } > $D/progress.log 2>&1
 touch $D/DONE
