@@ -47,9 +47,6 @@ def config_for(shape: str):
 
 def random_model_folder(shape: str, cache: str | os.PathLike | None = None) -> str:
     """A folder holding random bf16 weights of ``shape`` (made once, reused)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if Path(shape).is_dir() and (Path(shape) / "config.json").is_file():
         if any(Path(shape).glob("*.safetensors")):
             return str(Path(shape))
@@ -57,6 +54,9 @@ def random_model_folder(shape: str, cache: str | os.PathLike | None = None) -> s
     out = root / Path(shape).name.replace(".json", "")
     if (out / "config.json").is_file():
         return str(out)
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = config_for(shape)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -110,51 +110,90 @@ def _part(out_features: int, in_features: int, shapes: KernelShapes, device: tor
     return base, a, b, 1.0
 
 
-def exercise(shapes: KernelShapes, device: torch.device | str, tokens: int = TOKENS) -> None:
-    """Run every Triton kernel of a fast-path training step at ``shapes``, forward and backward, on
-    ``tokens`` tokens laid out as the patched decoder lays them out (a padding-free ``[1, T, H]`` row).
-    On a CPU the same calls take the kernels' PyTorch references (the tests run it there)."""
+def _tasks(shapes: KernelShapes, device: torch.device, tokens: int) -> list:
+    """Independent pieces of a training step, each running its kernels forward and backward on
+    ``tokens`` tokens laid out as the patched decoder lays them out (a padding-free ``[1, T, H]`` row)."""
     from hizli.kernels.cross_entropy import _CE_BLOCK, fused_linear_cross_entropy
     from hizli.kernels.rms_norm import rms_norm
     from hizli.kernels.rope import rope
     from hizli.models.fused_lora import lora_group, lora_swiglu_mlp
 
-    device = torch.device(device)
     dtype = getattr(torch, shapes.dtype)
     h, i, d = shapes.hidden, shapes.intermediate, shapes.head_dim
-    qkv = [_part(shapes.heads * d, h, shapes, device), _part(shapes.kv_heads * d, h, shapes, device),
-           _part(shapes.kv_heads * d, h, shapes, device)]
-    o = [_part(h, shapes.heads * d, shapes, device)]
-    mlp = [_part(i, h, shapes, device), _part(i, h, shapes, device), _part(h, i, shapes, device)]
-    # The loss kernel's variant depends on the vocabulary only through its block size and whether it
-    # divides by 16: a stand-in head of that kind spares the process a [V, H] weight.
-    vocab = shapes.vocab if shapes.vocab <= 2 * _CE_BLOCK else 2 * _CE_BLOCK + (0 if shapes.vocab % 16 == 0 else 1)
-    head = torch.randn(vocab, h, dtype=dtype, device=device) * 0.02
 
-    x = torch.randn(1, tokens, h, dtype=dtype, device=device, requires_grad=True)
-    norm_w = torch.ones(h, dtype=dtype, device=device)
-    for trained_norm in (False, True):  # LoRA keeps norms frozen; a full fine-tune trains them
-        normed = rms_norm(x, norm_w.clone().requires_grad_(trained_norm), 1e-5)
-        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_group(normed, qkv))
+    def rows(width: int = h) -> torch.Tensor:
+        return torch.randn(1, tokens, width, dtype=dtype, device=device, requires_grad=True)
+
+    def norms() -> None:
+        for trained in (False, True):  # LoRA keeps norms frozen; a full fine-tune trains them
+            weight = torch.ones(h, dtype=dtype, device=device, requires_grad=trained)
+            rms_norm(rows(), weight, 1e-5).sum().backward()
+
+    def attention() -> None:
+        qkv = [_part(shapes.heads * d, h, shapes, device), _part(shapes.kv_heads * d, h, shapes, device),
+               _part(shapes.kv_heads * d, h, shapes, device)]
+        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_group(rows(), qkv))
         angle = torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * torch.linspace(0, 1, d, device=device)
-        cos, sin = angle.cos()[None].to(dtype), angle.sin()[None].to(dtype)
-        q, k = rope(q, k, cos, sin)
-        attn = (q.transpose(1, 2).reshape(1, tokens, -1) + k.sum() + v.sum()).contiguous()  # stands in for attention
-        hidden = normed + lora_group(attn, o)[0]
-        hidden = hidden + lora_swiglu_mlp(rms_norm(hidden, norm_w, 1e-5), mlp)
-        targets = torch.randint(0, vocab, (tokens,), device=device)
-        loss = fused_linear_cross_entropy(rms_norm(hidden, norm_w, 1e-5).reshape(tokens, h), head, targets)
-        loss.backward()
+        q, k = rope(q, k, angle.cos()[None].to(dtype), angle.sin()[None].to(dtype))
+        out = (q.transpose(1, 2).reshape(1, tokens, -1) + k.sum() + v.sum()).contiguous()  # stands in for attention
+        lora_group(out, [_part(h, shapes.heads * d, shapes, device)])[0].sum().backward()
+
+    def mlp() -> None:
+        parts = [_part(i, h, shapes, device), _part(i, h, shapes, device), _part(h, i, shapes, device)]
+        lora_swiglu_mlp(rows(), parts).sum().backward()
+
+    def loss() -> None:
+        # The kernel's variant depends on the vocabulary only through its block size and whether it
+        # divides by 16: a stand-in head of that kind spares the process a [V, H] weight.
+        v = shapes.vocab if shapes.vocab <= 2 * _CE_BLOCK else 2 * _CE_BLOCK + (0 if shapes.vocab % 16 == 0 else 1)
+        head = torch.randn(v, h, dtype=dtype, device=device) * 0.02
+        targets = torch.randint(0, v, (tokens,), device=device)
+        fused_linear_cross_entropy(rows().reshape(tokens, h), head, targets).backward()
+
+    return [norms, attention, mlp, loss]
+
+
+def exercise(shapes: KernelShapes, device: torch.device | str, tokens: int = TOKENS, threads: int = 1) -> None:
+    """Run every Triton kernel of a fast-path training step at ``shapes``, forward and backward. With
+    ``threads > 1`` the pieces run side by side: most of a compile is ptxas and the C compiler, other
+    processes, so threads overlap well; CUDA only (Triton's interpreter is not thread-safe). On a CPU
+    the same calls take the kernels' PyTorch references (the tests run it there)."""
+    device = torch.device(device)
+    tasks = _tasks(shapes, device, tokens)
+    if threads <= 1 or device.type != "cuda":
+        for task in tasks:
+            task()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _materialize_kernels()  # once, here: two threads must not swap the same module's kernels in
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(task) for task in tasks]:
+                future.result()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _materialize_kernels() -> None:
+    import importlib
+
+    from hizli.kernels._triton_utils import LazyJit
+
+    for name in ("rms_norm", "rope", "swiglu", "cross_entropy", "nf4"):
+        for value in list(vars(importlib.import_module(f"hizli.kernels.{name}")).values()):
+            if isinstance(value, LazyJit):
+                value.materialize()
+    from triton.runtime import driver
+
+    driver.active.get_current_device()  # Triton's driver module, built once before the threads start
 
 
 def _main(argv: list[str]) -> int:
     shapes = KernelShapes(**json.loads(argv[0]))
     device = torch.device(argv[1] if len(argv) > 1 else "cuda")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    exercise(shapes, device)
+    exercise(shapes, device, threads=4 if device.type == "cuda" else 1)
     return 0
 
 

@@ -154,8 +154,6 @@ def load(
     fast_path: bool = True,
 ):
     """Load ``(model, tokenizer)``; see ``FastLanguageModel.from_pretrained`` for the arguments."""
-    from transformers import AutoModelForCausalLM
-
     if not isinstance(max_seq_length, int) or max_seq_length < 8:
         raise ValueError(f"max_seq_length={max_seq_length!r} must be an integer >= 8 (the recipe uses 2048)")
     src = resolve_source(model_name)
@@ -168,6 +166,10 @@ def load(
 
     device = default_device() if device_map is None else _device_of(device_map)
     torch_dtype = resolve_dtype(dtype, device)
+    if fast_path:  # first, so that it compiles while transformers and bitsandbytes import
+        _start_kernel_warmup(src, device, torch_dtype, bool(load_in_4bit))
+    from transformers import AutoModelForCausalLM
+
     quantization = "none (load_in_4bit=False)"
     kwargs: dict[str, Any] = {}
     if load_in_4bit:
@@ -190,8 +192,6 @@ def load(
                 "instead; memory use will be about 4x higher. Install bitsandbytes>=0.46 for 4-bit.",
             )
     hub = dict(token=token, revision=revision) if src.kind == "hub" else {}
-    if fast_path:
-        _start_kernel_warmup(src, hub, device, torch_dtype, quantization == "nf4", trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path,
@@ -230,17 +230,20 @@ def load(
     return model, tokenizer
 
 
-def _start_kernel_warmup(src: Source, hub: dict, device: str, dtype, nf4: bool, trust_remote_code: bool) -> None:
+def _start_kernel_warmup(src: Source, device: str, dtype, nf4: bool) -> None:
     """Compile the fast path's kernels in the background while the weights load (see
-    ``hizli.kernels.warmup``); any problem here only means they compile at first use instead."""
+    ``hizli.kernels.warmup``). Local folders only: their config.json is read without importing
+    transformers, which is most of what there is to overlap. Any problem here only means the kernels
+    compile at first use instead."""
+    from types import SimpleNamespace
+
     from hizli.kernels import warmup
 
-    if src.kind not in ("folder", "hub") or not warmup.enabled(device):
+    config_file = Path(src.path) / "config.json"
+    if src.kind != "folder" or not config_file.is_file() or not warmup.enabled(device):
         return
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **hub)
+        config = json.loads(config_file.read_text(), object_hook=lambda d: SimpleNamespace(**d))
         warmup.start(config, dtype, device, nf4)
     except Exception as e:  # noqa: BLE001 - from_pretrained, next, reports real problems with the model
         _log.debug(f"no background kernel compile: {e!r}")
