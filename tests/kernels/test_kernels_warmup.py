@@ -69,12 +69,32 @@ def test_nothing_starts_on_a_cpu_or_when_turned_off(tiny_config, monkeypatch):
     warmup.wait()  # nothing pending: returns at once
 
 
-def test_a_background_compile_that_fails_costs_nothing(tiny_config, monkeypatch, caplog):
-    # The background process asked for a GPU this machine lacks (or any other failure): waiting
-    # for it returns, says why at debug level, and leaves no log file behind.
+def _spawn_unconditionally(monkeypatch):
     monkeypatch.setattr(warmup, "enabled", lambda device: True)
     monkeypatch.setattr(warmup, "cache_has_kernels", lambda names=warmup.KERNELS: False)
     monkeypatch.setattr(warmup, "_room_for_it", lambda config, shapes, device: True)
+
+
+def test_the_background_process_runs_a_step_from_a_fresh_interpreter(tiny_config, monkeypatch, caplog):
+    # On a CPU it runs the references: started from another folder with no PYTHONPATH of ours, the
+    # process imports hizli, runs a step's worth of kernels and exits cleanly, which wait() sees.
+    _spawn_unconditionally(monkeypatch)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir(Path(warmup.__file__).anchor)  # not the repository root either
+    assert warmup.start(tiny_config, torch.bfloat16, "cpu", nf4=True)
+    caplog.set_level(logging.DEBUG, logger="hizli")
+    logging.getLogger("hizli").propagate = True
+    try:
+        warmup.wait(timeout=120)
+    finally:
+        logging.getLogger("hizli").propagate = False
+    assert "exited with" not in caplog.text
+
+
+def test_a_background_compile_that_fails_costs_nothing(tiny_config, monkeypatch, caplog):
+    # The background process asked for a GPU this machine lacks (or any other failure): waiting
+    # for it returns, says why at debug level, and leaves no log file behind.
+    _spawn_unconditionally(monkeypatch)
     device = "cuda:0" if not torch.cuda.is_available() else "cuda:99"
     assert warmup.start(tiny_config, torch.bfloat16, device, nf4=True)
     log_file = warmup._process_log
