@@ -265,9 +265,10 @@ def start(config: Any, dtype: torch.dtype, device: str, nf4: bool) -> bool:
     shapes = KernelShapes.from_config(config, dtype, nf4)
     if shapes is None or cache_has_kernels(KERNELS if nf4 else KERNELS[:-1]) or not _room_for_it(config, shapes, device):
         return False
-    # the same hizli as this process's, even when it was found through a sys.path edit
+    # hizli's own folder last: found even when this process got it through a sys.path edit, without
+    # changing what the user's PYTHONPATH puts first
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), package_root) if p)
     fd, _process_log = tempfile.mkstemp(prefix="hizli-kernel-warmup-", suffix=".log")
     with os.fdopen(fd, "w") as log:
         _process = subprocess.Popen([sys.executable, "-m", "hizli.kernels.warmup", json.dumps(asdict(shapes)),
