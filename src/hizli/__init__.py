@@ -59,7 +59,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hizli' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    from hizli._startup import gc_paused
+
+    with gc_paused():  # the first name imports torch and hizli's modules: see hizli._startup
+        value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -90,7 +90,7 @@ def run(args) -> dict[str, Any]:
         os.environ["HIZLI_KERNELS"] = "reference"
     import torch
 
-    from hizli.api import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template
+    from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does
     from hizli.bench.shapes import attention_flops, matmul_params, random_model_folder
     from hizli.data.load import load_conversations
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hizli import _log
+from hizli._startup import gc_paused
 from hizli.models.embedded import EMBEDDED, embedded_path
 
 # Tried in order when the tokenizer has no pad token or pads with EOS. Llama 3.1/3.2 reserve
@@ -138,6 +139,7 @@ def resolve_source(model_name: str) -> Source:
     return Source("hub", name, name)
 
 
+@gc_paused()  # transformers and bitsandbytes import here and the model is built: see hizli._startup
 def load(
     model_name: str,
     max_seq_length: int = 2048,

@@ -6,10 +6,12 @@ import types
 from typing import Any, Sequence
 
 from hizli import _log
+from hizli._startup import gc_paused
 
 RECIPE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@gc_paused()  # PEFT imports and every projection gets its adapter: see hizli._startup
 def add_lora(
     model,
     r: int = 16,
