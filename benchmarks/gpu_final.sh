@@ -17,7 +17,7 @@ SYSTEMS=${SYSTEMS:-unsloth_best,unsloth,hizli,hizli_capped,hizli_capped_unsloth,
   cp /tmp/hizli-compare/*.json /tmp/hizli-compare/*.log $D/ 2>/dev/null
   for CAP in ${SEQ_CAPS:-8 whole}; do
     if [ $CAP = whole ]; then EXTRA="--start 131072 --resolution 4096 --search-budget ${SEQ_BUDGET:-200}"; else EXTRA=""; fi
-    python3 benchmarks/longest_seq.py --systems hizli,unsloth --caps $CAP $EXTRA --work $D/seq --out $D > $D/seq$CAP.log 2>&1
+    python3 benchmarks/longest_seq.py --systems hizli,unsloth --caps $CAP $EXTRA --work $D/seq --out $D/seq-$CAP > $D/seq$CAP.log 2>&1
     echo "longest $CAP exit $?"; date -u
   done
 } > $D/progress.log 2>&1
