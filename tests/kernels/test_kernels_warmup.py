@@ -75,6 +75,17 @@ def _spawn_unconditionally(monkeypatch):
     monkeypatch.setattr(warmup, "_room_for_it", lambda config, shapes, device: True)
 
 
+def _wait_and_read_debug_log(caplog) -> str:
+    """``warmup.wait()``, returning what hizli logged meanwhile at debug level."""
+    caplog.set_level(logging.DEBUG, logger="hizli")
+    logging.getLogger("hizli").propagate = True
+    try:
+        warmup.wait(timeout=120)
+    finally:
+        logging.getLogger("hizli").propagate = False
+    return caplog.text
+
+
 def test_the_background_process_runs_a_step_from_a_fresh_interpreter(tiny_config, monkeypatch, caplog):
     # On a CPU it runs the references: started from another folder with no PYTHONPATH of ours, the
     # process imports hizli, runs a step's worth of kernels and exits cleanly, which wait() sees.
@@ -82,13 +93,7 @@ def test_the_background_process_runs_a_step_from_a_fresh_interpreter(tiny_config
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.chdir(Path(warmup.__file__).anchor)  # not the repository root either
     assert warmup.start(tiny_config, torch.bfloat16, "cpu", nf4=True)
-    caplog.set_level(logging.DEBUG, logger="hizli")
-    logging.getLogger("hizli").propagate = True
-    try:
-        warmup.wait(timeout=120)
-    finally:
-        logging.getLogger("hizli").propagate = False
-    assert "exited with" not in caplog.text
+    assert "exited with" not in _wait_and_read_debug_log(caplog)
 
 
 def test_a_background_compile_that_fails_costs_nothing(tiny_config, monkeypatch, caplog):
@@ -98,13 +103,7 @@ def test_a_background_compile_that_fails_costs_nothing(tiny_config, monkeypatch,
     device = "cuda:0" if not torch.cuda.is_available() else "cuda:99"
     assert warmup.start(tiny_config, torch.bfloat16, device, nf4=True)
     log_file = warmup._process_log
-    caplog.set_level(logging.DEBUG, logger="hizli")
-    logging.getLogger("hizli").propagate = True
-    try:
-        warmup.wait(timeout=120)
-    finally:
-        logging.getLogger("hizli").propagate = False
-    assert "background kernel compile exited with" in caplog.text
+    assert "background kernel compile exited with" in _wait_and_read_debug_log(caplog)
     assert not os.path.exists(log_file)
     assert warmup._process is None
 
