@@ -15,7 +15,7 @@ f = random_model_folder("llama-3.2-3b", cache="/tmp/hizli-compare")
 get_chat_template(load_tokenizer(".gpu-bundle/tok/tokenizer.json"), chat_template="llama-3.1").save_pretrained(f)
 print(f)
 PY
-for i in 1 2; do for m in seq thread; do python3 benchmarks/_overlap_probe.py $m; done; done 2>&1 | grep -v Warn | tee $R/overlap.txt
+for i in 1 2; do for m in seq thread; do python3 benchmarks/import_cuda_overlap.py $m; done; done 2>&1 | grep -v Warn | tee $R/overlap.txt
 ARGS="--model $M --tokenizer .gpu-bundle/tok/tokenizer.json --data .gpu-bundle/data/sharegpt.jsonl --steps 2"
 export TRITON_CACHE_DIR=$R/triton-cache
 for RUN in cold warm; do
