@@ -1,7 +1,8 @@
 """Start-up: the cyclic garbage collector paused while hizli imports its dependencies and loads a model.
 
-Importing torch, transformers, PEFT and bitsandbytes creates about 800,000 objects that live as long
-as the process. The collector runs after every 700 net allocations and keeps walking them, which was
+Importing torch, transformers, PEFT and bitsandbytes allocates about 785,000 objects the collector
+tracks (counted with it off), most of them living as long as the process. The collector runs after
+every 700 net allocations and its older generations walk those objects again and again, which was
 15-18 % of that import time on this project's 2-core machine (4.3-4.7 s with it, 3.6-3.8 s without,
 2026-11-28); from process start to a loaded 4-bit model (the bench's tiny shape, on that CPU) took
 5.1-5.3 s before the pause and 4.0-4.6 s with it, three runs each. Objects without reference cycles
