@@ -151,3 +151,26 @@ def test_adapter_folder_loads_back_on_its_base(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert (again(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
     assert tok2.pad_token == tok.pad_token
+
+
+def test_the_kernel_warm_up_finds_the_config_of_a_folder_or_of_a_cached_hub_model(tmp_path, monkeypatch):
+    # The background kernel compile starts before transformers is imported, from config.json on disk:
+    # a folder's, or a hub model's in the Hugging Face cache; never a download.
+    from huggingface_hub import constants
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert loader._local_config_file(loader.resolve_source(str(folder)), None) == folder / "config.json"
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--someone--llama" / "refs").mkdir()
+    (cache / "models--someone--llama" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    hub = loader.resolve_source("someone/llama")
+    assert hub.kind == "hub"
+    assert loader._local_config_file(hub, None) == snapshot / "config.json"
+    assert loader._local_config_file(loader.resolve_source("someone/not-downloaded"), None) is None

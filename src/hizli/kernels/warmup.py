@@ -18,7 +18,8 @@ batch's token count are marked ``do_not_specialize`` in the kernels, so a few to
 variants of every batch size.
 
 ``HIZLI_KERNEL_WARMUP=0`` turns it off. It runs only on CUDA with Triton kernels enabled, only for
-models with a Llama-like configuration, and only once per process group (``LOCAL_RANK`` 0).
+models with a Llama-like configuration whose config.json is on disk (a folder, or a hub model in the
+Hugging Face cache), and only once per process group (``LOCAL_RANK`` 0).
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def load(
     device = default_device() if device_map is None else _device_of(device_map)
     torch_dtype = resolve_dtype(dtype, device)
     if fast_path:  # first, so that it compiles while transformers and bitsandbytes import
-        _start_kernel_warmup(src, device, torch_dtype, bool(load_in_4bit))
+        _start_kernel_warmup(src, device, torch_dtype, bool(load_in_4bit), revision)
     from transformers import AutoModelForCausalLM
 
     quantization = "none (load_in_4bit=False)"
@@ -232,23 +232,39 @@ def load(
     return model, tokenizer
 
 
-def _start_kernel_warmup(src: Source, device: str, dtype, nf4: bool) -> None:
+def _start_kernel_warmup(src: Source, device: str, dtype, nf4: bool, revision: str | None = None) -> None:
     """Compile the fast path's kernels in the background while the weights load (see
-    ``hizli.kernels.warmup``). Local folders only: their config.json is read without importing
-    transformers, which is most of what there is to overlap. Any problem here only means the kernels
-    compile at first use instead."""
+    ``hizli.kernels.warmup``). It needs the model's config.json on disk, read without importing
+    transformers (most of what there is to overlap): a local folder's, or a hub model's already in
+    the Hugging Face cache (a first download is long enough for the kernels to compile at first use).
+    Any problem here only means the kernels compile at first use instead."""
     from types import SimpleNamespace
 
     from hizli.kernels import warmup
 
-    config_file = Path(src.path) / "config.json"
-    if src.kind != "folder" or not config_file.is_file() or not warmup.enabled(device):
+    if not warmup.enabled(device):
         return
     try:
+        config_file = _local_config_file(src, revision)
+        if config_file is None:
+            return
         config = json.loads(config_file.read_text(), object_hook=lambda d: SimpleNamespace(**d))
         warmup.start(config, dtype, device, nf4)
     except Exception as e:  # noqa: BLE001 - from_pretrained, next, reports real problems with the model
         _log.debug(f"no background kernel compile: {e!r}")
+
+
+def _local_config_file(src: Source, revision: str | None) -> Path | None:
+    """``config.json`` of a folder or of a hub model in the local cache (no network), else None."""
+    if src.kind == "folder":
+        path = Path(src.path) / "config.json"
+        return path if path.is_file() else None
+    if src.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(src.path, "config.json", revision=revision)
+        return Path(found) if isinstance(found, str) else None
+    return None
 
 
 def load_tokenizer(path: str, *, token: str | None = None, trust_remote_code: bool = False,
