@@ -9,6 +9,10 @@ export PYTHONUNBUFFERED=1
 SYSTEMS=${SYSTEMS:-unsloth_best,unsloth,hizli,hizli_capped,hizli_capped_unsloth,hf,liger}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  # why no .pyc is reused on the device image (every process compiles its imports to bytecode)
+  python3 -c "import sys, os, torch; print(sys.version.split()[0], 'dont_write_bytecode', sys.flags.dont_write_bytecode,
+    'PYTHONDONTWRITEBYTECODE', os.environ.get('PYTHONDONTWRITEBYTECODE'), 'torch at', torch.__file__,
+    'writable', os.access(os.path.dirname(torch.__file__), os.W_OK))"
   timeout 420 python3 -m pytest -m gpu ${GPU_TESTS:-tests/train/test_train_gpu.py tests/reliability tests/models \
     tests/kernels} -q -p no:cacheprovider > $D/gpu-tests.log 2>&1
   echo "gpu tests exit $?"; date -u

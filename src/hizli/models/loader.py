@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hizli import _log
-from hizli._startup import gc_paused
+from hizli._startup import gc_paused, import_bitsandbytes
 from hizli.models.embedded import EMBEDDED, embedded_path
 
 # Tried in order when the tokenizer has no pad token or pads with EOS. Llama 3.1/3.2 reserve
@@ -86,7 +86,7 @@ def resolve_dtype(dtype: Any, device: str):
 def _bnb_4bit_problem(device: str) -> str | None:
     """Why NF4 cannot be used here, or None if it can."""
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except Exception as e:  # ImportError, or a broken native library
         return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
     return None
@@ -166,10 +166,12 @@ def load(
             attn_implementation=attn_implementation, trainable=adapter_trainable, fast_path=fast_path,
         )
 
+    seconds = _Stopwatch()  # where loading goes: model.hizli_load_seconds, shown by `hizli bench`
     device = default_device() if device_map is None else _device_of(device_map)
     torch_dtype = resolve_dtype(dtype, device)
     if fast_path:  # first, so that it compiles while transformers and bitsandbytes import
         _start_kernel_warmup(src, device, torch_dtype, bool(load_in_4bit), revision)
+    seconds.lap("setup")
     from transformers import AutoModelForCausalLM
 
     quantization = "none (load_in_4bit=False)"
@@ -194,6 +196,7 @@ def load(
                 "instead; memory use will be about 4x higher. Install bitsandbytes>=0.46 for 4-bit.",
             )
     hub = dict(token=token, revision=revision) if src.kind == "hub" else {}
+    seconds.lap("imports")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path,
@@ -209,6 +212,7 @@ def load(
         raise _explain_load_error(src, e, allow_pickle) from e
     if _is_prequantized_4bit(model) and quantization != "nf4":
         quantization = "nf4"
+    seconds.lap("weights")
     tokenizer = load_tokenizer(src.path, token=token if src.kind == "hub" else None,
                                trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
     model.hizli_info = LoadInfo(
@@ -216,6 +220,7 @@ def load(
         max_seq_length=max_seq_length, load_in_4bit_requested=bool(load_in_4bit), quantization=quantization,
     )
     model.max_seq_length = max_seq_length
+    seconds.lap("tokenizer")
     from hizli.models.patch import use_hizli_attention
 
     if fast_path and attn_implementation == "sdpa":
@@ -229,7 +234,25 @@ def load(
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)
+    seconds.lap("fast_path")
+    model.hizli_load_seconds = seconds.laps
     return model, tokenizer
+
+
+class _Stopwatch:
+    """Seconds between successive ``lap(name)`` calls, in order."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._last = self._clock()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._clock()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _start_kernel_warmup(src: Source, device: str, dtype, nf4: bool, revision: str | None = None) -> None:

@@ -22,9 +22,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], args: TrainingArgument
     name = "adamw_8bit" if args.optim == "paged_adamw_8bit" else args.optim
     if name == "adamw_8bit":
         try:
-            import bitsandbytes as bnb
+            from hizli._startup import import_bitsandbytes
 
-            return bnb.optim.AdamW8bit(params, **kw)
+            return import_bitsandbytes().optim.AdamW8bit(params, **kw)
         except Exception as e:  # ImportError or a native library that will not load
             _log.warn_once("no-8bit-adam", f"optim='adamw_8bit' needs bitsandbytes ({type(e).__name__}: {e}); "
                                            "using torch.optim.AdamW (32-bit state) instead")
