@@ -6,14 +6,7 @@ set -u
 R=/tmp/hizli-capped-prof; rm -rf $R; mkdir -p $R
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/gpu.txt
-M=/tmp/hizli-compare/llama-3.2-3b
-python3 - <<PY
-from hizli.bench.shapes import random_model_folder
-from hizli.bench.run import load_tokenizer
-from hizli.data.templates import get_chat_template
-f = random_model_folder("llama-3.2-3b", cache="/tmp/hizli-compare")
-get_chat_template(load_tokenizer(".gpu-bundle/tok/tokenizer.json"), chat_template="llama-3.1").save_pretrained(f)
-PY
+M=$(python3 benchmarks/recipe_model.py)
 ARGS="--model $M --tokenizer .gpu-bundle/tok/tokenizer.json --data .gpu-bundle/data/sharegpt.jsonl --steps 14 --max-memory-gib 3.094"
 timeout 200 .gpu-bundle/bin/py-spy record -r 200 -f raw --idle -o $R/capped.raw -- python3 -m hizli.cli bench $ARGS --json $R/capped.json > $R/capped.log 2>&1
 echo "py-spy exit $?"

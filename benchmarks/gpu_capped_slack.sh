@@ -4,15 +4,7 @@
 set -u
 R=/tmp/hizli-capped-slack; rm -rf $R; mkdir -p $R
 export PYTHONUNBUFFERED=1
-M=/tmp/hizli-compare/llama-3.2-3b
-if [ ! -f $M/config.json ]; then python3 - <<PY
-from hizli.bench.shapes import random_model_folder
-from hizli.bench.run import load_tokenizer
-from hizli.data.templates import get_chat_template
-f = random_model_folder("llama-3.2-3b", cache="/tmp/hizli-compare")
-get_chat_template(load_tokenizer(".gpu-bundle/tok/tokenizer.json"), chat_template="llama-3.1").save_pretrained(f)
-PY
-fi
+M=$(python3 benchmarks/recipe_model.py)
 ARGS="--model $M --tokenizer .gpu-bundle/tok/tokenizer.json --data .gpu-bundle/data/sharegpt.jsonl --steps 14 --max-memory-gib 3.094"
 for S in 64 200; do
   python3 benchmarks/capped_slack.py $S $R/slack$S.json $ARGS > $R/slack$S.log 2>&1

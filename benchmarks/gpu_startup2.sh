@@ -5,16 +5,7 @@ set -u
 R=/tmp/hizli-startup2; rm -rf $R; mkdir -p $R
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/gpu.txt
-M=/tmp/hizli-compare/llama-3.2-3b
-python3 - <<PY
-from hizli.bench.shapes import random_model_folder
-from hizli.bench.run import load_tokenizer
-from hizli.data.templates import get_chat_template
-import os
-f = random_model_folder("llama-3.2-3b", cache="/tmp/hizli-compare")
-get_chat_template(load_tokenizer(".gpu-bundle/tok/tokenizer.json"), chat_template="llama-3.1").save_pretrained(f)
-print(f)
-PY
+M=$(python3 benchmarks/recipe_model.py)
 for i in 1 2; do for m in seq thread; do python3 benchmarks/import_cuda_overlap.py $m; done; done 2>&1 | grep -v Warn | tee $R/overlap.txt
 ARGS="--model $M --tokenizer .gpu-bundle/tok/tokenizer.json --data .gpu-bundle/data/sharegpt.jsonl --steps 2"
 export TRITON_CACHE_DIR=$R/triton-cache
