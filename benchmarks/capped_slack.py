@@ -13,7 +13,7 @@ def main() -> int:
     slack_mib, out = float(sys.argv[1]), sys.argv[2]
     import torch
 
-    import hizli.train.memory_plan as memory_plan
+    from hizli.train import memory_plan
 
     memory_plan.CAPPED_SLACK_BYTES = slack_mib * 2**20
     sys.argv = ["hizli", "bench", *sys.argv[3:], "--json", out]

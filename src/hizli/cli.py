@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-4bit", action="store_true", help="bf16 base weights instead of NF4")
     b.add_argument("--lever", action="append", default=[], metavar="NAME=on|off",
                    help="turn one speed lever on or off (padding_free, fused_ce, kernels, merge_micro, "
-                        "checkpointing); repeatable")
+                        "checkpointing, cast_cache); repeatable")
     b.add_argument("--json", help="write the result here as JSON")
     b.add_argument("--max-memory-gib", type=float, help="memory cap for the memory plan")
     b.add_argument("--profile", metavar="DIR", help="profile optimizer steps 11-13 into DIR/profile.txt")

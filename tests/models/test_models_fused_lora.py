@@ -230,3 +230,39 @@ def test_fused_matches_peft_gpu(tmp_path, dtype, shape, tokens):
     with torch.autocast("cuda", dtype=dtype):
         for name, (module, fused_fn, plain_fn) in _cases(layer).items():
             _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, dtype, "cuda"), name, exact=False)
+
+
+def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, monkeypatch):
+    """bf16 compute with float32 adapters, bitsandbytes' 8-bit AdamW: three steps reusing the adapters'
+    bf16 copies end bit-identical to casting at every use (a copy kept past a step would not)."""
+    from hizli.models import lora_casts
+
+    bnb = pytest.importorskip("bitsandbytes")
+    results = []
+    for keep in (True, False):
+        monkeypatch.setattr(lora_casts, "CACHE", keep)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model = one_layer_lora_model(tmp_path / str(keep), hidden=128, inter=256, heads=2, kv_heads=1,
+                                         head_dim=64, dtype=torch.bfloat16, device="cpu")
+            layer = _layer(model)
+            params = [p for n, p in model.named_parameters() if "lora_" in n]
+            assert params and all(p.dtype == torch.float32 for p in params)
+            optimizer = bnb.optim.AdamW8bit(params, lr=1e-2)
+            losses = []
+            for step in range(3):
+                loss = 0
+                for name, (_module, fused_fn, _plain) in _cases(layer).items():
+                    x = _input(name, layer, 29, torch.bfloat16, "cpu")
+                    outs = fused_fn(x)
+                    for o in outs if isinstance(outs, tuple) else (outs,):
+                        loss = loss + o.float().pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+            if keep:
+                assert all("_hizli_compute_copy" in p.__dict__ for p in params)
+        results.append((losses, [p.detach().clone() for p in params]))
+    (kept_losses, kept_params), (cast_losses, cast_params) = results
+    assert kept_losses == cast_losses and len(set(kept_losses)) == 3  # the adapters did change
+    assert all(torch.equal(a, b) for a, b in zip(kept_params, cast_params))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LEVERS = ("padding_free", "merge_micro", "fused_ce", "kernels", "checkpointing")
+LEVERS = ("padding_free", "merge_micro", "fused_ce", "kernels", "checkpointing", "cast_cache")
 
 
 def process_start_time() -> float:
@@ -88,6 +88,10 @@ def run(args) -> dict[str, Any]:
     levers = parse_levers(args.lever)
     if not levers["kernels"]:
         os.environ["HIZLI_KERNELS"] = "reference"
+    if not levers["cast_cache"]:  # cast the LoRA weights to bf16/fp16 at every use, as before 2026-11-28
+        from hizli.models import lora_casts
+
+        lora_casts.CACHE = False
     import torch
 
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from hizli.models.lora_casts import compute_copy
+
 # ------------------------------------------------------------------------------------------------
 # Which layers the fused path computes exactly
 
@@ -142,19 +144,22 @@ class _LoraGroup(torch.autograd.Function):
         ranks = [a.shape[0] for a in a_list]
         with _no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a_cat = torch.cat(a_list).to(dtype) if len(a_list) > 1 else a_list[0].to(dtype)
+            a_cat = torch.cat([compute_copy(a, dtype) for a in a_list]) if len(a_list) > 1 \
+                else compute_copy(a_list[0], dtype)
+            b_list = [compute_copy(b, dtype) for b in b_list]
             w = dequantized(bases, sizes, dtype, x.device)
             y = x2 @ w.t()
             del w
             xa = x2 @ a_cat.t()
             col = r0 = 0
             for b, s, size, r in zip(b_list, scalings, sizes, ranks):
-                y[:, col:col + size].addmm_(xa[:, r0:r0 + r], b.to(dtype).t(), alpha=s)
+                y[:, col:col + size].addmm_(xa[:, r0:r0 + r], b.t(), alpha=s)
                 col, r0 = col + size, r0 + r
-        ctx.save_for_backward(x2, xa, a_cat, *b_list)
+        ctx.save_for_backward(x2, xa, a_cat, *b_list)  # b_list: the compute-dtype copies
         ctx.bases, ctx.scalings, ctx.dtype = bases, scalings, dtype
         ctx.sizes, ctx.ranks, ctx.x_shape, ctx.x_dtype = sizes, ranks, x.shape, x.dtype
         ctx.a_dtypes = [a.dtype for a in a_list]
+        ctx.b_dtypes = [b.dtype for b in ab[1::2]]
         lead = x.shape[:-1]
         return tuple(part.view(*lead, size) for part, size in zip(y.split(sizes, dim=1), sizes))
 
@@ -169,9 +174,9 @@ class _LoraGroup(torch.autograd.Function):
             dy = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             d_xa, d_b = [], []
             r0 = 0
-            for part, b, s, r in zip(parts, b_list, scalings, ranks):
-                d_xa.append((part @ b.to(dtype)).mul_(s))
-                d_b.append((part.t() @ xa[:, r0:r0 + r]).mul_(s).to(b.dtype))
+            for part, b, b_dtype, s, r in zip(parts, b_list, ctx.b_dtypes, scalings, ranks):
+                d_xa.append((part @ b).mul_(s))
+                d_b.append((part.t() @ xa[:, r0:r0 + r]).mul_(s).to(b_dtype))
                 r0 += r
             del parts
             d_xa_cat = torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]
@@ -202,7 +207,9 @@ class _LoraSwiGLU(torch.autograd.Function):
         s_gate, s_up, s_down = scalings
         with _no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a_cat = torch.cat([a_gate, a_up]).to(dtype)
+            a_cat = torch.cat([compute_copy(a_gate, dtype), compute_copy(a_up, dtype)])
+            ctx.b_dtypes = (b_gate.dtype, b_up.dtype, b_down.dtype)
+            b_gate, b_up, b_down = (compute_copy(b, dtype) for b in (b_gate, b_up, b_down))
             # gate and up outputs in one [2, T, I] buffer; one dequantized weight at a time (50 MB at
             # the 3B shape rather than 100: that is ~450 tokens more per micro-batch under a tight cap)
             gu = torch.empty((2, x2.shape[0], inter), dtype=dtype, device=x.device)
@@ -212,15 +219,15 @@ class _LoraSwiGLU(torch.autograd.Function):
                 torch.mm(x2, w.t(), out=gu[i])
             del w
             xa = x2 @ a_cat.t()
-            gu[0].addmm_(xa[:, :r_gate], b_gate.to(dtype).t(), alpha=s_gate)
-            gu[1].addmm_(xa[:, r_gate:], b_up.to(dtype).t(), alpha=s_up)
+            gu[0].addmm_(xa[:, :r_gate], b_gate.t(), alpha=s_gate)
+            gu[1].addmm_(xa[:, r_gate:], b_up.t(), alpha=s_up)
             h = swiglu_forward(gu[0], gu[1])
-            a_d = a_down.to(dtype)
+            a_d = compute_copy(a_down, dtype)
             ha = h @ a_d.t()
             w = dequantized(bases[2:], (b_down.shape[0],), dtype, x.device)
             y = h @ w.t()
             del w, h
-            y.addmm_(ha, b_down.to(dtype).t(), alpha=s_down)
+            y.addmm_(ha, b_down.t(), alpha=s_down)
         ctx.save_for_backward(x2, xa, gu, ha, a_cat, a_d, b_gate, b_up, b_down)
         ctx.bases, ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scalings, dtype, x.shape, x.dtype
         ctx.a_dtypes = (a_gate.dtype, a_up.dtype, a_down.dtype)
@@ -240,7 +247,7 @@ class _LoraSwiGLU(torch.autograd.Function):
             # down projection
             h = swiglu_forward(gate, up)
             d_b_down = (dy2.t() @ ha).mul_(s_down)
-            d_ha = (dy2 @ b_down.to(dtype)).mul_(s_down)
+            d_ha = (dy2 @ b_down).mul_(s_down)
             d_a_down = d_ha.t() @ h
             del h
             w = dequantized(ctx.bases[2:], (b_down.shape[0],), dtype, x2.device)
@@ -251,7 +258,7 @@ class _LoraSwiGLU(torch.autograd.Function):
             d_gate, d_up = swiglu_backward(dh, gate, up, out=(gate, up))
             del dh
             # gate and up projections
-            d_xa = torch.cat([(d_gate @ b_gate.to(dtype)).mul_(s_gate), (d_up @ b_up.to(dtype)).mul_(s_up)], dim=1)
+            d_xa = torch.cat([(d_gate @ b_gate).mul_(s_gate), (d_up @ b_up).mul_(s_up)], dim=1)
             d_b_gate = (d_gate.t() @ xa[:, :r_gate]).mul_(s_gate)
             d_b_up = (d_up.t() @ xa[:, r_gate:]).mul_(s_up)
             d_a_gate, d_a_up = (d_xa.t() @ x2).split([r_gate, a_cat.shape[0] - r_gate], dim=0)
@@ -266,8 +273,9 @@ class _LoraSwiGLU(torch.autograd.Function):
                 dx.addmm_(d_xa, a_cat)
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         a_gate_t, a_up_t, a_down_t = ctx.a_dtypes
-        return (dx, None, None, None, d_a_gate.to(a_gate_t), d_b_gate.to(b_gate.dtype), d_a_up.to(a_up_t),
-                d_b_up.to(b_up.dtype), d_a_down.to(a_down_t), d_b_down.to(b_down.dtype))
+        b_gate_t, b_up_t, b_down_t = ctx.b_dtypes
+        return (dx, None, None, None, d_a_gate.to(a_gate_t), d_b_gate.to(b_gate_t), d_a_up.to(a_up_t),
+                d_b_up.to(b_up_t), d_a_down.to(a_down_t), d_b_down.to(b_down_t))
 
 
 # ------------------------------------------------------------------------------------------------
