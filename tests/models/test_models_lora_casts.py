@@ -62,9 +62,11 @@ def test_tensors_that_are_not_parameters_and_a_switched_off_cache_cast_every_tim
 
 
 def test_the_memory_plan_is_told_what_the_copies_will_take():
-    model = torch.nn.Linear(64, 16)  # 64*16 + 16 trainable float32 numbers
-    model.bias.requires_grad_(False)
-    assert lora_casts.pending_bytes(model, 2) == 64 * 16 * 2
-    compute_copy(model.weight, torch.bfloat16)
+    model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(64, 16, bias=False),
+                                 "lora_B": torch.nn.Linear(16, 64, bias=False),
+                                 "head": torch.nn.Linear(64, 8)})  # trainable, but never copied
+    model.lora_B.weight.requires_grad_(False)
+    assert lora_casts.pending_bytes(model, 2) == 64 * 16 * 2  # lora_A only: B is frozen, head not LoRA
+    compute_copy(model.lora_A.weight, torch.bfloat16)
     assert lora_casts.pending_bytes(model, 2) == 0  # made: now part of what is allocated
     assert lora_casts.pending_bytes(model, 4) == 0  # nothing wider than float32

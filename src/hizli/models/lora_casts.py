@@ -60,9 +60,10 @@ def compute_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def pending_bytes(model: torch.nn.Module, element_size: int) -> int:
-    """Bytes the copies will add for ``model``'s trainable parameters wider than ``element_size``
-    that have none yet (the memory plan adds this to what is already allocated)."""
+    """Bytes the copies will add for ``model``'s trainable LoRA weights (``lora_A`` / ``lora_B``) wider
+    than ``element_size`` that have none yet (the memory plan adds this to what is already allocated)."""
     if not CACHE:
         return 0
-    return sum(p.numel() * element_size for p in model.parameters()
-               if p.requires_grad and p.element_size() > element_size and "_hizli_compute_copy" not in p.__dict__)
+    return sum(p.numel() * element_size for name, p in model.named_parameters()
+               if "lora_" in name and p.requires_grad and p.element_size() > element_size
+               and "_hizli_compute_copy" not in p.__dict__)
