@@ -161,26 +161,24 @@ def find_longest(try_len: Callable[[int], Trial | bool], start: int, limit: int,
         return None
 
     lo, hi = 0, None  # lo: longest success (0 = none yet), hi: shortest failure
-    length = min(start, limit)
-    while True:  # grow
+
+    def probe(length: int) -> tuple[Trial, str | None]:
+        nonlocal lo, hi
         trial = attempt(length)
         if trial.ok:
             lo = length
         else:
             hi = length
-        stopped = halt(trial)
+        return trial, halt(trial)
+
+    length = min(start, limit)
+    while True:  # grow
+        trial, stopped = probe(length)
         if not trial.ok or stopped or length >= limit:
             break
         length = min(2 * length, limit)
     while stopped is None and hi is not None and hi - lo > resolution:  # bisect
-        step = max(resolution, (hi - lo) // 2 // resolution * resolution)
-        mid = lo + step
-        trial = attempt(mid)
-        if trial.ok:
-            lo = mid
-        else:
-            hi = mid
-        stopped = halt(trial)
+        _, stopped = probe(lo + max(resolution, (hi - lo) // 2 // resolution * resolution))
     rechecked = None
     failed = any(not t.ok for t in trials)
     unable = any(t.fatal for t in trials) or (budget_s is not None and clock() - t0 > budget_s)
