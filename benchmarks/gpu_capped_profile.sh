@@ -3,6 +3,8 @@
 # offloaded), whose GPU is busy only about a third of each step: py-spy samples the main thread,
 # idle time included, over a 14-step hizli bench. Results tarred into $OUT.
 set -u
+[ -x .gpu-bundle/bin/py-spy ] || { echo "needs .gpu-bundle/bin/py-spy: pip install py-spy here, then" \
+  "mkdir -p .gpu-bundle/bin && cp \"\$(command -v py-spy)\" .gpu-bundle/bin/"; exit 2; }
 R=/tmp/hizli-capped-prof; rm -rf $R; mkdir -p $R
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/gpu.txt

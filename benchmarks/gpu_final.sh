@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED=1
 SYSTEMS=${SYSTEMS:-unsloth_best,unsloth,hizli,hizli_capped,hizli_capped_unsloth,hf,liger}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  # why no .pyc is reused on the device image (every process compiles its imports to bytecode)
+  # the interpreter and its bytecode setting: the device image sets PYTHONDONTWRITEBYTECODE=1, so every
+  # process compiles its imports again (2026-11-28); start-up figures depend on it
   python3 -c "import sys, os, torch; print(sys.version.split()[0], 'dont_write_bytecode', sys.flags.dont_write_bytecode,
     'PYTHONDONTWRITEBYTECODE', os.environ.get('PYTHONDONTWRITEBYTECODE'), 'torch at', torch.__file__,
     'writable', os.access(os.path.dirname(torch.__file__), os.W_OK))"

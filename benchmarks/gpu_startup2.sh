@@ -2,6 +2,8 @@
 # Start-up profile II: py-spy (all threads, GIL or not) of hizli bench to its first step, cold and
 # warm Triton cache; and whether CUDA init overlaps imports in a thread. Results tarred into $OUT.
 set -u
+[ -x .gpu-bundle/bin/py-spy ] || { echo "needs .gpu-bundle/bin/py-spy: pip install py-spy here, then" \
+  "mkdir -p .gpu-bundle/bin && cp \"\$(command -v py-spy)\" .gpu-bundle/bin/"; exit 2; }
 R=/tmp/hizli-startup2; rm -rf $R; mkdir -p $R
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/gpu.txt

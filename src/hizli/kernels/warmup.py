@@ -5,8 +5,9 @@ On a machine that has not run hizli before, Triton compiles each kernel at its f
 library and build its driver module, 4 to 5 s in all on an H100 (measured 2026-11-28), all inside the
 first step. Here a separate process (its own interpreter, so the main one is not slowed) runs every
 kernel of a training step at the model's sizes on a few tokens, four pieces of the step in threads,
-while the main process imports transformers and loads the weights; Triton writes what it compiles to its on-disk cache (``TRITON_CACHE_DIR``, by default
-``~/.triton/cache``), where the training process then finds it. Nothing is shared but that cache, so
+while the main process imports transformers and loads the weights. Triton writes what it compiles
+to its on-disk cache (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), where the training
+process then finds it. Nothing is shared but that cache, so
 a warm-up that fails or guesses a kernel's variant wrong costs nothing but the compile it would have
 saved: the training process compiles that kernel itself, as it always did. On the recipe's
 benchmark (H200, 2026-11-28, cold caches) the first step then took 1.3 s, with no wait for the
