@@ -161,3 +161,22 @@ def test_gpu_flex_block_mask_is_cached_per_cu_seqlens():
     first = document_block_mask(cu, total)
     assert document_block_mask(cu, total) is first
     assert document_block_mask(cu.clone(), total) is not first
+
+
+@pytest.mark.gpu
+def test_gpu_torch_varlen_keeps_kv_heads_unrepeated():
+    """GQA goes to the flash kernel as it is: what backward keeps holds k and v with their own heads,
+    not copies repeated to the query heads (12 kB a token at the 3B shape, in every recomputed layer)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if "torch_varlen" not in attention_candidates("cuda", torch.bfloat16):
+        pytest.skip("this PyTorch has no varlen_attn")
+    cu = _cu(GPU_LENGTHS, "cuda")
+    q, k, v = _qkv(GPU_LENGTHS, 8, 2, 128, torch.bfloat16, "cuda", seed=3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = varlen_attention(q, k, v, cu, max(GPU_LENGTHS), impl="torch_varlen")
+    out.sum().backward()
+    assert saved.count(tuple(k.shape)) == 2, saved  # k and v, unrepeated
+    assert saved.count(tuple(q.shape)) == 2, saved  # q and the output
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape

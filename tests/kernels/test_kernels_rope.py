@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hizli.kernels.rope import apply_rotary_pos_emb, rope, rope_reference
+from hizli.kernels.rope import apply_rotary_pos_emb, rope, rope_in_place, rope_reference
 
 # Relative error against a float64 evaluation of the same inputs.
 # fp32: two products and a sum per element in fp32, ~1e-7; 1e-5 is generous but stays far under
@@ -156,3 +156,53 @@ def test_kernel_only_q_used(kernel_device, rel):
     want = _truth(q, k, cos, sin, gq, torch.zeros_like(k), 1)
     assert rel(q.grad, want[2]) < 1e-5
     assert torch.count_nonzero(k.grad) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# In place (the fused q/k/v projection rotates its own output buffer)
+
+
+def _qkv_slices(b, t, hq, hk, d, device, dtype, seed):
+    torch.manual_seed(seed)
+    qkv = torch.randn(b * t, (hq + 2 * hk) * d, device=device).to(dtype)
+    q = qkv[:, :hq * d].view(b, t, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(b, t, hk, d)
+    return qkv, q, k
+
+
+def _check_in_place(device, dtype, tol, rel):
+    b, t, hq, hk, d = 2, 9, 6, 2, 32
+    qkv, q, k = _qkv_slices(b, t, hq, hk, d, device, dtype, seed=4)
+    before = qkv.clone()
+    positions = _restarting_positions([6, 3], device).expand(b, -1)
+    cos, sin = _rotary(d, positions, dtype)
+    want_q, want_k = rope_reference(q.double(), k.double(), cos.double(), sin.double(), unsqueeze_dim=2)
+    rope_in_place(q, k, cos, sin)
+    assert rel(q, want_q) < tol and rel(k, want_k) < tol
+    assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])  # v untouched
+    # backward=True is the transpose: <rope(x), g> == <x, rope^T(g)> for any x, g
+    x_q, x_k = torch.randn(b, t, hq, d, dtype=torch.float64), torch.randn(b, t, hk, d, dtype=torch.float64)
+    rx_q, rx_k = rope_reference(x_q, x_k, cos.double().cpu(), sin.double().cpu(), unsqueeze_dim=2)
+    _, gq, gk = _qkv_slices(b, t, hq, hk, d, device, dtype, seed=5)
+    g64 = (gq.double().cpu(), gk.double().cpu())
+    rope_in_place(gq, gk, cos, sin, backward=True)
+    lhs = (rx_q * g64[0]).sum() + (rx_k * g64[1]).sum()
+    rhs = (x_q * gq.double().cpu()).sum() + (x_k * gk.double().cpu()).sum()
+    assert abs(lhs - rhs) <= 20 * tol * (x_q.norm() * g64[0].norm() + x_k.norm() * g64[1].norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_reference(rel, dtype):
+    _check_in_place(torch.device("cpu"), dtype, TOL[("cpu", dtype)], rel)
+
+
+def test_in_place_kernel(kernel_device, rel):
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_in_place(kernel_device, dtype, TOL[(kernel_device.type, dtype)], rel)
+
+
+def test_in_place_needs_unit_stride():
+    q = torch.randn(1, 4, 2, 16).transpose(-1, -2).contiguous().transpose(-1, -2)
+    cos, sin = torch.ones(1, 4, 16), torch.zeros(1, 4, 16)
+    with pytest.raises(ValueError, match="unit-stride"):
+        rope_in_place(q, q.clone(), cos, sin)

@@ -76,13 +76,38 @@ def _cases(layer):
     gud = fused_lora.group_parts(mlp, ("gate_proj", "up_proj", "down_proj"))
     assert qkv is not None and o is not None and gud is not None, "recipe LoRA layers must take the fused path"
     act = torch.nn.functional.silu
+    d = attn.head_dim
+
+    def plain_qkv_rope(x):
+        from hizli.kernels.rope import rope_reference
+
+        q, k = (p(x).view(*x.shape[:-1], -1, d) for p in (attn.q_proj, attn.k_proj))
+        q, k = rope_reference(q, k, *_rope_tables(x, d), unsqueeze_dim=2)
+        return q.flatten(-2), k.flatten(-2), attn.v_proj(x)
+
+    def fused_qkv_rope(x):
+        return fused_lora.lora_group(x, qkv, rope=_rope_tables(x, d))
+
+    fused_qkv_rope.head_dim = d  # for the float64 reference
+
     return {
         "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: fused_lora.lora_group(x, qkv),
                 lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))),
+        "qkv_rope": ([attn.q_proj, attn.k_proj, attn.v_proj], fused_qkv_rope, plain_qkv_rope),
         "o": ([attn.o_proj], lambda x: fused_lora.lora_group(x, o), lambda x: attn.o_proj(x)),
         "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: fused_lora.lora_swiglu_mlp(x, gud),
                 lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))),
     }
+
+
+def _rope_tables(x, head_dim):
+    """cos, sin ``[1, T, D]`` of a padding-free row of two sequences (positions restart), in x's dtype."""
+    t = x.shape[1]
+    positions = torch.cat([torch.arange(t - t // 2), torch.arange(t // 2)]).double()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).double() / head_dim))
+    angle = positions[:, None] * inv_freq[None]
+    angle = torch.cat([angle, angle], dim=-1)[None]
+    return angle.cos().to(x.device, x.dtype), angle.sin().to(x.device, x.dtype)
 
 
 def _input(name, layer, tokens, dtype, device):
@@ -91,7 +116,7 @@ def _input(name, layer, tokens, dtype, device):
     return torch.randn((1, tokens, width), generator=g).to(device, dtype)
 
 
-def _float64_reference(module, name, x):
+def _float64_reference(module, name, x, head_dim=None):
     """The same maths in float64 from the dequantized weights (PEFT's definition of the layer)."""
     from hizli.export.merge import dense_weight
 
@@ -103,15 +128,27 @@ def _float64_reference(module, name, x):
         w = dense_weight(base.weight).double()
         return inp @ w.t() + s * (inp @ a.double().t()) @ b.double().t()
 
-    names = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}.get(name)
+    names = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkv_rope": ("q_proj", "k_proj", "v_proj"),
+             "o": ("o_proj",)}.get(name)
     params = _lora_params(module)
     saved = {n: p.data for n, p in params.items()}
+
+    def fn(x64):
+        if not names:
+            return proj("down_proj", torch.nn.functional.silu(proj("gate_proj", x64)) * proj("up_proj", x64))
+        outs = tuple(proj(n, x64) for n in names)
+        if name != "qkv_rope":
+            return outs
+        from hizli.kernels.rope import rope_reference
+
+        q, k = (o.view(*x64.shape[:-1], -1, head_dim) for o in outs[:2])
+        q, k = rope_reference(q, k, *_rope_tables(x64, head_dim), unsqueeze_dim=2)
+        return q.flatten(-2), k.flatten(-2), outs[2]
+
     try:
         for p in params.values():
             p.data = p.data.double()
-        res = _run(module, lambda x64: tuple(proj(n, x64) for n in names) if names else
-                   proj("down_proj", torch.nn.functional.silu(proj("gate_proj", x64)) * proj("up_proj", x64)),
-                   x.double())
+        res = _run(module, fn, x.double())
     finally:
         for n, p in params.items():
             p.data = saved[n]
@@ -120,7 +157,8 @@ def _float64_reference(module, name, x):
 
 
 def names_of(case):
-    return {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}.get(case, ("gate_proj", "up_proj", "down_proj"))
+    qkv = ("q_proj", "k_proj", "v_proj")
+    return {"qkv": qkv, "qkv_rope": qkv, "o": ("o_proj",)}.get(case, ("gate_proj", "up_proj", "down_proj"))
 
 
 def _rel(a, b):
@@ -139,7 +177,7 @@ def _compare(module, fused_fn, plain_fn, x, name, exact):
         for k in pg:
             torch.testing.assert_close(fg[k], pg[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {k}: {m}")
         return
-    ro, rdx, rg = _float64_reference(module, name, x)
+    ro, rdx, rg = _float64_reference(module, name, x, getattr(fused_fn, "head_dim", None))
     pairs = [(f"out{i}", a, b, r) for i, (a, b, r) in enumerate(zip(fo, po, ro))] + [("dx", fdx, pdx, rdx)]
     pairs += [(k, fg[k], pg[k], rg[k]) for k in pg]
     for what, fused, plain, ref in pairs:

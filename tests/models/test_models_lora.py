@@ -140,6 +140,47 @@ def test_offloaded_checkpoint_function_matches_plain_backward():
     torch.testing.assert_close(lin.weight.grad, expected_w)
 
 
+@pytest.mark.gpu
+def test_gpu_offloaded_layers_match_plain_backward(monkeypatch):
+    """A chain of offloaded layers on a GPU (inputs in pinned CPU memory, fetched back one layer ahead,
+    each recomputed output freed before its backward) gives the gradients of plain backward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from hizli.models import checkpointing
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64).cuda() for _ in range(3)]
+    x = torch.randn(5, 64, device="cuda", requires_grad=True)
+
+    def block(lin):
+        return lambda h: h + torch.nn.functional.gelu(lin(h))  # ends in a residual add, like a decoder layer
+
+    def grads(offload):
+        for lin in layers:
+            lin.zero_grad()
+        x.grad = None
+        checkpointing.new_forward_pass()
+        h = x
+        for lin in layers:
+            h = checkpointing.offloaded_checkpoint(block(lin), h) if offload else block(lin)(h)
+        (h * h).sum().backward()
+        return [x.grad.clone()] + [lin.weight.grad.clone() for lin in layers]
+
+    freed = []
+    release = checkpointing._release_output
+
+    def recording(out):
+        release(out)
+        freed.append(out.untyped_storage().nbytes() == 0)
+
+    monkeypatch.setattr(checkpointing, "_release_output", recording)
+    want = grads(False)
+    got = grads(True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert freed == [True] * 3
+
+
 def test_four_bit_lora_trains_on_cpu(tiny_model_dir):
     """NF4 base (bitsandbytes runs it on this CPU): forward and LoRA gradients work."""
     model, _ = loader.load(tiny_model_dir, load_in_4bit=True)

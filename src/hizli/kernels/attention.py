@@ -11,8 +11,9 @@ measurement (``benchmarks/kernels_bench.py`` times each one at the recipe's shap
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func``, when flash-attn is installed.
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch >= 2.10). Its signature moved
   between releases (``is_causal`` in 2.10, ``window_size=(-1, 0)`` for causal later, ``enable_gqa``
-  in 2.13), so the call is built from ``inspect.signature`` and kv heads are repeated when the
-  installed version has no GQA switch.
+  in 2.13), so the call is built from ``inspect.signature``. Without the GQA switch the kv heads
+  still go to the flash kernel as they are (it supports GQA); they are repeated only if that
+  release refuses them.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a document mask, compiled once. The block
   mask depends only on ``cu_seqlens``: :func:`document_block_mask` builds it once per batch and
   reuses it for every layer (and the recomputation in backward) while the same ``cu_seqlens``
@@ -96,9 +97,27 @@ def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     if groups > 1:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        elif not _gqa_by_repeat:
+            # Releases without the switch hand kv heads straight to the flash kernel, which takes any
+            # Hkv dividing Hq (its backward sums the group's gradients). Repeating them instead would
+            # make two [T, Hq, D] copies that the op saves for backward: 12 kB a token at the 3B
+            # shape, in every recomputed layer.
+            try:
+                return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:
+                _use_repeat_for_gqa()
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+_gqa_by_repeat = False  # set once a release refuses kv heads fewer than query heads
+
+
+def _use_repeat_for_gqa() -> None:
+    global _gqa_by_repeat
+    _gqa_by_repeat = True
 
 
 _mask_cache: dict[str, Any] = {}

@@ -92,11 +92,12 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 backward: bool, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
     batch, n_qh, seq_len, dim = q.shape
     n_kh = k.shape[1]
-    qo, ko = _token_major_like(q), _token_major_like(k)
+    # In place is safe: each program reads both halves of its token's heads before writing them.
+    qo, ko = (q, k) if in_place else (_token_major_like(q), _token_major_like(k))
     if batch * seq_len == 0:
         return qo, ko
     half = dim // 2
@@ -202,3 +203,25 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 apply_rotary_pos_emb = rope
+
+
+def rope_in_place(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                  backward: bool = False) -> None:
+    """Rotate q and k where they are, outside autograd (for a fused projection that owns its output).
+
+    ``backward=True`` applies the transpose of the rotation: the gradient with respect to the
+    unrotated q and k, given the gradient with respect to the rotated ones. Layout ``[B, T, H, D]``
+    (``unsqueeze_dim=2``) with a unit-stride last dimension, as views of a projection's output rows.
+    """
+    _check(q, k, cos, sin, 2)
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rope_in_place: q and k need a unit-stride last dimension")
+    if use_triton("rope", q, k, cos, sin):
+        _rope_launch(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backward=backward, in_place=True)
+        return
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    for x in (q, k):
+        if backward:  # the transpose of x c + rotate_half(x) s is g c - rotate_half(g s)
+            x.copy_(x * c - _rotate_half(x * s))
+        else:
+            x.copy_(x * c + _rotate_half(x) * s)

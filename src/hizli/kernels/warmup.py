@@ -136,9 +136,11 @@ def _tasks(shapes: KernelShapes, device: torch.device, tokens: int) -> list:
     def attention() -> None:
         qkv = [_part(shapes.heads * d, h, shapes, device), _part(shapes.kv_heads * d, h, shapes, device),
                _part(shapes.kv_heads * d, h, shapes, device)]
-        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_group(rows(), qkv))
         angle = torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * torch.linspace(0, 1, d, device=device)
-        q, k = rope(q, k, angle.cos()[None].to(dtype), angle.sin()[None].to(dtype))
+        cos, sin = angle.cos()[None].to(dtype), angle.sin()[None].to(dtype)
+        # the fused group rotates q and k in its own buffer; rope() is the path of unfused projections
+        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_group(rows(), qkv, rope=(cos, sin)))
+        q, k = rope(q, k, cos, sin)
         out = (q.transpose(1, 2).reshape(1, tokens, -1) + k.sum() + v.sum()).contiguous()  # stands in for attention
         lora_group(out, [_part(h, shapes.heads * d, shapes, device)])[0].sum().backward()
 

@@ -138,7 +138,8 @@ class _LoraGroup(torch.autograd.Function):
     """``y_i = x W_i^T + s_i (x A_i^T) B_i^T`` for projections sharing the input ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype, *ab: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype, rope: tuple | None,
+                *ab: torch.Tensor):
         a_list, b_list = ab[0::2], ab[1::2]
         sizes = [b.shape[0] for b in b_list]
         ranks = [a.shape[0] for a in a_list]
@@ -155,8 +156,10 @@ class _LoraGroup(torch.autograd.Function):
             for b, s, size, r in zip(b_list, scalings, sizes, ranks):
                 y[:, col:col + size].addmm_(xa[:, r0:r0 + r], b.t(), alpha=s)
                 col, r0 = col + size, r0 + r
+            if rope is not None:
+                _rotate_qk(y, x.shape[:-1], sizes, rope, backward=False)
         ctx.save_for_backward(x2, xa, a_cat, *b_list)  # b_list: the compute-dtype copies
-        ctx.bases, ctx.scalings, ctx.dtype = bases, scalings, dtype
+        ctx.bases, ctx.scalings, ctx.dtype, ctx.rope = bases, scalings, dtype, rope
         ctx.sizes, ctx.ranks, ctx.x_shape, ctx.x_dtype = sizes, ranks, x.shape, x.dtype
         ctx.a_dtypes = [a.dtype for a in a_list]
         ctx.b_dtypes = [b.dtype for b in ab[1::2]]
@@ -172,6 +175,9 @@ class _LoraGroup(torch.autograd.Function):
             parts = [torch.zeros((n_tokens, size), dtype=dtype, device=x2.device) if g is None
                      else g.reshape(n_tokens, size).to(dtype) for g, size in zip(grads, sizes)]
             dy = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            if ctx.rope is not None:  # back through the rotation, in dy (a fresh buffer: three parts)
+                _rotate_qk(dy, ctx.x_shape[:-1], sizes, ctx.rope, backward=True)
+                parts = list(dy.split(sizes, dim=1))
             d_xa, d_b = [], []
             r0 = 0
             for part, b, b_dtype, s, r in zip(parts, b_list, ctx.b_dtypes, scalings, ranks):
@@ -191,7 +197,20 @@ class _LoraGroup(torch.autograd.Function):
         ab_grads: list[torch.Tensor] = []
         for da, db, a_dtype in zip(d_a, d_b, ctx.a_dtypes):
             ab_grads += [da.to(a_dtype), db]
-        return (dx, None, None, None, *ab_grads)
+        return (dx, None, None, None, None, *ab_grads)
+
+
+def _rotate_qk(y: torch.Tensor, lead: torch.Size, sizes: Sequence[int], rope: tuple, backward: bool) -> None:
+    """Rotary embedding on the q and k columns of a q/k/v group's ``[tokens, sum(sizes)]`` buffer, in
+    place: the rotated q and k need no tensors of their own (8 kB a token at the 3B shape, kept for
+    attention's backward in every recomputed layer)."""
+    from hizli.kernels.rope import rope_in_place
+
+    cos, sin = rope
+    d = cos.shape[-1]
+    q = y[:, :sizes[0]].view(*lead, sizes[0] // d, d)
+    k = y[:, sizes[0]:sizes[0] + sizes[1]].view(*lead, sizes[1] // d, d)
+    rope_in_place(q, k, cos, sin, backward=backward)
 
 
 class _LoraSwiGLU(torch.autograd.Function):
@@ -282,14 +301,21 @@ class _LoraSwiGLU(torch.autograd.Function):
 # Entry points used by the patched module forwards
 
 
-def lora_group(x: torch.Tensor, parts: list) -> tuple[torch.Tensor, ...]:
-    """Outputs of a group of LoRA projections sharing ``x`` (``parts`` from :func:`group_parts`)."""
+def lora_group(x: torch.Tensor, parts: list, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, ...]:
+    """Outputs of a group of LoRA projections sharing ``x`` (``parts`` from :func:`group_parts`).
+
+    ``rope=(cos, sin)`` (the rotary module's ``[B, T, head_dim]`` tables, no gradient) for a q/k/v
+    group: q and k come out rotated, as transformers' ``apply_rotary_pos_emb`` would make them.
+    """
     bases = tuple(p[0] for p in parts)
     scalings = tuple(p[3] for p in parts)
     ab: list[Any] = []
     for _base, a, b, _s in parts:
         ab += [a, b]
-    return _LoraGroup.apply(x, bases, scalings, compute_dtype(x), *ab)
+    if rope is not None and (len(parts) != 3 or any(t.requires_grad for t in rope)):
+        raise ValueError("lora_group: rope= is for a q/k/v group of three projections with constant cos/sin")
+    return _LoraGroup.apply(x, bases, scalings, compute_dtype(x), rope, *ab)
 
 
 def lora_swiglu_mlp(x: torch.Tensor, parts: list) -> torch.Tensor:

@@ -131,14 +131,15 @@ def _make_attention_forward(original):
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
         qkv_parts = group_parts(self, _QKV)
-        if qkv_parts is not None:
-            q, k, v = (t.view(shape).transpose(1, 2) for t in lora_group(hidden_states, qkv_parts))
+        cos, sin = position_embeddings
+        if qkv_parts is not None and not (cos.requires_grad or sin.requires_grad):
+            # q and k come out rotated, in the group's own output buffer
+            q, k, v = (t.view(shape).transpose(1, 2) for t in lora_group(hidden_states, qkv_parts, rope=(cos, sin)))
         else:
             q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
             k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
             v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = rope(q, k, cos, sin)
+            q, k = rope(q, k, cos, sin)
         out, weights = ALL_ATTENTION_FUNCTIONS[impl](self, q, k, v, attention_mask, dropout=self.attention_dropout,
                                                      scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()

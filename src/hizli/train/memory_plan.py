@@ -17,7 +17,8 @@ beside the plan, and ``hizli bench`` reports it next to the measured peak so the
 Bytes per token per layer, for hidden size H, key/value width KV, MLP width I, element size e:
 ``keep`` holds about e * (7H + 2KV + 3I) through PEFT's modules (inputs of both norms, their
 outputs, q, k, v, the attention output, gate, up and their product) and e * (7H + 3KV + 2I) through
-hizli's fused LoRA layers (the q/k/v matmul output, the rotated q and k, gate and up; no product);
+hizli's fused LoRA layers (the q/k/v matmul output, the rotated q and k, gate and up; no product;
+since the group rotates q and k in its own output, (H + KV) of that is margin);
 ``recompute`` e * H (the layer input); ``offload`` 0.
 """
 
@@ -94,10 +95,15 @@ class Shape:
         dequantised weight. Calibrated on an H200 (2026-11-27, Llama-3.2-3B shape, 15,310 tokens):
         all layers kept, 42.5 GiB measured against 44.6 GiB from this model (before slack)."""
         if self.fused:
-            # the recomputed layer's saved tensors plus backward's [T, I] and two [T, H] temporaries;
-            # 106 kB/token measured on an H200 (2026-11-27, 3B shape, 2,048-token micro-batches, all
-            # layers offloaded) against 111 kB from this formula; one weight-sized dequant buffer
-            layer = 1.1 * self.elt * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate) * tokens
+            # The recomputed layer's saved tensors plus backward's [T, I] and [T, H] temporaries, and one
+            # weight-sized dequant buffer. Calibrated on an H200 (2026-11-28, 3B shape, capped runs of
+            # 4,086 and 4,389-token micro-batches, every layer offloaded): 132.6 kB/token measured with
+            # the loss's share, 140 kB from 1.1 e (9H + 3KV + 3I) + 3 e H. Since then a layer keeps
+            # 5 e H less a token: attention keeps q, k and v as views of the q/k/v group's output (before,
+            # a rotated q and kv heads repeated to the query heads: 3H), the recomputed output is freed
+            # before its backward (H), and the layer below's input is fetched after it (H).
+            layer = self.elt * (1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate)
+                                - 5 * self.hidden) * tokens
             weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
         else:
             layer = 2.3 * self.keep_bytes() * tokens  # 252 kB/token measured with every layer offloaded
