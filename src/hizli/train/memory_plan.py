@@ -98,12 +98,15 @@ class Shape:
             # The recomputed layer's saved tensors plus backward's [T, I] and [T, H] temporaries, and one
             # weight-sized dequant buffer. Calibrated on an H200 (2026-11-28, 3B shape, capped runs of
             # 4,086 and 4,389-token micro-batches, every layer offloaded): 132.6 kB/token measured with
-            # the loss's share, 140 kB from 1.1 e (9H + 3KV + 3I) + 3 e H. Since then a layer keeps
-            # 5 e H less a token: attention keeps q, k and v as views of the q/k/v group's output (before,
-            # a rotated q and kv heads repeated to the query heads: 3H), the recomputed output is freed
-            # before its backward (H), and the layer below's input is fetched after it (H).
+            # the loss's share, 140 kB from 1.1 e (9H + 3KV + 3I) + 3 e H. Then attention came to keep
+            # q, k and v as views of the q/k/v group's output (before: a rotated q and kv heads repeated
+            # to the query heads, 3H), the recomputed output to be freed before its backward (H) and
+            # the layer below's input to be fetched after it (H): 5H less by the count, but 117.3
+            # kB/token measured (H200, 2026-11-28, 5,057-token micro-batches, 2.99 GiB allocated); a
+            # plan that assumed 5H ran out of memory at 5,089 tokens under a 3.094 GiB cap. 3H here
+            # puts the estimate 3.7 % above that measurement.
             layer = self.elt * (1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate)
-                                - 5 * self.hidden) * tokens
+                                - 3 * self.hidden) * tokens
             weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
         else:
             layer = 2.3 * self.keep_bytes() * tokens  # 252 kB/token measured with every layer offloaded
