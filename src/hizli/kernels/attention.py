@@ -78,6 +78,7 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                   scale: float | None) -> torch.Tensor:
+    global _gqa_by_repeat
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
@@ -107,17 +108,12 @@ def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError:
-                _use_repeat_for_gqa()
+                _gqa_by_repeat = True
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 _gqa_by_repeat = False  # set once a release refuses kv heads fewer than query heads
-
-
-def _use_repeat_for_gqa() -> None:
-    global _gqa_by_repeat
-    _gqa_by_repeat = True
 
 
 _mask_cache: dict[str, Any] = {}

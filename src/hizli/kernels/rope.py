@@ -14,6 +14,10 @@ returned ``[B, H, T, D]`` tensors are the same transposed views transformers' ow
 ``q_proj(x).view(B, T, H, D).transpose(1, 2)``, and ``out.transpose(1, 2)[0]`` is the ``[T, H, D]``
 layout varlen attention takes, for free. Only the inputs' last dimension must be contiguous.
 
+In place, outside autograd: ``rope_in_place`` rotates q and k where they lie (or, with
+``backward=True``, applies the transpose to their gradients). The fused q/k/v projection uses it on
+its own output buffer, so attention keeps views of that buffer instead of new rotated tensors.
+
 Bytes at the recipe shape (N = 12,000 tokens, 24 q + 8 kv heads of 128, bf16): the forward reads and
 writes q and k (2 x 98 MB) plus cos and sin (6 MB); the backward the same: about 0.41 GB, 136 us at
 3.0 TB/s; 3 flops per element.

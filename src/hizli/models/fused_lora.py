@@ -18,6 +18,9 @@ than by the GPU. Here one autograd function covers a group of projections that s
 What is saved for backward: the input ``x``, the tiny ``x @ A^T`` (``[T, n*r]``) and, for the MLP,
 its gate and up outputs ``[2, T, I]`` (not ``silu(gate) * up``, which backward recomputes).
 
+Given the rotary tables (``lora_group(..., rope=(cos, sin))``), the q/k/v group also rotates q and k
+in its own output buffer, and its backward rotates their gradients back in the buffer it builds.
+
 The maths is PEFT's: ``y = x W^T + s (x A^T) B^T`` with ``s = lora_alpha / r`` (or rsLoRA's), in
 the autocast dtype (or the input's without autocast). The adapters stay PEFT modules, so saving,
 merging and loading do not change. Any layer the fused maths does not cover exactly (dropout > 0,
