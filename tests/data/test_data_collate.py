@@ -95,7 +95,11 @@ def test_three_layouts_give_every_token_the_same_loss(smol_tokenizer):
             assert [p for p, _ in layout[r]] == [p for p, _ in reference[r]]
             a = torch.tensor([x for _, x in layout[r]])
             b = torch.tensor([x for _, x in reference[r]])
-            assert (a - b).abs().max().item() <= 1e-6, r
+            # Each layout runs the matmuls and attention over other shapes, so fp32 sums are reduced in
+            # another order: per-token losses near 11 then differ by a few ulp (1 ulp = 9.5e-7 there).
+            # The bound allows about 12 ulp; a token attending across a boundary or a shifted label
+            # moves its loss by O(1).
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"row {r}")
 
 
 def test_padding_free_labels_never_cross_a_boundary(smol_tokenizer):

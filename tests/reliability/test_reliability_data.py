@@ -356,8 +356,7 @@ def test_a_one_megabyte_turn(tok, tally, figures):
         assert ds.report.truncated == 2 and max(ds.lengths) == 2048
         if train_on == "assistant":  # the answer is cut away in the first row: counted, not trained on
             assert [p.kind for p in ds.report.skipped] == ["no-trained-token"] and len(ds) == 1
-    seconds = time.perf_counter() - t0
-    assert seconds < 30, f"{seconds:.1f} s for two 1 MB turns"
+    seconds = time.perf_counter() - t0  # recorded, not asserted: speed is a benchmark's business
     tally.inputs += 2
     tally.rows += 4
     figures.set(big_turn_chars=len(big), big_turn_s=round(seconds / 2, 2))

