@@ -76,7 +76,7 @@ SERVER = textwrap.dedent(r'''
             end = time.time() + 30
             while time.time() < end:
                 t = holder.get("trainer")
-                got = t is not None and t._stop_signal
+                got = t is not None and t.stop_signals.requested
                 if until == "signal" and got:
                     return
                 if until == "second" and got and not holder.get("seen"):

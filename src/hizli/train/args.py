@@ -18,7 +18,8 @@ class TrainingArguments:
 
     hizli-only fields: ``padding_free`` (None = auto: lay batches out as one row without padding),
     ``merge_micro_batches`` (None = auto: run the micro-batches of one optimizer step as one when
-    memory allows; exact, since the loss is normalised per optimizer step), ``max_memory_gib``
+    memory allows; exact, since the loss is normalised per optimizer step), ``fused_cross_entropy``
+    (False computes the loss from full logits: the same loss, more memory; for comparisons), ``max_memory_gib``
     (cap for the memory plan, in GiB; on a GPU also a hard limit on PyTorch's allocator while
     training, lifted afterwards; on a CPU the plan is used only when a cap is given), ``nan_policy``
     ("stop" or "skip" a step whose loss or gradient is not finite), ``bad_rows`` ("error" or "skip"
@@ -62,6 +63,7 @@ class TrainingArguments:
     padding_free: bool | None = None
     merge_micro_batches: bool | None = None
     max_memory_gib: float | None = None
+    fused_cross_entropy: bool = True
     nan_policy: str = "stop"
     bad_rows: str = "error"
     oom_retries: int = 2

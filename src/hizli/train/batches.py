@@ -26,7 +26,7 @@ class Position:
 
 
 class BatchPlan:
-    def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int,
+    def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, *,
                  packing: bool = False, max_seq_length: int | None = None, shuffle: bool = True) -> None:
         if not lengths:
             raise ValueError("the training set is empty: no row is left to train on")

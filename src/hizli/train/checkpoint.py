@@ -91,7 +91,7 @@ def save(output_dir: str | os.PathLike, step: int, model, optimizer, trainer_sta
     """Write ``output_dir/checkpoint-<step>`` atomically and rotate old ones. Returns its path."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final = out / f"{PREFIX}{step}"
+    final = path_for(out, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=out))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -126,6 +126,11 @@ def save(output_dir: str | os.PathLike, step: int, model, optimizer, trainer_sta
         raise
     rotate(out, save_total_limit, keep=final)
     return final
+
+
+def path_for(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` is (or will be) in ``output_dir``."""
+    return Path(output_dir) / f"{PREFIX}{step}"
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -244,9 +244,11 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
                       notes=notes)
 
 
-def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], max_memory_gib: float | None,
-             amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
-    """The plan for ``model`` on its device (GPU: free memory; CPU: 40 % of RAM, or the cap)."""
+def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], budget_gib: float | None,
+             allocator_capped: bool, amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
+    """The plan for ``model`` on its device within ``budget_gib`` (None: GPU free memory, or 40 % of
+    RAM on a CPU). ``allocator_capped``: the trainer caps PyTorch's allocator while training, which
+    lets the plan count on less allocator slack."""
     import torch
 
     from hizli.train.step import causal_lm
@@ -263,8 +265,8 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
 
         budget = 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
-    if max_memory_gib:
-        budget = min(budget, max_memory_gib * GIB)
+    if budget_gib:
+        budget = min(budget, budget_gib * GIB)
     from hizli.models import lora_casts
     from hizli.models.fused_lora import model_uses_fused_lora
 
@@ -275,7 +277,7 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,
                      static_bytes=static, max_parts=max_parts,
-                     capped=bool(max_memory_gib) and device.type == "cuda")
+                     capped=allocator_capped and device.type == "cuda")
     if not math.isfinite(plan.predicted_peak_gib):
         raise AssertionError(plan)
     return plan

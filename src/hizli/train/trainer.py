@@ -7,43 +7,37 @@ One optimizer step:
   3. unscale (fp16), clip, check the loss and gradient norm are finite, step, schedule, zero;
   4. log, checkpoint, evaluate as the arguments say.
 Because every micro-batch is divided by the same step-wide token count, 2 x 4 rows, 8 x 1 and
-1 x 8 give the same update (see tests/train/test_train_accumulation.py).
+1 x 8 give the same update (see tests/train/test_train_accumulation.py). Steps 2-3 live in
+``hizli.train.context``; fitting them into memory in ``hizli.train.step_memory``. Where the loop
+counts, logs or saves across processes, it goes through ``self.ranks`` (``hizli.train.ranks``).
 """
 
 from __future__ import annotations
 
-import math
-import os
-import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from hizli import _log
-from hizli.data.collate import DataCollatorForSeq2Seq, PaddingFreeCollator
 from hizli.kernels import warmup
-from hizli.train import checkpoint, memory, metrics, optim, step as step_mod
+from hizli.train import checkpoint, memory, metrics, optim
+from hizli.train import step as step_mod
+from hizli.train.allocator import cap_allocator, peak_gib
 from hizli.train.args import TrainingArguments, _unknown_message
-from hizli.models.checkpointing import apply_layer_modes
 from hizli.train.batches import BatchPlan, Position
-from hizli.train.memory_plan import plan_for, split_step
+from hizli.train.context import NonFiniteLossError, StepContext
+from hizli.train.prepare import DataSettings, check_token_ids, choose_collator, prepare_dataset
+from hizli.train.ranks import Ranks
+from hizli.train.recipe_file import jsonable, recipe_from_objects, write_recipe
+from hizli.train.signals import StopSignals, TrainingInterrupted
+from hizli.train.step_memory import StepMemory, plan_memory, step_or_replan
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient of a step was NaN/inf; the weights were not changed."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM: a checkpoint was saved (``.checkpoint``) and training stopped."""
-
-    def __init__(self, message: str, checkpoint_path: Path | None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint_path
+__all__ = ["SFTTrainer", "TrainOutput", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 @dataclass
@@ -74,7 +68,7 @@ class SFTTrainer:
             through ``train_on_responses_only(trainer)``).
     """
 
-    def __init__(self, model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
+    def __init__(self, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, *,
                  args: TrainingArguments | None = None, data_collator: Callable | None = None,
                  dataset_text_field: str | None = None, max_seq_length: int | None = None,
                  dataset_num_proc: int | None = None, packing: bool = False,
@@ -106,157 +100,94 @@ class SFTTrainer:
                 raise TypeError(f"callbacks: {type(cb).__name__} is not callable. hizli calls each callback "
                                 "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)")
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
-        self.memory_plan: dict[str, Any] | None = None
-        self._ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
+        self.memory_plan: dict[str, Any] | None = None  # the plan of the last train() call, as a dict
+        self.ranks = Ranks.current()
+        self.stop_signals = StopSignals()
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
-        self._stop_signal: str | None = None
 
     # ---------------------------------------------------------------- data
     def _prepare(self, dataset, split: str):
-        from hizli.data import tokenize
-
-        if isinstance(dataset, tokenize.TokenizedDataset):
-            return dataset
-        if self.formatting_func is not None:
-            dataset = _apply_formatting(dataset, self.formatting_func)
-            text_field = "text"
-        else:
-            text_field = self.dataset_text_field
-        columns = _columns(dataset)
-        if "input_ids" in columns:
-            return tokenize.TokenizedDataset.from_rows(list(dataset), max_seq_length=self.max_seq_length)
-        kw = dict(max_seq_length=self.max_seq_length, num_proc=self.dataset_num_proc, train_on=self.train_on,
-                  bad_rows=self.args.bad_rows)
-        if text_field is None and "text" in columns:
-            text_field = "text"
-        if text_field is not None:
-            if text_field not in columns:
-                raise ValueError(f"dataset_text_field={text_field!r} is not a column of the {split} "
-                                 f"dataset; its columns are {sorted(columns)}")
-            return tokenize.tokenize_dataset(dataset, self.tokenizer, text_field=text_field, **kw)
-        for name in ("messages", "conversations"):
-            if name in columns:
-                from hizli.data.sharegpt import standardize_sharegpt
-
-                return tokenize.tokenize_dataset(standardize_sharegpt(dataset), self.tokenizer,
-                                                 messages_field=name, **kw)
-        raise ValueError(f"the {split} dataset has columns {sorted(columns)}: pass dataset_text_field=..., or "
-                         "give it a 'text', 'messages' or 'conversations' column, or 'input_ids'")
+        settings = DataSettings(max_seq_length=self.max_seq_length, num_proc=self.dataset_num_proc,
+                                text_field=self.dataset_text_field, formatting_func=self.formatting_func,
+                                train_on=self.train_on, bad_rows=self.args.bad_rows)
+        return prepare_dataset(dataset, self.tokenizer, settings, split)
 
     def _collator(self) -> Callable:
-        ours = self.data_collator is None or isinstance(self.data_collator, (DataCollatorForSeq2Seq,
-                                                                            PaddingFreeCollator))
-        if not ours:
-            return self.data_collator  # a foreign collator is used exactly as given
-        padding_free = self.args.padding_free
-        if padding_free is None:
-            padding_free = True  # identical loss, no compute on pads
-        if self.packing or padding_free or isinstance(self.data_collator, PaddingFreeCollator):
-            return PaddingFreeCollator(self.tokenizer)
-        return self.data_collator or DataCollatorForSeq2Seq(self.tokenizer)
+        return choose_collator(self.data_collator, self.tokenizer, packing=self.packing,
+                               padding_free=self.args.padding_free)
 
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Train for ``max_steps`` (or ``num_train_epochs``); see the module docstring."""
-        args, model = self.args, self.model
-        if self.train_dataset is None or len(self.train_dataset) == 0:
-            report = getattr(self.train_dataset, "report", None)
-            if report is not None and report.rows_in:  # rows came in, none has a label: refuse, say why
-                raise ValueError(f"nothing to train on: none of the {report.rows_in} rows has a trained token "
-                                 f"({report.summary()}). Every label is -100: check the labels, train_on / "
-                                 "train_on_responses_only (does the chat template match?) and max_seq_length")
-            raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
-        self._check_token_ids(self.train_dataset, "train")
-        if self.eval_dataset is not None:
-            self._check_token_ids(self.eval_dataset, "eval")
-        device = next(model.parameters()).device
-        amp_dtype = self._precision(device)
-        torch.manual_seed(args.seed)
-        model.train()
-
-        collate = self._collator()
-        plan = BatchPlan(self.train_dataset.lengths, args.per_device_train_batch_size,
-                         args.gradient_accumulation_steps, args.data_seed or args.seed,
-                         packing=self.packing, max_seq_length=self.max_seq_length)
-        total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = optim.build_optimizer(params, args)
-        warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
-        parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype)
-        scheduler = optim.build_scheduler(optimizer, args, total_steps)
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        args = self.args
+        self._check_data()
+        ctx, plan, total_steps = self._start()
+        step_memory = self._plan_memory(ctx, plan, total_steps)
 
         position, start_step = Position(), 0
         resume = checkpoint.resolve(resume_from_checkpoint if resume_from_checkpoint is not None
                                     else args.resume_from_checkpoint, args.output_dir)
         if resume is not None:
-            saved = checkpoint.load(resume, model, optimizer)
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
+            saved = checkpoint.load(resume, self.model, ctx.optimizer)
+            ctx.scheduler.load_state_dict(saved["scheduler"])
+            if ctx.scaler is not None and saved.get("scaler"):
+                ctx.scaler.load_state_dict(saved["scaler"])
             position = Position(**saved["position"])
             start_step = saved["global_step"]
             self.state["log_history"] = saved.get("log_history", [])
         self.state["global_step"] = start_step
-        self._write_recipe()
+        if self.ranks.is_main:
+            write_recipe(args.output_dir, self.recipe or self._recipe_from_objects())
 
-        start_mem = memory.snapshot(device)
+        start_mem = memory.snapshot(ctx.device)
         _log.info(" ".join(start_mem.lines()))
-        memory.reset_peak(device)
-        log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps, args.disable_tqdm)
-        self._describe(log, plan, total_steps, collate, parts, amp_dtype, device)
+        memory.reset_peak(ctx.device)
+        log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps,
+                             args.disable_tqdm or not self.ranks.is_main)
+        self._describe(log, ctx, total_steps, step_memory)
         t_start = time.perf_counter()
         losses: list[float] = []
         trained_tokens = 0
-        self._oom_retries = 0
         eval_points: list[tuple[int, float]] = []
         step_no = start_step
-        restore_cap = _cap_allocator(device, args.max_memory_gib)
+        restore_cap = cap_allocator(ctx.device, args.max_memory_gib)
+        replan = partial(self._plan_memory, ctx, plan, total_steps)
         try:
-            with self._signals():
+            with self.stop_signals:
                 for micro, _before, after in plan.steps(position):
                     if step_no >= total_steps:
                         break
                     t0 = time.perf_counter()
-                    result, parts = self._step_or_replan(micro, parts, step_no + 1, optimizer, scheduler, scaler,
-                                                         params, device, amp_dtype, collate, plan, total_steps)
+                    result, step_memory = step_or_replan(ctx, step_memory, micro, step_no + 1, replan)
                     step_no += 1
                     self.state["global_step"] = step_no
                     elapsed = time.perf_counter() - t0
                     if result is not None:
-                        loss, grad_norm, tokens = result
-                        losses.append(loss)
-                        trained_tokens += tokens
-                        entry = {"step": step_no, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                                 "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                                 "step_time_s": elapsed, "epoch": round(after.epoch + after.micro / max(
-                                     1, len(plan.micro_batches(after.epoch))), 4),
-                                 "peak_reserved_gib": _peak_gib(device)}
-                        log.step(entry)
-                        self.state["log_history"].append(entry)
-                        for callback in self.callbacks:
-                            callback(entry)
+                        losses.append(result.loss)
+                        trained_tokens += result.tokens
+                        self._log_step(log, ctx, plan=plan, step_no=step_no, after=after, result=result, elapsed=elapsed)
                     if self._should_eval(step_no, total_steps):
                         ev = self.evaluate()
                         eval_points.append((step_no, ev["eval_loss"]))
                         log.note(f"step {step_no}: eval_loss {ev['eval_loss']:.4f}")
                         self.state["log_history"].append({"step": step_no, **ev})
                     saving = args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0
-                    if saving or self._stop_signal:
-                        path = self._save_checkpoint(step_no, after, optimizer, scheduler, scaler)
-                        if self._stop_signal:
+                    if saving or self.stop_signals.requested:
+                        path = self._save_checkpoint(ctx, step_no, after)
+                        if self.stop_signals.requested:
                             raise TrainingInterrupted(
-                                f"{self._stop_signal} at step {step_no}: checkpoint saved to {path}. Resume "
-                                f"with `hizli train RECIPE --resume` or trainer.train(resume_from_checkpoint=True)",
-                                path)
+                                f"{self.stop_signals.requested} at step {step_no}: checkpoint saved to {path}. "
+                                "Resume with `hizli train RECIPE --resume` or "
+                                "trainer.train(resume_from_checkpoint=True)", path)
         finally:
             restore_cap()
             log.close()
         runtime = time.perf_counter() - t_start
         report = memory.finish(start_mem, runtime)
-        metrics.plot_loss(args.output_dir, eval_points)
+        if self.ranks.is_main:
+            metrics.plot_loss(args.output_dir, eval_points)
         out = {
             "train_runtime": round(runtime, 4),
             "train_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
@@ -271,82 +202,56 @@ class SFTTrainer:
             out["eval_loss"] = eval_points[-1][1]
         return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"])
 
-    def _step_or_replan(self, micro, parts, step_no, optimizer, scheduler, scaler, params, device, amp_dtype,
-                        collate, plan, total_steps):
-        """One optimizer step. Out of GPU memory, nothing has been updated yet: with a memory plan and
-        retries left, plan again for 3/4 of the budget and repeat the step; else explain and stop.
-        Returns the step's result and the (possibly new) micro-batch count."""
-        while True:
-            lengths = self.train_dataset.lengths
-            budget = self.memory_plan["tokens_per_micro_batch"] if self.memory_plan and parts != 1 else None
-            groups = micro if parts is None else split_step(sum(micro, []), lengths, parts, budget)
-            batches = [collate([self.train_dataset[i] for i in rows]) for rows in groups]
-            try:
-                return self._optimizer_step(batches, micro, step_no, optimizer, scheduler, scaler, params, device,
-                                            amp_dtype), parts
-            except torch.OutOfMemoryError as e:
-                from hizli.train import oom
+    def _check_data(self) -> None:
+        if self.train_dataset is None or len(self.train_dataset) == 0:
+            report = getattr(self.train_dataset, "report", None)
+            if report is not None and report.rows_in:  # rows came in, none has a label: refuse, say why
+                raise ValueError(f"nothing to train on: none of the {report.rows_in} rows has a trained token "
+                                 f"({report.summary()}). Every label is -100: check the labels, train_on / "
+                                 "train_on_responses_only (does the chat template match?) and max_seq_length")
+            raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
+        check_token_ids(self.model, self.train_dataset, "train")
+        if self.eval_dataset is not None:
+            check_token_ids(self.model, self.eval_dataset, "eval")
 
-                optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
-                e.__traceback__ = None  # its frames hold the step's activations: let them go too
-                del batches
-                if self.memory_plan is None or self._oom_retries >= self.args.oom_retries:
-                    raise oom.explain(e, device=device, args=self.args, model=self.model, step=step_no,
-                                      max_seq_length=self.max_seq_length, longest_row=max(lengths),
-                                      memory_plan=self.memory_plan) from None
-                self._oom_retries += 1
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                smaller = 0.75 * self.memory_plan["budget_gib"]
-                _log.warn_once(f"oom-retry-{self._oom_retries}",
-                               f"step {step_no} ran out of memory; planning again for {smaller:.2f} GiB and "
-                               f"repeating the step (retry {self._oom_retries} of {self.args.oom_retries})")
-                parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype, budget_gib=smaller)
+    def _start(self) -> tuple[StepContext, BatchPlan, int]:
+        """The step context, the batch plan and the number of steps of this ``train()`` call."""
+        args, model = self.args, self.model
+        device = next(model.parameters()).device
+        amp_dtype = self._precision(device)
+        torch.manual_seed(args.seed)
+        model.train()
+        plan = BatchPlan(self.train_dataset.lengths, args.per_device_train_batch_size,
+                         args.gradient_accumulation_steps, args.data_seed or args.seed,
+                         packing=self.packing, max_seq_length=self.max_seq_length)
+        total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = optim.build_optimizer(params, args)
+        scheduler = optim.build_scheduler(optimizer, args, total_steps)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        ctx = StepContext(model=model, args=args, dataset=self.train_dataset, optimizer=optimizer,
+                          scheduler=scheduler, scaler=scaler, params=params, device=device, amp_dtype=amp_dtype,
+                          collate=self._collator(), ranks=self.ranks, fused_ce=args.fused_cross_entropy)
+        warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
+        return ctx, plan, total_steps
 
-    def _optimizer_step(self, batches, micro, step_no, optimizer, scheduler, scaler, params, device, amp_dtype):
-        """Steps 2-3 of the module docstring. Returns (loss, grad_norm, tokens) or None if skipped."""
-        moved = [step_mod.to_device(b, device) for b in batches]
-        n_trained = sum(b.n_trained for b in moved)
-        tokens = sum(b.n_tokens for b in moved)
-        if n_trained == 0:
-            _log.warn_once("empty-step", f"step {step_no}: no trained token in its rows; skipped")
-            return None
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        for b in moved:
-            with autocast:
-                loss_sum = step_mod.loss_sum(self.model, b, ce_chunk_rows=self._ce_chunk_rows)
-            scaled = loss_sum / n_trained
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            total += loss_sum.detach().float()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss = total / n_trained
-        loss_value, norm_value = float(loss), float(grad_norm)  # the step's one host sync
-        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and scaler is None):
-            optimizer.zero_grad(set_to_none=True)
-            rows = sorted(sum(micro, []))
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            where = self.train_dataset.describe_rows(rows) if hasattr(self.train_dataset, "describe_rows") else \
-                f"rows {rows[:20]}{' ...' if len(rows) > 20 else ''}"
-            message = (f"step {step_no}: the {what} is {loss_value if what == 'loss' else norm_value} "
-                       f"({where}); the weights were not changed")
-            if self.args.nan_policy == "stop":
-                raise NonFiniteLossError(message + ". Lower learning_rate, check these rows, or set "
-                                                   "nan_policy='skip'")
-            _log.warn_once(f"nan-{step_no}", message + "; step skipped (nan_policy='skip')")
-            scheduler.step()
-            return None
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the update itself if fp16 gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value, tokens
+    def _plan_memory(self, ctx: StepContext, plan: BatchPlan, total_steps: int,
+                     budget_gib: float | None = None) -> StepMemory:
+        step_memory = plan_memory(ctx, plan, total_steps, budget_gib)
+        self.memory_plan = step_memory.plan.to_dict() if step_memory.plan is not None else None
+        return step_memory
+
+    def _log_step(self, log: metrics.RunLog, ctx: StepContext, *, plan: BatchPlan, step_no: int, after: Position,
+                  result: Any, elapsed: float) -> None:
+        epoch = after.epoch + after.micro / max(1, len(plan.micro_batches(after.epoch)))
+        entry = {"step": step_no, "loss": result.loss, "lr": ctx.scheduler.get_last_lr()[0],
+                 "grad_norm": result.grad_norm, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
+                 "step_time_s": elapsed, "epoch": round(epoch, 4), "peak_reserved_gib": peak_gib(ctx.device)}
+        if self.ranks.is_main:
+            log.step(entry)
+        self.state["log_history"].append(entry)
+        for callback in self.callbacks:
+            callback(entry)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -372,22 +277,6 @@ class SFTTrainer:
             model.train()
         return {"eval_loss": total / max(1, count), "eval_tokens": count}
 
-    def _check_token_ids(self, dataset, split: str) -> None:
-        """Ids past the embedding table would fail deep inside the first forward: name the row now."""
-        import numpy as np
-
-        embeddings = self.model.get_input_embeddings()
-        vocab = getattr(embeddings, "num_embeddings", None)
-        ids = getattr(dataset, "_ids", None)
-        if vocab is None or ids is None or len(ids) == 0:
-            return
-        bad = np.flatnonzero((ids >= vocab) | (ids < 0))
-        if bad.size:
-            position = int(bad[0])
-            row = int(np.searchsorted(dataset._offsets, position, side="right") - 1)
-            raise ValueError(f"{split} row {row} has token id {int(ids[position])}, outside this model's vocabulary "
-                             f"of {vocab} tokens: the data was tokenized with another tokenizer")
-
     def _should_eval(self, step_no: int, total: int) -> bool:
         if self.eval_dataset is None or self.args.eval_strategy == "no":
             return False
@@ -411,116 +300,36 @@ class SFTTrainer:
             return torch.float16
         return None  # neither asked for: no autocast, as in transformers
 
-    def _plan_memory(self, collate, plan: BatchPlan, total_steps: int, params, amp_dtype,
-                     budget_gib: float | None = None) -> int | None:
-        """How many micro-batches each step runs as (None: the recipe's own micro-batches), and
-        what each layer keeps for backward; see ``hizli.train.memory_plan``. ``budget_gib``
-        overrides ``max_memory_gib`` (the retry after an out-of-memory error uses it)."""
-        budget_gib = budget_gib or self.args.max_memory_gib
-        merge = self.args.merge_micro_batches
-        padding_free = isinstance(collate, PaddingFreeCollator)
-        if merge and not padding_free:
-            raise ValueError("merge_micro_batches=True needs the padding-free layout (padding_free=True)")
-        if not padding_free or merge is False:
-            self.memory_plan = None
-            return None
-        if not next(self.model.parameters()).is_cuda and not budget_gib:
-            # On a CPU memory is plentiful but fresh memory is slow: keeping every activation ran at
-            # 52 tokens/s against 75-91 recomputing (SmolLM2-135M, NF4, 1,442 tokens, 2 cores), so
-            # without a cap layers keep what use_gradient_checkpointing asked for, one batch a step.
-            self.memory_plan = None
-            return 1
-        steps, epoch = [], 0
-        while len(steps) < total_steps and epoch < 3:  # the longest step of the epochs this run sees
-            groups = plan.micro_batches(epoch)
-            ga = plan.grad_accum
-            steps += [sum(groups[i:i + ga], []) for i in range(0, len(groups), ga)]
-            epoch += 1
-        n_params = sum(p.numel() for p in params)
-        optimizer_bytes = n_params * (4 + (2 if self.args.optim.endswith("8bit") else 8))
-        elt = 2 if amp_dtype in (torch.float16, torch.bfloat16) else next(p for p in params).element_size()
-        memory_plan = plan_for(self.model, steps=steps[:max(total_steps, 1)], lengths=self.train_dataset.lengths,
-                               max_memory_gib=budget_gib, amp_elt=elt,
-                               optimizer_bytes=optimizer_bytes)
-        if merge:  # asked for one micro-batch per step: keep the layer modes, force the count
-            memory_plan.micro_batches = 1
-        apply_layer_modes(self.model, memory_plan.layer_modes)
-        if next(self.model.parameters()).is_cuda:
-            self._ce_chunk_rows = memory_plan.ce_chunk_rows
-        self.memory_plan = memory_plan.to_dict()
-        _log.info(memory_plan.describe())
-        for note in memory_plan.notes:
-            _log.warn_once(f"plan-{note}", note)
-        return memory_plan.micro_batches
-
-    def _save_checkpoint(self, step_no: int, after: Position, optimizer, scheduler, scaler) -> Path:
+    def _save_checkpoint(self, ctx: StepContext, step_no: int, after: Position) -> Path:
         state = {
             "global_step": step_no,
             "position": {"epoch": after.epoch, "micro": after.micro},
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "scheduler": ctx.scheduler.state_dict(),
+            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
             "log_history": self.state["log_history"],
-            "args": {k: v for k, v in self.args.to_dict().items() if _jsonable(v)},
+            "args": jsonable(self.args.to_dict()),
         }
-        return checkpoint.save(self.args.output_dir, step_no, self.model, optimizer, state,
-                               self.args.save_total_limit)
-
-    def _write_recipe(self) -> None:
-        import yaml
-
-        out = Path(self.args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        recipe = self.recipe or self._recipe_from_objects()
-        tmp = out / "recipe.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        os.replace(tmp, out / "recipe.yaml")
+        path = checkpoint.path_for(self.args.output_dir, step_no)
+        if self.ranks.is_main:
+            path = checkpoint.save(self.args.output_dir, step_no, self.model, ctx.optimizer, state,
+                                   self.args.save_total_limit)
+        self.ranks.barrier()
+        return path
 
     def _recipe_from_objects(self) -> dict[str, Any]:
-        info = getattr(self.model, "hizli_info", None)
-        return {
-            "model": {"name": info.source if info else None, "max_seq_length": self.max_seq_length,
-                      "dtype": info.dtype if info else None,
-                      "load_in_4bit": info.load_in_4bit_requested if info else None},
-            "lora": getattr(self.model, "hizli_lora", None),
-            "data": {"dataset_text_field": self.dataset_text_field, "packing": self.packing,
-                     "train_on": self.train_on, "rows": len(self.train_dataset) if self.train_dataset else 0},
-            "train": {k: v for k, v in self.args.to_dict().items() if _jsonable(v)},
-        }
+        return recipe_from_objects(self.model, self.args, max_seq_length=self.max_seq_length,
+                                   dataset_text_field=self.dataset_text_field, packing=self.packing,
+                                   train_on=self.train_on, rows=len(self.train_dataset) if self.train_dataset else 0)
 
-    def _describe(self, log, plan, total_steps, collate, parts, amp_dtype, device) -> None:
-        layout = getattr(collate, "layout", type(collate).__name__)
+    def _describe(self, log: metrics.RunLog, ctx: StepContext, total_steps: int, step_memory: StepMemory) -> None:
+        layout = getattr(ctx.collate, "layout", type(ctx.collate).__name__)
+        parts = step_memory.parts
         how = "" if parts is None else (f" (each step's rows run as up to {parts} micro-batches)" if parts > 1
                                         else " (each step's rows run as 1 micro-batch)")
+        precision = str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "model dtype"
         log.note(f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
                  f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
-                 f"layout {layout}{how}, "
-                 f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'model dtype'}, on {device}")
-
-    @contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop; a second one kills."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            name = signal.Signals(signum).name
-            if self._stop_signal:  # second signal: stop now
-                signal.signal(signum, previous[signum] if callable(previous[signum]) else signal.SIG_DFL)
-                raise KeyboardInterrupt
-            self._stop_signal = name
-            print(f"\nhizli: {name}: finishing this step, then saving a checkpoint (again to stop at once)",
-                  flush=True)
-
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-            self._stop_signal = None
+                 f"layout {layout}{how}, precision {precision}, on {ctx.device}")
 
     def save_model(self, output_dir: str | None = None) -> None:
         out = output_dir or self.args.output_dir
@@ -531,51 +340,3 @@ class SFTTrainer:
 _SFT_ARGS = ("model", "tokenizer", "train_dataset", "eval_dataset", "args", "data_collator", "dataset_text_field",
              "max_seq_length", "dataset_num_proc", "packing", "formatting_func", "processing_class", "callbacks",
              "train_on")
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
-    return round(memory.snapshot("cpu").reserved_gib, 3)
-
-
-def _cap_allocator(device, max_memory_gib: float | None):
-    """Make ``max_memory_gib`` a hard limit for PyTorch's CUDA allocator while training; returns the
-    function that puts the previous limit back.
-
-    Capped, the allocator frees its cached blocks and retries before it would reserve more than the
-    cap (and raises out-of-memory only if the live tensors themselves do not fit), so fragmentation
-    cannot push the reserved peak over what the user allowed.
-    """
-    if not max_memory_gib or device.type != "cuda":
-        return lambda: None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    previous = getter(index) if getter is not None else 1.0
-    torch.cuda.set_per_process_memory_fraction(min(previous, max_memory_gib * 1024**3 / total), index)
-    return lambda: torch.cuda.set_per_process_memory_fraction(previous, index)
-
-
-def _jsonable(v: Any) -> bool:
-    return v is None or isinstance(v, (str, int, float, bool, list, dict))
-
-
-def _columns(dataset) -> set[str]:
-    names = getattr(dataset, "column_names", None)
-    if names is not None:
-        return set(names)
-    if isinstance(dataset, (list, tuple)):
-        return set(dataset[0]) if dataset else set()
-    raise TypeError(f"train_dataset of type {type(dataset).__name__}: pass a datasets.Dataset or a list of dicts")
-
-
-def _apply_formatting(dataset, fn):
-    rows = list(dataset)
-    texts = []
-    for row in rows:
-        out = fn(row)
-        texts.append(out[0] if isinstance(out, list) and len(out) == 1 else out)
-    if not all(isinstance(t, str) for t in texts):
-        raise ValueError("formatting_func must return a string for each row")
-    return [{"text": t} for t in texts]

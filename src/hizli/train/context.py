@@ -1,0 +1,109 @@
+"""One optimizer step over a step context: steps 2-3 of the trainer's loop.
+
+``StepContext`` holds what every step needs and nothing a step changes (optimizer, scheduler,
+scaler, device, precision, collator); ``optimizer_step`` runs the forward and backward passes of a
+step's micro-batches, normalised by the step's trained-token count summed over ranks, then checks,
+clips and applies the update.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from hizli import _log
+from hizli.train import step as step_mod
+from hizli.train.args import TrainingArguments
+from hizli.train.ranks import Ranks
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient of a step was NaN/inf; the weights were not changed."""
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's trained tokens (all ranks)
+    grad_norm: float
+    tokens: int  # real tokens this rank processed
+
+
+@dataclass
+class StepContext:
+    """What every optimizer step of one ``train()`` call uses."""
+
+    model: Any
+    args: TrainingArguments
+    dataset: Any  # the TokenizedDataset being trained on
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    params: list[torch.nn.Parameter]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    collate: Callable
+    ranks: Ranks
+    fused_ce: bool = True  # False materialises all logits (benchmarks measure the lever)
+    ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def optimizer_step(ctx: StepContext, groups: list[list[int]], step_no: int) -> StepResult | None:
+    """Forward and backward each micro-batch (``groups``: row indices), then update the weights.
+    Returns None if the step was skipped (no trained token, or a non-finite loss under
+    ``nan_policy='skip'``)."""
+    batches = [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in groups]
+    counts = torch.tensor([sum(b.n_trained for b in batches)], dtype=torch.int64)
+    n_trained = int(ctx.ranks.sum(counts)[0])
+    tokens = sum(b.n_tokens for b in batches)
+    if n_trained == 0:
+        _log.warn_once("empty-step", f"step {step_no}: no trained token in its rows; skipped")
+        return None
+    total = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    for b in batches:
+        with ctx.autocast():
+            loss_sum = step_mod.loss_sum(ctx.model, b, ce_chunk_rows=ctx.ce_chunk_rows, fused_ce=ctx.fused_ce)
+        scaled = loss_sum / n_trained
+        (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+        total += loss_sum.detach().float()
+    del batches
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+    max_norm = ctx.args.max_grad_norm if ctx.args.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, max_norm)
+    loss = ctx.ranks.sum(total) / n_trained
+    loss_value, norm_value = float(loss), float(grad_norm)  # the step's one host sync
+    if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and ctx.scaler is None):
+        _refuse_non_finite(ctx, groups, step_no, loss_value, norm_value)
+        return None
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)  # skips the update itself if fp16 gradients overflowed
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, norm_value, tokens)
+
+
+def _refuse_non_finite(ctx: StepContext, groups: list[list[int]], step_no: int, loss: float, norm: float) -> None:
+    """Drop the step's gradients and stop (``nan_policy='stop'``) or skip it, naming its rows."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    rows = sorted(sum(groups, []))
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    describe = getattr(ctx.dataset, "describe_rows", None)
+    where = describe(rows) if describe is not None else f"rows {rows[:20]}{' ...' if len(rows) > 20 else ''}"
+    message = (f"step {step_no}: the {what} is {loss if what == 'loss' else norm} ({where}); "
+               "the weights were not changed")
+    if ctx.args.nan_policy == "stop":
+        raise NonFiniteLossError(message + ". Lower learning_rate, check these rows, or set nan_policy='skip'")
+    _log.warn_once(f"nan-{step_no}", message + "; step skipped (nan_policy='skip')")
+    ctx.scheduler.step()
