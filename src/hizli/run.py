@@ -34,15 +34,6 @@ class Timings:
         return ["where the time went:"] + rows + [f"  {'total':<22} {total:8.1f} s"]
 
 
-def dataset_source(name: str) -> str:
-    """``hizli:NAME`` names a sample packaged with hizli (``hizli:sharegpt``); anything else is as given."""
-    if isinstance(name, str) and name.startswith("hizli:"):
-        from hizli.data.sample import sample_path
-
-        return sample_path(name.split(":", 1)[1])
-    return name
-
-
 def _existing_run(recipe: Recipe) -> list[str]:
     from hizli.train.checkpoint import list_checkpoints
 
@@ -57,6 +48,8 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
     """Run ``recipe``; returns the train metrics, memory figures, adapter path, answer and timings."""
     from hizli.api import FastLanguageModel, SFTTrainer, get_chat_template, memory_report
     from hizli.data.load import load_conversations
+    from hizli.data.sample import dataset_source
+    from hizli.data.templates import stop_token_ids
     from hizli.models.inference import generate_reply
 
     if resume in (None, False) and not recipe.output.overwrite:
@@ -107,14 +100,14 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
             answer = generate_reply(model, tokenizer, [{"role": "user", "content": recipe.chat.prompt}],
                                     max_new_tokens=recipe.chat.max_new_tokens,
                                     temperature=recipe.chat.temperature, min_p=recipe.chat.min_p, stream=True,
-                                    seed=recipe.train.seed)
+                                    seed=recipe.train.seed, stop_ids=stop_token_ids(tokenizer))
     print("\n" + "\n".join(timings.lines()), file=out)
     return {"metrics": stats.metrics, "memory_before": before, "memory": stats.memory.figures(),
             "adapter_dir": recipe.output.adapter_dir, "answer": answer, "timings": dict(timings.parts)}
 
 
 def run_recipe_cli(path: str | None, overrides: list[str], resume: str | None = None, dry_run: bool = False) -> int:
-    from hizli.train.trainer import TrainingInterrupted
+    from hizli.train.signals import TrainingInterrupted
 
     if path is None:
         raise ValueError("pass a recipe file, e.g. `hizli train configs/demo-cpu.yaml` (CPU demo) or "

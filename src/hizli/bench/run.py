@@ -9,7 +9,6 @@ attention FLOPs per token) / the measured bf16 matmul rate of this GPU, and the 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 import sys
@@ -115,7 +114,7 @@ def run(args) -> dict[str, Any]:
     checkpointing = "unsloth" if levers["checkpointing"] else False
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              use_gradient_checkpointing=checkpointing, random_state=3407)
-    from hizli.train.run import dataset_source
+    from hizli.data.sample import dataset_source
 
     marks["lora"] = time.time()
     rows = load_conversations(dataset_source(args.data or "hizli:sharegpt"), bad_rows="skip")
@@ -129,6 +128,7 @@ def run(args) -> dict[str, Any]:
         # merge lever on: the memory plan decides how many micro-batches a step runs as; off: the recipe's own
         padding_free=levers["padding_free"], merge_micro_batches=None if levers["merge_micro"] else False,
         max_memory_gib=args.max_memory_gib, disable_tqdm=True, bad_rows="skip",
+        fused_cross_entropy=levers["fused_ce"],
     )
     first_step: list[float] = []
     callbacks = [lambda e: first_step.append(time.time())]
@@ -136,10 +136,6 @@ def run(args) -> dict[str, Any]:
         callbacks.append(_Profiler(args.profile, device))
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, max_seq_length=args.seq_len,
                          dataset_num_proc=2, args=targs, callbacks=callbacks)
-    if not levers["fused_ce"]:
-        from hizli.train import step as step_mod
-
-        step_mod.FUSED_CE = False
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()
@@ -217,16 +213,3 @@ class _Profiler:
             table = self.prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
             (self.folder / "profile.txt").write_text(table)
             self.prof = None
-
-
-def bench_cli(args) -> int:
-    result = run(args)
-    width = max(len(k) for k in result)
-    for key in ("gpu", "model", "tokens_per_s", "overall_tokens_per_s", "peak_reserved_gib", "peak_allocated_gib",
-                "first_step_s", "mfu", "measured_bf16_tflops"):
-        print(f"{key:<{width}}  {result[key]}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"written to {args.json}")
-    return 0

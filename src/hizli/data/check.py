@@ -14,7 +14,7 @@ conversation, a malformed message, an empty turn, no assistant turn, a row left 
 token after truncation), ``warnings`` the usable rows worth a look (unknown roles mapped, rows
 truncated to ``max_seq_length``), ``stats()`` the token lengths. ``rows_in == rows_used + len(skipped)``.
 
-``check_cli`` prints that report with file line numbers and exits 1 if any row is unusable, else 0.
+``check_file`` prints that report with file line numbers and exits 1 if any row is unusable, else 0.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from hizli.data.problems import DataError, DataReport
 
-__all__ = ["check_rows", "check_cli", "DataError", "DataReport"]
+__all__ = ["check_rows", "check_file", "DataError", "DataReport"]
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 
 
@@ -66,26 +66,27 @@ def check_rows(data: Any, tokenizer=None, *, template: str | None = None, max_se
     return ds.report
 
 
-def check_cli(args) -> int:
-    """``hizli data check FILE [--template NAME] [--max-seq-length N] [--tokenizer T] [--schema S]
-    [--responses-only]``: print the report, return the exit code (1 if any row is unusable)."""
+def check_file(file: str | Path, *, template: str | None = "llama-3.1", max_seq_length: int = 2048,
+               tokenizer: str | None = None, schema: str = "auto", responses_only: bool = False) -> int:
+    """Check ``file`` as ``hizli data check`` does: print the report, return the exit code (1 if any
+    row is unusable, else 0). ``template`` "own"/"none"/None renders with the tokenizer's own template."""
     from hizli import _log
 
-    path = Path(args.file)
+    path = Path(file)
     if not path.is_file():
-        raise FileNotFoundError(f"{args.file}: no such file")
-    tokenizer = load_tokenizer(args.tokenizer)
-    train_on = "assistant" if args.responses_only else "all"
-    template = None if str(args.template).lower() in ("own", "none") else args.template
+        raise FileNotFoundError(f"{file}: no such file")
+    loaded = load_tokenizer(tokenizer)
+    train_on = "assistant" if responses_only else "all"
+    template = None if str(template).lower() in ("own", "none") else template
     quiet = _log.logger.level
     _log.logger.setLevel("WARNING")  # the report below says it all; skip the progress log lines
     try:
-        report = check_rows(path, tokenizer, template=template, max_seq_length=args.max_seq_length,
-                            schema=args.schema, train_on=train_on, show_progress=sys.stderr.isatty())
+        report = check_rows(path, loaded, template=template, max_seq_length=max_seq_length,
+                            schema=schema, train_on=train_on, show_progress=sys.stderr.isatty())
     finally:
         _log.logger.setLevel(quiet)
     print(format_report(report, str(path), template=template or "the tokenizer's own",
-                        tokenizer=args.tokenizer or DEFAULT_TOKENIZER, train_on=train_on))
+                        tokenizer=tokenizer or DEFAULT_TOKENIZER, train_on=train_on))
     return 0 if report.ok else 1
 
 

@@ -235,37 +235,7 @@ def compile_template(text: str):
     return _compile_jinja_template(text)
 
 
-def templates_cli(args) -> int:
-    """``hizli templates`` (list) and ``hizli templates NAME`` (render the sample conversation)."""
-    name = getattr(args, "name", None)
-    if not name:
-        rows = [(info.name, ", ".join(info.aliases) or "-", _show(info.end_of_turn)) for info in registry().values()]
-        w0 = max(len(r[0]) for r in rows)
-        w2 = max(len(r[2]) for r in rows)
-        print(f"{'template':<{w0}}  {'ends a turn':<{w2}}  aliases")
-        for n, aliases, eot in rows:
-            print(f"{n:<{w0}}  {eot:<{w2}}  {aliases}")
-        print(f"\n{len(rows)} templates. `hizli templates NAME` renders a sample conversation.")
-        return 0
-    info = lookup(name)
-    text = render(info, SAMPLE_CONVERSATION, add_generation_prompt=True)
-    print(f"# {info.name}  (aliases: {', '.join(info.aliases) or '-'}; source: {info.source})")
-    print(f"# ends a turn: {_show(info.end_of_turn)}   turn markers (user / assistant): "
-          f"{json.dumps(info.instruction_part)} / {json.dumps(info.response_part)}")
-    if info.default_system is not None:
-        print(f"# default system message: {json.dumps(info.default_system)}")
-    print("# rendered (system, user, assistant, user + generation prompt), between the lines:")
-    print("-" * 60)
-    print(text)
-    print("-" * 60)
-    return 0
-
-
 # ---------------------------------------------------------------- helpers
-def _show(eot: str) -> str:
-    return "EOS" if eot == EOS else eot
-
-
 def _jinja_str(s: str) -> str:
     # Jinja string literals accept JSON's escapes (\n, \", \\); non-ASCII is written as is.
     return json.dumps(s, ensure_ascii=False)

@@ -1,4 +1,4 @@
-"""``hizli export PATH --to merged|merged-4bit|gguf --quant TYPE --out DIR [--push ORG/NAME] [--force]``.
+"""One export of an adapter folder, as ``hizli export`` runs it: check, load, write, report.
 
 Everything a user can get wrong (a non-empty output folder, an unknown type, a missing
 llama-quantize, a missing token for --push) is checked before the model is loaded, so mistakes
@@ -14,51 +14,54 @@ from pathlib import Path
 _SAVE_METHOD = {"merged": "merged_16bit", "merged-4bit": "merged_4bit"}
 
 
-def run(args) -> int:
-    """Run one export from parsed arguments (see ``hizli.cli.build_parser``); returns the exit code."""
-    from hizli.export import api, hub
+def export_adapter(path: str, *, to: str, out: str, quant: str = "q8_0", push: str | None = None,
+                   token: str | None = None, force: bool = False) -> Path:
+    """Export the model or adapter at ``path`` as ``to`` ("merged", "merged-4bit" or "gguf" with
+    ``quant``) into the folder ``out`` (new or empty unless ``force``); with ``push`` also upload it
+    to that hub repository (private). Prints what was written; returns the output folder."""
+    from hizli.export import hub, staging
 
-    out = api.check_output_dir(args.out, overwrite=bool(args.force), flag="--force")
+    target = staging.check_output_dir(out, overwrite=force, flag="--force")
     method = None
-    if args.to == "gguf":
+    if to == "gguf":
         from hizli.export import gguf
 
-        method = gguf.normalize_quantization(args.quant)
+        method = gguf.normalize_quantization(quant)
         if method in gguf.EXTERNAL and gguf.find_llama_quantize() is None:
             raise ValueError(gguf._missing_quantize_message(method))
-    elif args.to not in _SAVE_METHOD:
-        raise ValueError(f"--to {args.to!r}: use merged, merged-4bit or gguf")
-    if args.push:
-        hub.check_repo_id(args.push)
-        hub.resolve_token(args.token)
+    elif to not in _SAVE_METHOD:
+        raise ValueError(f"--to {to!r}: use merged, merged-4bit or gguf")
+    if push:
+        hub.check_repo_id(push)
+        hub.resolve_token(token)
 
     start = time.perf_counter()
-    _say(f"loading {args.path}")
+    _say(f"loading {path}")
     from hizli.models import loader
 
     # Full-precision base: a LoRA trained on an NF4 base is merged into the original weights (as
     # Unsloth does); a checkpoint that is itself 4-bit on disk is dequantized by the merge.
-    model, tokenizer = loader.load(args.path, load_in_4bit=False, adapter_trainable=False)
+    model, tokenizer = loader.load(path, load_in_4bit=False, adapter_trainable=False)
     loaded = time.perf_counter()
     if method is not None:
         from hizli.export import gguf
 
-        _say(f"writing GGUF ({method}) to {out}")
-        gguf.save_gguf(model, out, tokenizer, quantization_method=method, overwrite=bool(args.force),
+        _say(f"writing GGUF ({method}) to {target}")
+        gguf.save_gguf(model, target, tokenizer, quantization_method=method, overwrite=force,
                        progress=True)
     else:
         from hizli.export import merge
 
-        _say(f"writing {args.to} weights to {out}")
-        merge.save_merged(model, out, tokenizer, save_method=_SAVE_METHOD[args.to], overwrite=bool(args.force),
+        _say(f"writing {to} weights to {target}")
+        merge.save_merged(model, target, tokenizer, save_method=_SAVE_METHOD[to], overwrite=force,
                           progress=True)
     done = time.perf_counter()
-    print(summary(out, load_s=loaded - start, export_s=done - loaded))
-    if args.push:
-        _say(f"uploading {out} to {args.push} (private)")
-        url = hub.push_folder(out, args.push, token=args.token, private=True)
+    print(summary(target, load_s=loaded - start, export_s=done - loaded))
+    if push:
+        _say(f"uploading {target} to {push} (private)")
+        url = hub.push_folder(target, push, token=token, private=True)
         print(f"uploaded: {url}")
-    return 0
+    return target
 
 
 def summary(folder: Path, *, load_s: float, export_s: float) -> str:

@@ -151,7 +151,7 @@ def save_gguf(
             raise ValueError(_missing_quantize_message(next(m for m in methods if m in EXTERNAL)))
     spec = arch_spec(model)
     vocab = tokenizer_metadata(tokenizer, model)  # fails early on unsupported tokenizers
-    from hizli.export.api import staged_output
+    from hizli.export.staging import staged_output
 
     target = Path(save_directory).expanduser()
     stem = file_stem or target.resolve().name or "model"

@@ -387,7 +387,7 @@ def save_merged(
     if unknown:
         raise TypeError(f"save_pretrained_merged() got unexpected argument(s): {', '.join(sorted(unknown))}")
     method = normalize_save_method(save_method)
-    from hizli.export.api import staged_output
+    from hizli.export.staging import staged_output
 
     if method == "lora":
         with staged_output(save_directory, overwrite=overwrite) as staging:

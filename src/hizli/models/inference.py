@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 
 def accept_encodings_in_generate(model) -> None:
@@ -75,10 +75,13 @@ def generate_reply(
     min_p: float | None = None,
     stream: bool = True,
     seed: int | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> str:
     """Answer the last user message; with ``stream`` the text is printed as it is produced.
 
-    ``temperature=0`` decodes greedily (reproducible answers for scripts and tests).
+    ``temperature=0`` decodes greedily (reproducible answers for scripts and tests). Generation
+    stops at the model's EOS ids and at ``stop_ids`` (the chat template's end-of-turn tokens:
+    ``hizli.data.templates.stop_token_ids(tokenizer)``).
     """
     import torch
     from transformers import TextStreamer
@@ -93,7 +96,7 @@ def generate_reply(
             kwargs["min_p"] = min_p
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    eos = _stop_ids(tokenizer, model)
+    eos = _stop_ids(model, stop_ids)
     if eos:
         kwargs["eos_token_id"] = eos
     if stream:
@@ -105,10 +108,8 @@ def generate_reply(
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def _stop_ids(tokenizer, model) -> list[int]:
-    """EOS ids of the generation config plus the chat template's end-of-turn and stop tokens."""
-    from hizli.data.templates import stop_token_ids
-
+def _stop_ids(model, extra: Sequence[int]) -> list[int]:
+    """EOS ids of the generation config plus ``extra`` (the chat template's stop tokens)."""
     ids: list[int] = []
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -116,5 +117,5 @@ def _stop_ids(tokenizer, model) -> list[int]:
         ids.append(eos)
     elif isinstance(eos, (list, tuple)):
         ids.extend(int(i) for i in eos)
-    ids.extend(stop_token_ids(tokenizer))
+    ids.extend(int(i) for i in extra)
     return list(dict.fromkeys(ids))

@@ -19,3 +19,10 @@ def sample_path(name: str = "sharegpt") -> str:
     if key not in FILES:
         raise ValueError(f"sample {name!r} does not exist; use one of {', '.join(FILES)}")
     return str(Path(__file__).with_name(FILES[key]))
+
+
+def dataset_source(name: str) -> str:
+    """``hizli:NAME`` names a sample packaged with hizli (``hizli:sharegpt``); anything else is as given."""
+    if isinstance(name, str) and name.startswith("hizli:"):
+        return sample_path(name.split(":", 1)[1])
+    return name
