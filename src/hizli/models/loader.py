@@ -226,7 +226,7 @@ def load(
     if fast_path and attn_implementation == "sdpa":
         use_hizli_attention(model)
     if fast_path and device.startswith("cuda"):
-        from hizli.kernels import warmup
+        from hizli.models import warmup
         from hizli.models.patch import use_fused_ops
 
         model.hizli_fused = use_fused_ops(model)
@@ -263,7 +263,7 @@ def _start_kernel_warmup(src: Source, device: str, dtype, nf4: bool, revision: s
     Any problem here only means the kernels compile at first use instead."""
     from types import SimpleNamespace
 
-    from hizli.kernels import warmup
+    from hizli.models import warmup
 
     if not warmup.enabled(device):
         return

@@ -265,7 +265,7 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
     if max_memory_gib:
         budget = min(budget, max_memory_gib * GIB)
-    from hizli.models import lora_casts
+    from hizli.kernels import lora_casts
     from hizli.models.fused_lora import model_uses_fused_lora
 
     fused = device.type == "cuda" and model_uses_fused_lora(model)

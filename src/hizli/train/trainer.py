@@ -26,7 +26,7 @@ import torch
 
 from hizli import _log
 from hizli.data.collate import DataCollatorForSeq2Seq, PaddingFreeCollator
-from hizli.kernels import warmup
+from hizli.models import warmup
 from hizli.train import checkpoint, memory, metrics, optim, step as step_mod
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.models.checkpointing import apply_layer_modes
