@@ -67,7 +67,7 @@ def dequantized(bases: Sequence[Any], sizes: Sequence[int], dtype: torch.dtype, 
     w = torch.empty((sum(sizes), bases[0].in_features), dtype=dtype, device=device)
     row = 0
     for base, size in zip(bases, sizes):
-        dequantize_into(base, w[row:row + size])
+        dequantize_into(base, w[row : row + size])
         row += size
     return w
 
@@ -104,6 +104,8 @@ def check_parts(op: str, in_features: int, parts: Sequence[LoraPart]) -> None:
         raise ValueError(f"{op}: parts is empty; pass at least one (base, lora_A, lora_B, scaling)")
     for i, (base, a, b, _scaling) in enumerate(parts):
         if base.in_features != in_features or a.shape[1] != in_features or b.shape[1] != a.shape[0]:
-            raise ValueError(f"{op}: part {i} has base in_features {base.in_features}, lora_A {tuple(a.shape)} "
-                             f"and lora_B {tuple(b.shape)} but its input has {in_features} features: the base "
-                             f"must read {in_features}, lora_A be [r, {in_features}] and lora_B [out, r]")
+            raise ValueError(
+                f"{op}: part {i} has base in_features {base.in_features}, lora_A {tuple(a.shape)} "
+                f"and lora_B {tuple(b.shape)} but its input has {in_features} features: the base "
+                f"must read {in_features}, lora_A be [r, {in_features}] and lora_B [out, r]"
+            )

@@ -58,8 +58,13 @@ def cache_has_kernels(names: Sequence[str]) -> bool:
     and those kernels then compile at first use, as they would without a warm-up."""
     root = triton_cache_dir()
     try:
-        found = {entry.name for folder in os.scandir(root) if folder.is_dir() for entry in os.scandir(folder.path)
-                 if entry.name.endswith(".cubin")}
+        found = {
+            entry.name
+            for folder in os.scandir(root)
+            if folder.is_dir()
+            for entry in os.scandir(folder.path)
+            if entry.name.endswith(".cubin")
+        }
     except OSError:
         return False
     return all(f"{name}.cubin" in found for name in names)
@@ -78,8 +83,13 @@ def start_process(module: str, argv: Sequence[str]) -> bool:
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), package_root) if p)
     fd, _process_log = tempfile.mkstemp(prefix="hizli-kernel-warmup-", suffix=".log")
     with os.fdopen(fd, "w") as log:
-        _process = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env={**os.environ, ENV: "0", "PYTHONPATH": path})
+        _process = subprocess.Popen(
+            [sys.executable, "-m", module, *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, ENV: "0", "PYTHONPATH": path},
+        )
     _log.debug(f"compiling Triton kernels in the background: {module} {' '.join(argv)} (pid {_process.pid})")
     return True
 

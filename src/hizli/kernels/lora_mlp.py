@@ -25,8 +25,15 @@ from typing import Sequence
 
 import torch
 
-from hizli.kernels._lora import (LoraPart, check_parts, compute_dtype, dequantize_into, dequantized, no_autocast,
-                                 projection_reference)
+from hizli.kernels._lora import (
+    LoraPart,
+    check_parts,
+    compute_dtype,
+    dequantize_into,
+    dequantized,
+    no_autocast,
+    projection_reference,
+)
 from hizli.kernels.dispatch import use_triton
 from hizli.kernels.lora_casts import compute_copy
 
@@ -38,8 +45,19 @@ class _LoraMLPFunction(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))``, each projection ``x W^T + s (x A^T) B^T``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype,
-                a_gate, b_gate, a_up, b_up, a_down, b_down):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        bases: tuple,
+        scalings: tuple,
+        dtype: torch.dtype,
+        a_gate,
+        b_gate,
+        a_up,
+        b_up,
+        a_down,
+        b_down,
+    ):
         from hizli.kernels.swiglu import swiglu_forward
 
         inter = b_gate.shape[0]
@@ -114,8 +132,18 @@ class _LoraMLPFunction(torch.autograd.Function):
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         a_gate_t, a_up_t, a_down_t = ctx.a_dtypes
         b_gate_t, b_up_t, b_down_t = ctx.b_dtypes
-        return (dx, None, None, None, d_a_gate.to(a_gate_t), d_b_gate.to(b_gate_t), d_a_up.to(a_up_t),
-                d_b_up.to(b_up_t), d_a_down.to(a_down_t), d_b_down.to(b_down_t))
+        return (
+            dx,
+            None,
+            None,
+            None,
+            d_a_gate.to(a_gate_t),
+            d_b_gate.to(b_gate_t),
+            d_a_up.to(a_up_t),
+            d_b_up.to(b_up_t),
+            d_a_down.to(a_down_t),
+            d_b_down.to(b_down_t),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,5 +195,15 @@ def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
     (g_base, a_g, b_g, s_g), (u_base, a_u, b_u, s_u), (d_base, a_d, b_d, s_d) = parts
     if not use_triton("lora_mlp", x, a_g, b_g, a_u, b_u, a_d, b_d):
         return lora_mlp_reference(x, parts)
-    return _LoraMLPFunction.apply(x, (g_base, u_base, d_base), (float(s_g), float(s_u), float(s_d)), compute_dtype(x),
-                                  a_g, b_g, a_u, b_u, a_d, b_d)
+    return _LoraMLPFunction.apply(
+        x,
+        (g_base, u_base, d_base),
+        (float(s_g), float(s_u), float(s_d)),
+        compute_dtype(x),
+        a_g,
+        b_g,
+        a_u,
+        b_u,
+        a_d,
+        b_d,
+    )

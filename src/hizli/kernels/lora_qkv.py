@@ -29,8 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hizli.kernels._lora import (LoraPart, check_parts, compute_dtype, dequantized, no_autocast,
-                                 projection_reference)
+from hizli.kernels._lora import LoraPart, check_parts, compute_dtype, dequantized, no_autocast, projection_reference
 from hizli.kernels.dispatch import use_triton
 from hizli.kernels.lora_casts import compute_copy
 
@@ -46,8 +45,8 @@ def _rotate_qk(y: torch.Tensor, lead: torch.Size, sizes: Sequence[int], rope: tu
 
     cos, sin = rope
     d = cos.shape[-1]
-    q = y[:, :sizes[0]].view(*lead, sizes[0] // d, d)
-    k = y[:, sizes[0]:sizes[0] + sizes[1]].view(*lead, sizes[1] // d, d)
+    q = y[:, : sizes[0]].view(*lead, sizes[0] // d, d)
+    k = y[:, sizes[0] : sizes[0] + sizes[1]].view(*lead, sizes[1] // d, d)
     rope_in_place(q, k, cos, sin, backward=backward)
 
 
@@ -59,15 +58,19 @@ class _LoraQKVFunction(torch.autograd.Function):
     """``y_i = x W_i^T + s_i (x A_i^T) B_i^T`` for projections sharing the input ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype, rope: tuple | None,
-                *ab: torch.Tensor):
+    def forward(
+        ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype, rope: tuple | None, *ab: torch.Tensor
+    ):
         a_list, b_list = ab[0::2], ab[1::2]
         sizes = [b.shape[0] for b in b_list]
         ranks = [a.shape[0] for a in a_list]
         with no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a_cat = torch.cat([compute_copy(a, dtype) for a in a_list]) if len(a_list) > 1 \
+            a_cat = (
+                torch.cat([compute_copy(a, dtype) for a in a_list])
+                if len(a_list) > 1
                 else compute_copy(a_list[0], dtype)
+            )
             b_list = [compute_copy(b, dtype) for b in b_list]
             w = dequantized(bases, sizes, dtype, x.device)
             y = x2 @ w.t()
@@ -75,7 +78,7 @@ class _LoraQKVFunction(torch.autograd.Function):
             xa = x2 @ a_cat.t()
             col = r0 = 0
             for b, s, size, r in zip(b_list, scalings, sizes, ranks):
-                y[:, col:col + size].addmm_(xa[:, r0:r0 + r], b.t(), alpha=s)
+                y[:, col : col + size].addmm_(xa[:, r0 : r0 + r], b.t(), alpha=s)
                 col, r0 = col + size, r0 + r
             if rope is not None:
                 _rotate_qk(y, x.shape[:-1], sizes, rope, backward=False)
@@ -93,8 +96,12 @@ class _LoraQKVFunction(torch.autograd.Function):
         dtype, sizes, ranks, scalings = ctx.dtype, ctx.sizes, ctx.ranks, ctx.scalings
         n_tokens = x2.shape[0]
         with no_autocast(x2.device):
-            parts = [torch.zeros((n_tokens, size), dtype=dtype, device=x2.device) if g is None
-                     else g.reshape(n_tokens, size).to(dtype) for g, size in zip(grads, sizes)]
+            parts = [
+                torch.zeros((n_tokens, size), dtype=dtype, device=x2.device)
+                if g is None
+                else g.reshape(n_tokens, size).to(dtype)
+                for g, size in zip(grads, sizes)
+            ]
             dy = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if ctx.rope is not None:  # back through the rotation, in dy (a fresh buffer: three parts)
                 _rotate_qk(dy, ctx.x_shape[:-1], sizes, ctx.rope, backward=True)
@@ -103,7 +110,7 @@ class _LoraQKVFunction(torch.autograd.Function):
             r0 = 0
             for part, b, b_dtype, s, r in zip(parts, b_list, ctx.b_dtypes, scalings, ranks):
                 d_xa.append((part @ b).mul_(s))
-                d_b.append((part.t() @ xa[:, r0:r0 + r]).mul_(s).to(b_dtype))
+                d_b.append((part.t() @ xa[:, r0 : r0 + r]).mul_(s).to(b_dtype))
                 r0 += r
             del parts
             d_xa_cat = torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]
@@ -128,12 +135,15 @@ class _LoraQKVFunction(torch.autograd.Function):
 def _check(x: torch.Tensor, parts: Sequence[LoraPart], rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     check_parts("lora_qkv", x.shape[-1], parts)
     if rope is not None and (len(parts) != 3 or any(t.requires_grad for t in rope)):
-        raise ValueError("lora_qkv: rope=(cos, sin) is for a q/k/v group of three projections with constant "
-                         "cos/sin (no gradient); rotate other groups with hizli.kernels.rope.rope")
+        raise ValueError(
+            "lora_qkv: rope=(cos, sin) is for a q/k/v group of three projections with constant "
+            "cos/sin (no gradient); rotate other groups with hizli.kernels.rope.rope"
+        )
 
 
-def lora_qkv_reference(x: torch.Tensor, parts: Sequence[LoraPart],
-                       rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+def lora_qkv_reference(
+    x: torch.Tensor, parts: Sequence[LoraPart], rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, ...]:
     """PEFT's maths in plain PyTorch, projection by projection; arguments and result as :func:`lora_qkv`.
 
     Each output is ``x W^T + ((x A^T) B^T) * scaling`` (PEFT's ``base(x) + lora_B(lora_A(dropout(x)))
@@ -156,8 +166,9 @@ def lora_qkv_reference(x: torch.Tensor, parts: Sequence[LoraPart],
         return q.flatten(-2), k.flatten(-2), outs[2]
 
 
-def lora_qkv(x: torch.Tensor, parts: Sequence[LoraPart],
-             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+def lora_qkv(
+    x: torch.Tensor, parts: Sequence[LoraPart], rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Outputs of LoRA projections sharing the input ``x``: the fused function on CUDA (its NF4
     dequantization and rotation in Triton), the reference elsewhere.
 
@@ -183,5 +194,6 @@ def lora_qkv(x: torch.Tensor, parts: Sequence[LoraPart],
         ab += [a, b]
     if not use_triton("lora_qkv", x, *ab):
         return lora_qkv_reference(x, parts, rope)
-    return _LoraQKVFunction.apply(x, tuple(p[0] for p in parts), tuple(float(p[3]) for p in parts),
-                                  compute_dtype(x), rope, *ab)
+    return _LoraQKVFunction.apply(
+        x, tuple(p[0] for p in parts), tuple(float(p[3]) for p in parts), compute_dtype(x), rope, *ab
+    )
