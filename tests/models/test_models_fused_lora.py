@@ -227,6 +227,9 @@ def test_patched_model_trains_like_peft(tmp_path, request, path):
     from hizli.models.fused_lora import model_uses_fused_lora
 
     assert model_uses_fused_lora(fused) and not model_uses_fused_lora(plain)  # the memory plan reads this
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HIZLI_KERNELS", "reference")  # the ops then run their (unfused) references
+        assert not model_uses_fused_lora(fused)
     batch = step_mod.to_device(PaddingFreeCollator()(token_rows(4, seed=3, vocab=256)), torch.device("cpu"))
     results = []
     for m in (plain, fused):

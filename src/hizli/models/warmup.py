@@ -33,8 +33,10 @@ from hizli.kernels._precompile import (ENV, cache_has_kernels, enabled, prime_in
                                        triton_cache_dir, wait)
 from hizli.kernels.lora_qkv import LoraPart
 
+# enabled, prime_in_background and wait are the process side, here so callers need one module
 __all__ = ["ENV", "KERNELS", "KernelShapes", "cache_has_kernels", "enabled", "exercise", "prime_in_background",
            "start", "triton_cache_dir", "wait"]
+
 TOKENS = 40  # any count: the token-count arguments are not specialised (see the module docstring)
 # Every Triton kernel a fast-path training step launches (a test checks this against the kernel modules).
 KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
