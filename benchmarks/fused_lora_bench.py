@@ -49,6 +49,8 @@ def build(dtype):
 
 
 def paths(layer):
+    from hizli.kernels.lora_mlp import lora_mlp
+    from hizli.kernels.lora_qkv import lora_qkv
     from hizli.models import fused_lora as fl
 
     attn, mlp = layer.self_attn, layer.mlp
@@ -58,8 +60,8 @@ def paths(layer):
     silu = torch.nn.functional.silu
 
     def fused(x, xo):
-        q, k, v = fl.lora_group(x, qkv)
-        return q.sum() + k.sum() + v.sum() + fl.lora_group(xo, o)[0].sum() + fl.lora_swiglu_mlp(x, gud).sum()
+        q, k, v = lora_qkv(x, qkv)
+        return q.sum() + k.sum() + v.sum() + lora_qkv(xo, o)[0].sum() + lora_mlp(x, gud).sum()
 
     def peft(x, xo):
         return (attn.q_proj(x).sum() + attn.k_proj(x).sum() + attn.v_proj(x).sum() + attn.o_proj(xo).sum()

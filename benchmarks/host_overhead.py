@@ -106,7 +106,7 @@ def op_timings(tokens: int) -> dict:
 def layer_timings(tokens: int) -> dict:
     from fused_lora_bench import build, paths
 
-    from hizli.models import lora_casts
+    from hizli.kernels import lora_casts
 
     layer = build(torch.bfloat16)
     fused = paths(layer)["fused"]

@@ -58,3 +58,57 @@ class FakeTokenizer:
 
     def save_pretrained(self, path):
         pass
+
+
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def one_layer_lora_model(tmp_path, *, hidden, inter, heads, kv_heads, head_dim, dtype, device, seed=0,
+                         use_rslora=False, lora_dropout=0.0):
+    """A 1-layer Llama of this shape loaded in NF4 + double quant (as the loader does), LoRA r=16 on all
+    seven projections with random B (so the adapters matter), in train mode."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+
+    from hizli.models import lora
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    folder = tmp_path / f"m{hidden}x{inter}"
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
+                                                 device_map={"": device})
+    model = lora.add_lora(model, r=16, lora_alpha=16, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                          target_modules=list(LORA_PROJECTIONS), use_gradient_checkpointing=False,
+                          init_lora_weights=False, random_state=seed + 1)
+    model.train()
+    return model
+
+
+def random_lora_part(out_features: int, in_features: int, *, nf4: bool, rank: int = 8, scaling: float = 2.0,
+                     device="cpu", seed: int = 0):
+    """A ``hizli.kernels.lora_qkv.LoraPart`` with random weights: a frozen base (NF4 with double
+    quantization as the loader makes it, or a plain ``nn.Linear``) and fp32 ``lora_A`` / ``lora_B``
+    that require grad, as PEFT keeps them."""
+    from types import SimpleNamespace
+
+    from hizli.kernels.lora_qkv import LoraPart
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) * in_features ** -0.5
+    if nf4:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w.to(device), blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed.quant_state = state
+        base = SimpleNamespace(weight=packed, in_features=in_features, out_features=out_features)
+    else:
+        base = torch.nn.Linear(in_features, out_features, bias=False, device=device)
+        with torch.no_grad():
+            base.weight.copy_(w)
+        base.weight.requires_grad_(False)
+    a = (torch.randn(rank, in_features, generator=g) * in_features ** -0.5).to(device).requires_grad_()
+    b = (torch.randn(out_features, rank, generator=g) * 0.5).to(device).requires_grad_()
+    return LoraPart(base, a, b, scaling)

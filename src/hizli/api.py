@@ -56,11 +56,14 @@ class FastLanguageModel:
         kwargs.pop("fix_tokenizer", None)  # Unsloth argument; hizli always fixes the pad token
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(sorted(kwargs))}")
-        return loader.load(
+        model, tokenizer = loader.load(
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
             token=token, device_map=device_map, trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, revision=revision, attn_implementation=attn, fast_path=fast_path,
         )
+        if hasattr(model, "peft_config"):  # a saved adapter folder: exportable like a fresh LoRA model
+            attach_export_methods(model)
+        return model, tokenizer
 
     @staticmethod
     def get_peft_model(
@@ -80,11 +83,13 @@ class FastLanguageModel:
         """Add LoRA adapters (PEFT format). ``use_gradient_checkpointing``: True recomputes each
         layer in backward, "unsloth" also keeps the layer inputs in CPU memory on a GPU, False keeps
         every activation (fastest, most memory)."""
-        return lora.add_lora(
+        peft_model = lora.add_lora(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
             use_rslora=use_rslora, loftq_config=loftq_config, **kwargs,
         )
+        attach_export_methods(peft_model)
+        return peft_model
 
     @staticmethod
     def for_inference(model):
@@ -93,6 +98,26 @@ class FastLanguageModel:
     @staticmethod
     def for_training(model, use_gradient_checkpointing: bool = True):
         return inference.for_training(model)
+
+
+EXPORT_METHODS = ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf",
+                  "push_to_hub")
+
+
+def attach_export_methods(model) -> None:
+    """Give a LoRA model the recipe's export methods (``model.save_pretrained_merged(...)`` and the
+    others in ``EXPORT_METHODS``), bound per instance so PEFT's class is untouched.
+
+    ``FastLanguageModel.get_peft_model`` and ``from_pretrained`` (of an adapter folder) call it; the
+    methods are :mod:`hizli.export.api`'s functions with the model as first argument. hizli's
+    ``push_to_hub`` replaces PEFT's so the recipe's upload is private by default.
+    """
+    import types
+
+    from hizli.export import api as export_api
+
+    for name in EXPORT_METHODS:
+        setattr(model, name, types.MethodType(getattr(export_api, name), model))
 
 
 def is_bfloat16_supported() -> bool:

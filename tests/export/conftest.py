@@ -166,10 +166,12 @@ def adapter_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapter_model(adapter_dir):
     """(model, tokenizer): the adapter on the full-precision fp32 base, as a user loads it."""
+    from hizli.api import attach_export_methods
     from hizli.models import loader
 
     with one_thread():
         model, tokenizer = loader.load(str(adapter_dir), load_in_4bit=False, adapter_trainable=False)
+    attach_export_methods(model)  # what FastLanguageModel.from_pretrained adds
     model.eval()
     return model, tokenizer
 

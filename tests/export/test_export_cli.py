@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hizli.api import FastLanguageModel
 from hizli.cli import main
 
 
@@ -168,9 +169,7 @@ def test_push_uploads_privately(tiny_adapter, tmp_path, monkeypatch, capsys):
     assert "uploaded: https://huggingface.co/me/tiny-gguf" in capsys.readouterr().out
 
     calls.clear()  # the Python API: token argument wins over the environment, private unless asked
-    from hizli.models import loader
-
-    model, tokenizer = loader.load(str(tiny_adapter), load_in_4bit=False)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_adapter), load_in_4bit=False)
     model.push_to_hub_merged("me/tiny-merged", tokenizer, token="hf_arg")
     assert calls[0] == ("init", "hf_arg") and calls[1][3] is True
     assert "model.safetensors" in calls[2][1] and "config.json" in calls[2][1]

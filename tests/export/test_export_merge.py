@@ -21,6 +21,7 @@ import json
 import pytest
 import torch
 
+from hizli.api import FastLanguageModel, attach_export_methods
 from hizli.export import merge
 from hizli.models import loader
 
@@ -79,6 +80,7 @@ def test_merged_16bit_from_nf4_base(adapter_dir, chat, prompts, tmp_path):
     from peft import PeftModel
 
     model, tokenizer = loader.load(str(adapter_dir), load_in_4bit=True, adapter_trainable=False)
+    attach_export_methods(model)  # what FastLanguageModel.from_pretrained adds
     assert model.hizli_info.is_4bit
     # Reference: the fp32 base with every NF4 weight replaced by its dequantized value (bitsandbytes'
     # own dequantize, read before any CPU inference repacks it), then the same adapter, unmerged.
@@ -137,10 +139,9 @@ def test_dequantize_reads_bitsandbytes_cpu_packed_layout():
 
 
 def test_sharded_and_bf16_outputs_load_back(tiny_model_dir, tmp_path):
-    from hizli.models.lora import add_lora
-
     model, tokenizer = loader.load(tiny_model_dir, load_in_4bit=False)
-    peft_model = add_lora(model, r=4, init_lora_weights=False)  # random A and B: a non-zero adapter
+    # random A and B: a non-zero adapter
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
     peft_model.eval()
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -172,10 +173,8 @@ def test_sharded_and_bf16_outputs_load_back(tiny_model_dir, tmp_path):
 
 def test_merged_4bit_is_the_merged_model_quantized(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from hizli.models.lora import add_lora
-
     model, tokenizer = loader.load(tiny_model_dir, load_in_4bit=False)
-    peft_model = add_lora(model, r=4, init_lora_weights=False)
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
     peft_model.save_pretrained_merged(str(tmp_path / "m16"), tokenizer)
     peft_model.save_pretrained_merged(str(tmp_path / "m4"), tokenizer, save_method="merged_4bit")
     config = json.loads((tmp_path / "m4" / "config.json").read_text())
@@ -196,10 +195,8 @@ def test_lora_save_method_writes_a_peft_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hizli.models.lora import add_lora
-
     model, tokenizer = loader.load(tiny_model_dir, load_in_4bit=False)
-    peft_model = add_lora(model, r=4, init_lora_weights=False).eval()
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False).eval()
     peft_model.save_pretrained_merged(str(tmp_path / "adapter"), tokenizer, save_method="lora")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "tokenizer.json").is_file()
@@ -211,10 +208,8 @@ def test_lora_save_method_writes_a_peft_adapter(tiny_model_dir, tmp_path):
 
 
 def test_bad_arguments_are_explained(tiny_model_dir, tmp_path):
-    from hizli.models.lora import add_lora
-
     model, tokenizer = loader.load(tiny_model_dir, load_in_4bit=False)
-    peft_model = add_lora(model, r=4)
+    peft_model = FastLanguageModel.get_peft_model(model, r=4)
     with pytest.raises(ValueError, match="save_method='merged_8bit'.*merged_16bit"):
         peft_model.save_pretrained_merged(str(tmp_path / "x"), tokenizer, save_method="merged_8bit")
     with pytest.raises(ValueError, match="dtype='int8'"):

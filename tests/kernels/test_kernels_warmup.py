@@ -1,6 +1,6 @@
-"""The background kernel compile (``hizli.kernels.warmup``): it runs every kernel of a training step,
-it never gets in the way when it fails, and on a GPU it compiles exactly the variants that training
-then launches (so the first step compiles nothing)."""
+"""The background kernel compile (``hizli.models.warmup`` over ``hizli.kernels._precompile``): it runs
+every kernel of a training step, it never gets in the way when it fails, and on a GPU it compiles
+exactly the variants that training then launches (so the first step compiles nothing)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hizli.kernels import warmup
+from hizli.kernels import _precompile
 from hizli.kernels._triton_utils import LazyJit
+from hizli.models import warmup
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,7 @@ def test_nothing_starts_on_a_cpu_or_when_turned_off(tiny_config, monkeypatch):
 
 def _spawn_unconditionally(monkeypatch):
     monkeypatch.setattr(warmup, "enabled", lambda device: True)
-    monkeypatch.setattr(warmup, "cache_has_kernels", lambda names=warmup.KERNELS: False)
+    monkeypatch.setattr(warmup, "cache_has_kernels", lambda names: False)
     monkeypatch.setattr(warmup, "_room_for_it", lambda config, shapes, device: True)
 
 
@@ -102,10 +103,10 @@ def test_a_background_compile_that_fails_costs_nothing(tiny_config, monkeypatch,
     _spawn_unconditionally(monkeypatch)
     device = "cuda:0" if not torch.cuda.is_available() else "cuda:99"
     assert warmup.start(tiny_config, torch.bfloat16, device, nf4=True)
-    log_file = warmup._process_log
+    log_file = _precompile._process_log
     assert "background kernel compile exited with" in _wait_and_read_debug_log(caplog)
     assert not os.path.exists(log_file)
-    assert warmup._process is None
+    assert _precompile._process is None
 
 
 def test_it_starts_only_where_the_gpu_has_room_beside_the_model(monkeypatch):
@@ -124,13 +125,13 @@ def test_it_starts_only_where_the_gpu_has_room_beside_the_model(monkeypatch):
 
 def test_a_warm_triton_cache_needs_no_background_compile(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    assert not warmup.cache_has_kernels()
+    assert not warmup.cache_has_kernels(warmup.KERNELS)
     for i, name in enumerate(warmup.KERNELS):
         (tmp_path / f"hash{i}").mkdir()
         (tmp_path / f"hash{i}" / f"{name}.cubin").write_bytes(b"")
-    assert warmup.cache_has_kernels()
+    assert warmup.cache_has_kernels(warmup.KERNELS)
     (tmp_path / "hash0" / f"{warmup.KERNELS[0]}.cubin").unlink()
-    assert not warmup.cache_has_kernels()
+    assert not warmup.cache_has_kernels(warmup.KERNELS)
 
 
 def _cubins(cache: Path) -> set[str]:
@@ -153,7 +154,7 @@ def test_after_the_warm_up_the_first_training_steps_compile_nothing(tmp_path):
     env.pop("HIZLI_KERNELS", None)
     # bf16: what hizli bench trains in on a GPU that has it (fp16 variants differ only in dtype)
     shapes = warmup.KernelShapes.from_config(config_for("tiny"), torch.bfloat16, nf4=True)
-    subprocess.run([sys.executable, "-m", "hizli.kernels.warmup", json.dumps(asdict(shapes)), "cuda"],
+    subprocess.run([sys.executable, "-m", "hizli.models.warmup", json.dumps(asdict(shapes)), "cuda"],
                    env=env, check=True, timeout=300)
     compiled = _cubins(cache)
     assert {Path(c).stem for c in compiled} == set(warmup.KERNELS)

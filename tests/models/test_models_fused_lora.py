@@ -1,14 +1,15 @@
-"""The fused 4-bit LoRA projections compute what PEFT + bitsandbytes compute, forward and backward.
+"""The fused LoRA ops inside a real PEFT + bitsandbytes layer compute what PEFT computes, forward and backward.
 
 Each test builds a one-layer Llama in NF4 (double quantization, as the loader does) with LoRA on all
 seven projections and random ``B`` (so the adapters matter), then runs the layer's q/k/v group, its
-o projection and its MLP twice: through the fused autograd functions and through the PEFT modules
-(the unfused reference). Outputs, input gradients and every ``lora_A`` / ``lora_B`` gradient must
-agree. In bf16/fp16 both sides round differently, so there the check is against a float64 reference
-built from the same dequantized weights: the fused error must be no worse than PEFT's (times 1.25).
+o projection and its MLP twice: through ``hizli.kernels.lora_qkv`` / ``lora_mlp`` and through the PEFT
+modules. Outputs, input gradients and every ``lora_A`` / ``lora_B`` gradient must agree. In bf16/fp16
+both sides round differently, so there the check is against a float64 evaluation built from the same
+dequantized weights: the fused error must be no worse than PEFT's (times 1.25).
 
-On a CPU the dequantization and SwiGLU run their PyTorch references (fp32, and bf16 at small
-shapes); ``-m gpu`` runs the Triton path at the recipe's shapes in bf16 and fp16.
+On a CPU the ops would take their references; the ``fused`` fixture sends them through their
+autograd functions (whose dequantization and SwiGLU then run their PyTorch references), so the
+functions' backward is tested here too. ``-m gpu`` runs the Triton path at the recipe's shapes.
 """
 
 from __future__ import annotations
@@ -16,32 +17,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hizli.models import fused_lora, lora
+from helpers import one_layer_lora_model
+from hizli.kernels import lora_mlp as lora_mlp_module
+from hizli.kernels import lora_qkv as lora_qkv_module
+from hizli.kernels.lora_mlp import lora_mlp
+from hizli.kernels.lora_qkv import lora_qkv
+from hizli.models import fused_lora
 
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-def one_layer_lora_model(tmp_path, *, hidden, inter, heads, kv_heads, head_dim, dtype, device, seed=0,
-                         use_rslora=False, lora_dropout=0.0):
-    """A 1-layer Llama of this shape loaded in NF4 + double quant, LoRA r=16 with random B."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
-
-    from helpers import tiny_llama_config
-
-    torch.manual_seed(seed)
-    config = tiny_llama_config(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
-                               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
-    folder = tmp_path / f"m{hidden}x{inter}"
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device})
-    model = lora.add_lora(model, r=16, lora_alpha=16, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                          target_modules=list(PROJ), use_gradient_checkpointing=False, init_lora_weights=False,
-                          random_state=seed + 1)
-    model.train()
-    return model
+@pytest.fixture
+def fused(monkeypatch):
+    """The ops take their fused autograd functions here, also on a CPU."""
+    for module in (lora_qkv_module, lora_mlp_module):
+        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
 
 
 def _layer(model):
@@ -86,16 +74,16 @@ def _cases(layer):
         return q.flatten(-2), k.flatten(-2), attn.v_proj(x)
 
     def fused_qkv_rope(x):
-        return fused_lora.lora_group(x, qkv, rope=_rope_tables(x, d))
+        return lora_qkv(x, qkv, rope=_rope_tables(x, d))
 
     fused_qkv_rope.head_dim = d  # for the float64 reference
 
     return {
-        "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: fused_lora.lora_group(x, qkv),
+        "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: lora_qkv(x, qkv),
                 lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))),
         "qkv_rope": ([attn.q_proj, attn.k_proj, attn.v_proj], fused_qkv_rope, plain_qkv_rope),
-        "o": ([attn.o_proj], lambda x: fused_lora.lora_group(x, o), lambda x: attn.o_proj(x)),
-        "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: fused_lora.lora_swiglu_mlp(x, gud),
+        "o": ([attn.o_proj], lambda x: lora_qkv(x, o), lambda x: attn.o_proj(x)),
+        "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: lora_mlp(x, gud),
                 lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))),
     }
 
@@ -186,7 +174,7 @@ def _compare(module, fused_fn, plain_fn, x, name, exact):
 
 
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_fused_matches_peft_fp32_cpu(tmp_path, tokens):
+def test_fused_matches_peft_fp32_cpu(tmp_path, tokens, fused):
     model = one_layer_lora_model(tmp_path, hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32,
                                  dtype=torch.float32, device="cpu")
     layer = _layer(model)
@@ -194,7 +182,7 @@ def test_fused_matches_peft_fp32_cpu(tmp_path, tokens):
         _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, torch.float32, "cpu"), name, exact=True)
 
 
-def test_fused_matches_peft_bf16_cpu_with_rslora(tmp_path):
+def test_fused_matches_peft_bf16_cpu_with_rslora(tmp_path, fused):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model = one_layer_lora_model(tmp_path, hidden=128, inter=256, heads=2, kv_heads=1, head_dim=64,
                                      dtype=torch.bfloat16, device="cpu", use_rslora=True)
@@ -218,8 +206,12 @@ def test_layers_fused_maths_cannot_reproduce_take_peft_path(tmp_path):
     assert fused_lora.lora_parts(attn2.q_proj.base_layer) is None  # not a LoRA layer
 
 
-def test_patched_model_trains_like_peft(tmp_path):
-    """Through the patched decoder (``use_fused_ops``), loss and every LoRA gradient match PEFT's."""
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_patched_model_trains_like_peft(tmp_path, request, path):
+    """Through the patched decoder (``use_fused_ops``), loss and every LoRA gradient match PEFT's, on
+    the ops' fused functions and on their references (the CPU path)."""
+    if path == "fused":
+        request.getfixturevalue("fused")
     from hizli.models.patch import use_fused_ops, use_hizli_attention
     from hizli.train import step as step_mod
     from hizli.data.collate import PaddingFreeCollator
@@ -235,6 +227,9 @@ def test_patched_model_trains_like_peft(tmp_path):
     from hizli.models.fused_lora import model_uses_fused_lora
 
     assert model_uses_fused_lora(fused) and not model_uses_fused_lora(plain)  # the memory plan reads this
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HIZLI_KERNELS", "reference")  # the ops then run their (unfused) references
+        assert not model_uses_fused_lora(fused)
     batch = step_mod.to_device(PaddingFreeCollator()(token_rows(4, seed=3, vocab=256)), torch.device("cpu"))
     results = []
     for m in (plain, fused):
@@ -270,10 +265,10 @@ def test_fused_matches_peft_gpu(tmp_path, dtype, shape, tokens):
             _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, dtype, "cuda"), name, exact=False)
 
 
-def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, monkeypatch):
+def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, monkeypatch, fused):
     """bf16 compute with float32 adapters, bitsandbytes' 8-bit AdamW: three steps reusing the adapters'
     bf16 copies end bit-identical to casting at every use (a copy kept past a step would not)."""
-    from hizli.models import lora_casts
+    from hizli.kernels import lora_casts
 
     bnb = pytest.importorskip("bitsandbytes")
     results = []

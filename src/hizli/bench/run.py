@@ -88,7 +88,7 @@ def run(args) -> dict[str, Any]:
     if not levers["kernels"]:
         os.environ["HIZLI_KERNELS"] = "reference"
     if not levers["cast_cache"]:  # cast the LoRA weights to bf16/fp16 at every use, as before 2026-11-28
-        from hizli.models import lora_casts
+        from hizli.kernels import lora_casts
 
         lora_casts.CACHE = False
     import torch

@@ -32,9 +32,9 @@ class LazyJit:
 
     def materialize(self) -> Any:
         module_globals = self.fn.__globals__
-        from hizli.kernels import warmup
+        from hizli.kernels import _precompile
 
-        warmup.wait()  # a background compile of these kernels may be under way: use its results
+        _precompile.wait()  # a background compile of these kernels may be under way: use its results
         import triton
         import triton.language as tl
 

@@ -1,9 +1,9 @@
 """Dequantization of a bitsandbytes NF4 weight into bf16/fp16/fp32: one Triton kernel, and a reference.
 
-The fused 4-bit LoRA layers (:mod:`hizli.models.fused_lora`) dequantize every frozen NF4 weight
-twice a step (forward, and again in backward instead of keeping it), straight into a slice of a
-stacked ``[sum(out_features), in_features]`` buffer. This op does that in one launch, writing into
-the caller's buffer.
+The fused 4-bit LoRA ops (:mod:`hizli.kernels.lora_qkv`, :mod:`hizli.kernels.lora_mlp`) dequantize
+every frozen NF4 weight twice a step (forward, and again in backward instead of keeping it), straight
+into a slice of a stacked ``[sum(out_features), in_features]`` buffer. This op does that in one
+launch, writing into the caller's buffer.
 
 The format, as bitsandbytes stores it (``bnb.nn.Params4bit`` data plus its ``QuantState``), read
 from its Python and checked here bit for bit against ``bitsandbytes.functional.dequantize_4bit``:

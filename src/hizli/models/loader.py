@@ -226,7 +226,7 @@ def load(
     if fast_path and attn_implementation == "sdpa":
         use_hizli_attention(model)
     if fast_path and device.startswith("cuda"):
-        from hizli.kernels import warmup
+        from hizli.models import warmup
         from hizli.models.patch import use_fused_ops
 
         model.hizli_fused = use_fused_ops(model)
@@ -257,13 +257,13 @@ class _Stopwatch:
 
 def _start_kernel_warmup(src: Source, device: str, dtype, nf4: bool, revision: str | None = None) -> None:
     """Compile the fast path's kernels in the background while the weights load (see
-    ``hizli.kernels.warmup``). It needs the model's config.json on disk, read without importing
+    ``hizli.models.warmup``). It needs the model's config.json on disk, read without importing
     transformers (most of what there is to overlap): a local folder's, or a hub model's already in
     the Hugging Face cache (a first download is long enough for the kernels to compile at first use).
     Any problem here only means the kernels compile at first use instead."""
     from types import SimpleNamespace
 
-    from hizli.kernels import warmup
+    from hizli.models import warmup
 
     if not warmup.enabled(device):
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from typing import Any, Sequence
 
 from hizli import _log
@@ -120,12 +119,9 @@ def _check_targets(model, target_modules) -> list[str]:
 
 
 def attach_methods(model) -> None:
-    """Give the model the recipe's save/export methods (bound per instance, PEFT class untouched)."""
-    from hizli.export import api as export_api
-
-    for name in ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf",
-                 "push_to_hub"):  # push_to_hub: hizli's makes private repos by default, PEFT's public ones
-        setattr(model, name, types.MethodType(getattr(export_api, name), model))
+    """Adapt a LoRA model's own methods (bound per instance, PEFT class untouched): ``save_pretrained``
+    keeps the embeddings out of the adapter, ``generate`` accepts a tokenizer's encoding. The recipe's
+    export methods are bound above this layer (``hizli.api.attach_export_methods``)."""
     if hasattr(model, "peft_config") and not getattr(model.save_pretrained, "_hizli_wrapped", False):
         original_save = model.save_pretrained
 

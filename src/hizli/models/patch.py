@@ -105,11 +105,12 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 
 def _mlp_forward(self, x):
     if self.training:  # eval and generation keep bitsandbytes' inference kernels (see fused_lora)
-        from hizli.models.fused_lora import group_parts, lora_swiglu_mlp
+        from hizli.kernels.lora_mlp import lora_mlp
+        from hizli.models.fused_lora import group_parts
 
         parts = group_parts(self, _MLP_PROJECTIONS)
         if parts is not None:
-            return lora_swiglu_mlp(x, parts)
+            return lora_mlp(x, parts)
     from hizli.kernels.swiglu import swiglu
 
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -125,8 +126,9 @@ def _make_attention_forward(original):
                 or impl not in ALL_ATTENTION_FUNCTIONS):
             return original(hidden_states, position_embeddings=position_embeddings,
                             attention_mask=attention_mask, **kwargs)
+        from hizli.kernels.lora_qkv import lora_qkv
         from hizli.kernels.rope import rope
-        from hizli.models.fused_lora import group_parts, lora_group
+        from hizli.models.fused_lora import group_parts
 
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
@@ -134,7 +136,7 @@ def _make_attention_forward(original):
         cos, sin = position_embeddings
         if qkv_parts is not None and not (cos.requires_grad or sin.requires_grad):
             # q and k come out rotated, in the group's own output buffer
-            q, k, v = (t.view(shape).transpose(1, 2) for t in lora_group(hidden_states, qkv_parts, rope=(cos, sin)))
+            q, k, v = (t.view(shape).transpose(1, 2) for t in lora_qkv(hidden_states, qkv_parts, rope=(cos, sin)))
         else:
             q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
             k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -144,7 +146,7 @@ def _make_attention_forward(original):
                                                      scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         o_parts = group_parts(self, ("o_proj",))
-        return (lora_group(out, o_parts)[0] if o_parts is not None else self.o_proj(out)), weights
+        return (lora_qkv(out, o_parts)[0] if o_parts is not None else self.o_proj(out)), weights
 
     return forward
 

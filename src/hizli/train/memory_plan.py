@@ -267,7 +267,7 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], b
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
     if budget_gib:
         budget = min(budget, budget_gib * GIB)
-    from hizli.models import lora_casts
+    from hizli.kernels import lora_casts
     from hizli.models.fused_lora import model_uses_fused_lora
 
     fused = device.type == "cuda" and model_uses_fused_lora(model)

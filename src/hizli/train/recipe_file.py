@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hizli.train.args import TrainingArguments
+
 
 def write_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any]) -> Path:
     """Write ``recipe`` as YAML atomically (temporary file, then rename); returns the path."""
@@ -23,7 +25,7 @@ def write_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any]) -> Path:
     return out / "recipe.yaml"
 
 
-def recipe_from_objects(model: Any, args: Any, *, max_seq_length: int, dataset_text_field: str | None,
+def recipe_from_objects(model: Any, args: TrainingArguments, *, max_seq_length: int, dataset_text_field: str | None,
                         packing: bool, train_on: str, rows: int) -> dict[str, Any]:
     """What a run started from Python can say about its recipe."""
     info = getattr(model, "hizli_info", None)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from hizli import _log
-from hizli.kernels import warmup
+from hizli.models import warmup
 from hizli.train import checkpoint, memory, metrics, optim
 from hizli.train import step as step_mod
 from hizli.train.allocator import cap_allocator, peak_gib

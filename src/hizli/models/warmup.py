@@ -1,17 +1,13 @@
 """Compile the Triton kernels of the fast path while the model loads, not in the first training step.
 
-On a machine that has not run hizli before, Triton compiles each kernel at its first launch: about
-0.3 s of compiler and 0.3 s of C compiler (its launcher) per kernel, and 1 s more to hash Triton's own
-library and build its driver module, 4 to 5 s in all on an H100 (measured 2026-11-28), all inside the
-first step. Here a separate process (its own interpreter, so the main one is not slowed) runs every
-kernel of a training step at the model's sizes on a few tokens, four pieces of the step in threads,
-while the main process imports transformers and loads the weights. Triton writes what it compiles
-to its on-disk cache (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), where the training
-process then finds it. Nothing is shared but that cache, so
-a warm-up that fails or guesses a kernel's variant wrong costs nothing but the compile it would have
-saved: the training process compiles that kernel itself, as it always did. On the recipe's
-benchmark (H200, 2026-11-28, cold caches) the first step then took 1.3 s, with no wait for the
-background process, and a GPU test checks that training compiles nothing after it.
+On a machine that has not run hizli before, Triton compiles each kernel at its first launch, about
+4 to 5 s in all on an H100, inside the first step. Here a separate process (its own interpreter, so
+the main one is not slowed) runs every kernel of a training step at the model's sizes on a few
+tokens, four pieces of the step in threads, while the main process imports transformers and loads
+the weights; the training process then finds the compiled kernels in Triton's on-disk cache
+(:mod:`hizli.kernels._precompile` starts the process and waits for it before the first launch).
+A warm-up that fails or guesses a kernel's variant wrong costs only the compile it would have saved;
+a GPU test checks that training compiles nothing after it.
 
 A kernel's compiled variant depends on its argument dtypes, its compile-time constants (block sizes
 from the model's sizes), and whether each int argument is divisible by 16; the ints that follow the
@@ -26,28 +22,25 @@ Hugging Face cache), and only once per process group (``LOCAL_RANK`` 0).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import threading
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from hizli import _log
+from hizli.kernels._precompile import (ENV, cache_has_kernels, enabled, prime_in_background, start_process,
+                                       triton_cache_dir, wait)
+from hizli.kernels.lora_qkv import LoraPart
 
-ENV = "HIZLI_KERNEL_WARMUP"
+# enabled, prime_in_background and wait are the process side, here so callers need one module
+__all__ = ["ENV", "KERNELS", "KernelShapes", "cache_has_kernels", "enabled", "exercise", "prime_in_background",
+           "start", "triton_cache_dir", "wait"]
+
 TOKENS = 40  # any count: the token-count arguments are not specialised (see the module docstring)
 # Every Triton kernel a fast-path training step launches (a test checks this against the kernel modules).
 KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
            "_swiglu_bwd_kernel", "_ce_chunk_kernel", "_nf4_dequant_kernel")
-
-_process: subprocess.Popen | None = None
-_process_log: str | None = None
-_thread: threading.Thread | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +94,9 @@ def _nf4_base(out_features: int, in_features: int, dtype: torch.dtype, device: t
     return SimpleNamespace(weight=packed, in_features=in_features, out_features=out_features)
 
 
-def _part(out_features: int, in_features: int, shapes: KernelShapes, device: torch.device, rank: int = 16):
-    """``(base, lora_A, lora_B, scaling)`` as ``hizli.models.fused_lora.lora_parts`` returns them."""
+def _part(out_features: int, in_features: int, shapes: KernelShapes, device: torch.device,
+          rank: int = 16) -> LoraPart:
+    """A projection as ``hizli.models.fused_lora.lora_parts`` returns it."""
     dtype = getattr(torch, shapes.dtype)
     if shapes.nf4:
         base = _nf4_base(out_features, in_features, dtype, device)
@@ -111,16 +105,17 @@ def _part(out_features: int, in_features: int, shapes: KernelShapes, device: tor
         base.weight.requires_grad_(False)
     a = (torch.randn(rank, in_features, device=device) * 0.01).requires_grad_()
     b = (torch.randn(out_features, rank, device=device) * 0.01).requires_grad_()
-    return base, a, b, 1.0
+    return LoraPart(base, a, b, 1.0)
 
 
 def _tasks(shapes: KernelShapes, device: torch.device, tokens: int) -> list:
     """Independent pieces of a training step, each running its kernels forward and backward on
     ``tokens`` tokens laid out as the patched decoder lays them out (a padding-free ``[1, T, H]`` row)."""
     from hizli.kernels.cross_entropy import _CE_BLOCK, fused_linear_cross_entropy
+    from hizli.kernels.lora_mlp import lora_mlp
+    from hizli.kernels.lora_qkv import lora_qkv
     from hizli.kernels.rms_norm import rms_norm
     from hizli.kernels.rope import rope
-    from hizli.models.fused_lora import lora_group, lora_swiglu_mlp
 
     dtype = getattr(torch, shapes.dtype)
     h, i, d = shapes.hidden, shapes.intermediate, shapes.head_dim
@@ -139,14 +134,14 @@ def _tasks(shapes: KernelShapes, device: torch.device, tokens: int) -> list:
         angle = torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * torch.linspace(0, 1, d, device=device)
         cos, sin = angle.cos()[None].to(dtype), angle.sin()[None].to(dtype)
         # the fused group rotates q and k in its own buffer; rope() is the path of unfused projections
-        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_group(rows(), qkv, rope=(cos, sin)))
+        q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_qkv(rows(), qkv, rope=(cos, sin)))
         q, k = rope(q, k, cos, sin)
         out = (q.transpose(1, 2).reshape(1, tokens, -1) + k.sum() + v.sum()).contiguous()  # stands in for attention
-        lora_group(out, [_part(h, shapes.heads * d, shapes, device)])[0].sum().backward()
+        lora_qkv(out, [_part(h, shapes.heads * d, shapes, device)])[0].sum().backward()
 
     def mlp() -> None:
         parts = [_part(i, h, shapes, device), _part(i, h, shapes, device), _part(h, i, shapes, device)]
-        lora_swiglu_mlp(rows(), parts).sum().backward()
+        lora_mlp(rows(), parts).sum().backward()
 
     def loss() -> None:
         # The kernel's variant depends on the vocabulary only through its block size and whether it
@@ -207,46 +202,6 @@ def _main(argv: list[str]) -> int:
 # Starting it and waiting for it (the training process)
 
 
-def enabled(device: str) -> bool:
-    from hizli.kernels.dispatch import interpreting, kernels_mode
-
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if not str(device).startswith("cuda") or kernels_mode() == "reference" or interpreting():
-        return False
-    if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0 or (os.cpu_count() or 1) < 2:
-        return False  # one process per machine, and not on one core (it would slow the load down)
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def triton_cache_dir() -> str:
-    """Where Triton keeps compiled kernels (its own rule: ``TRITON_CACHE_DIR``, else
-    ``$TRITON_HOME/.triton/cache`` with ``TRITON_HOME`` defaulting to the home folder)."""
-    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~/")
-    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache")
-
-
-def cache_has_kernels(names: tuple[str, ...] = KERNELS) -> bool:
-    """Whether Triton's cache holds a compiled variant of each kernel (it has run here before).
-
-    Only the names are checked, not the variants: after another model's run the sizes may differ,
-    and those kernels then compile at first use, as they would without a warm-up. Skipping the
-    background process when the cache is warm matters for small models, which load faster than a
-    fresh interpreter imports torch."""
-    root = triton_cache_dir()
-    try:
-        found = {entry.name for folder in os.scandir(root) if folder.is_dir() for entry in os.scandir(folder.path)
-                 if entry.name.endswith(".cubin")}
-    except OSError:
-        return False
-    return all(f"{name}.cubin" in found for name in names)
-
-
 def _room_for_it(config: Any, shapes: KernelShapes, device: str) -> bool:
     """Whether the GPU holds the model and, beside it, the background process (its CUDA context and
     a layer's worth of buffers, about 1 GiB at 8B sizes) with 2 GiB to spare."""
@@ -265,77 +220,12 @@ def _room_for_it(config: Any, shapes: KernelShapes, device: str) -> bool:
 
 def start(config: Any, dtype: torch.dtype, device: str, nf4: bool) -> bool:
     """Begin compiling the kernels for ``config`` in a background process; True if it started."""
-    global _process, _process_log
-    if _process is not None or not enabled(device):
+    if not enabled(device):
         return False
     shapes = KernelShapes.from_config(config, dtype, nf4)
     if shapes is None or cache_has_kernels(KERNELS if nf4 else KERNELS[:-1]) or not _room_for_it(config, shapes, device):
         return False
-    # hizli's own folder last: found even when this process got it through a sys.path edit, without
-    # changing what the user's PYTHONPATH puts first
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), package_root) if p)
-    fd, _process_log = tempfile.mkstemp(prefix="hizli-kernel-warmup-", suffix=".log")
-    with os.fdopen(fd, "w") as log:
-        _process = subprocess.Popen([sys.executable, "-m", "hizli.kernels.warmup", json.dumps(asdict(shapes)),
-                                     str(device)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, ENV: "0", "PYTHONPATH": path})
-    _log.debug(f"compiling the Triton kernels for {shapes} in the background (pid {_process.pid})")
-    return True
-
-
-def _prime_triton() -> None:
-    # Triton hashes its own 400 MB library (the key of every cache entry) and builds its driver
-    # module once per process; hashing and file reads release the GIL, so this overlaps the work
-    # of the main thread.
-    try:
-        from triton.runtime import driver
-        from triton.runtime.cache import triton_key
-
-        triton_key()
-        driver.active.get_current_device()
-    except Exception as e:  # noqa: BLE001 - the main thread does the same later and reports errors
-        _log.debug(f"priming Triton in the background failed: {e!r}")
-
-
-def prime_in_background(device: str) -> None:
-    """Start the per-process part of Triton's start-up in a thread. Call it after the heavy imports
-    (transformers, bitsandbytes) are done: two threads importing modules that import each other can
-    deadlock."""
-    global _thread
-    if _thread is not None or not enabled(device):
-        return
-    _thread = threading.Thread(target=_prime_triton, name="hizli-triton-prime", daemon=True)
-    _thread.start()
-
-
-def wait(timeout: float = 120.0) -> None:
-    """Wait for the background compile and priming, if any (before the first kernel launch, and
-    before measuring free GPU memory, which the background process holds a little of)."""
-    global _process, _thread
-    thread, _thread = _thread, None
-    if thread is not None:
-        thread.join(timeout)
-    process, _process = _process, None
-    if process is None:
-        return
-    try:
-        code = process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        code = process.wait()
-    if code != 0 and _process_log:
-        try:
-            with open(_process_log) as f:
-                tail = f.read()[-2000:]
-        except OSError:
-            tail = ""
-        _log.debug(f"background kernel compile exited with {code}; the kernels compile at first use.\n{tail}")
-    if _process_log:
-        try:
-            os.unlink(_process_log)
-        except OSError:
-            pass
+    return start_process("hizli.models.warmup", [json.dumps(asdict(shapes)), str(device)])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Compute-dtype copies of the LoRA weights (``hizli.models.lora_casts``): reused between uses, made
+"""Compute-dtype copies of the LoRA weights (``hizli.kernels.lora_casts``): reused between uses, made
 again whenever the weight can have changed, and counted by the memory plan."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hizli.models import lora_casts
-from hizli.models.lora_casts import compute_copy
+from hizli.kernels import lora_casts
+from hizli.kernels.lora_casts import compute_copy
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,209 @@
+"""The Llama MLP ``down(silu(gate(x)) * up(x))`` with LoRA on all three projections, fused into one
+autograd function, and its reference with PEFT's maths.
+
+What PEFT runs as three LoRA projections (each about six Python calls and kernel launches, see
+:mod:`hizli.kernels.lora_qkv`) plus the activation becomes one function:
+
+- forward: gate and up take turns in one dequantised weight-sized buffer (one transient weight, not
+  two) and write into one ``[2, T, I]`` output; the input goes through both ``lora_A`` at once;
+  SwiGLU runs as one fused kernel; the down projection follows;
+- backward: the weights are dequantised again rather than kept (the dequantised MLP weights alone
+  would be 100 MB per layer at the 3B shape), ``silu(gate) * up`` is recomputed, and the SwiGLU
+  gradients overwrite the saved gate and up outputs.
+
+Saved for backward: the input, ``x @ A^T`` for gate and up (``[T, 2r]``), the gate and up outputs
+(``[2, T, I]``), ``h @ A_down^T`` and the compute-dtype adapters.
+
+Maths and dtypes as in :mod:`hizli.kernels.lora_qkv`: every matmul in the autocast dtype (or the
+input's), the result in that dtype. The fused SwiGLU computes in fp32 and rounds once where
+transformers' ``act_fn(gate) * up`` rounds twice in bf16.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hizli.kernels._lora import (
+    LoraPart,
+    check_parts,
+    compute_dtype,
+    dequantize_into,
+    dequantized,
+    no_autocast,
+    projection_reference,
+)
+from hizli.kernels.dispatch import use_triton
+from hizli.kernels.lora_casts import compute_copy
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+
+
+class _LoraMLPFunction(torch.autograd.Function):
+    """``down(silu(gate(x)) * up(x))``, each projection ``x W^T + s (x A^T) B^T``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        bases: tuple,
+        scalings: tuple,
+        dtype: torch.dtype,
+        a_gate,
+        b_gate,
+        a_up,
+        b_up,
+        a_down,
+        b_down,
+    ):
+        from hizli.kernels.swiglu import swiglu_forward
+
+        inter = b_gate.shape[0]
+        r_gate = a_gate.shape[0]
+        s_gate, s_up, s_down = scalings
+        with no_autocast(x.device):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            a_cat = torch.cat([compute_copy(a_gate, dtype), compute_copy(a_up, dtype)])
+            ctx.b_dtypes = (b_gate.dtype, b_up.dtype, b_down.dtype)
+            b_gate, b_up, b_down = (compute_copy(b, dtype) for b in (b_gate, b_up, b_down))
+            # gate and up outputs in one [2, T, I] buffer; one dequantized weight at a time (50 MB at
+            # the 3B shape rather than 100: ~450 tokens more per micro-batch under a tight cap)
+            gu = torch.empty((2, x2.shape[0], inter), dtype=dtype, device=x.device)
+            w = torch.empty((inter, x2.shape[1]), dtype=dtype, device=x.device)
+            for i, base in enumerate(bases[:2]):
+                dequantize_into(base, w)  # stream order: the previous matmul has read w by then
+                torch.mm(x2, w.t(), out=gu[i])
+            del w
+            xa = x2 @ a_cat.t()
+            gu[0].addmm_(xa[:, :r_gate], b_gate.t(), alpha=s_gate)
+            gu[1].addmm_(xa[:, r_gate:], b_up.t(), alpha=s_up)
+            h = swiglu_forward(gu[0], gu[1])
+            a_d = compute_copy(a_down, dtype)
+            ha = h @ a_d.t()
+            w = dequantized(bases[2:], (b_down.shape[0],), dtype, x.device)
+            y = h @ w.t()
+            del w, h
+            y.addmm_(ha, b_down.t(), alpha=s_down)
+        ctx.save_for_backward(x2, xa, gu, ha, a_cat, a_d, b_gate, b_up, b_down)
+        ctx.bases, ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scalings, dtype, x.shape, x.dtype
+        ctx.a_dtypes = (a_gate.dtype, a_up.dtype, a_down.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from hizli.kernels.swiglu import swiglu_backward, swiglu_forward
+
+        x2, xa, gu, ha, a_cat, a_d, b_gate, b_up, b_down = ctx.saved_tensors
+        dtype = ctx.dtype
+        s_gate, s_up, s_down = ctx.scalings
+        inter, r_gate = b_gate.shape[0], a_cat.shape[0] - b_up.shape[1]
+        gate, up = gu[0], gu[1]
+        with no_autocast(x2.device):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+            # down projection
+            h = swiglu_forward(gate, up)
+            d_b_down = (dy2.t() @ ha).mul_(s_down)
+            d_ha = (dy2 @ b_down).mul_(s_down)
+            d_a_down = d_ha.t() @ h
+            del h
+            w = dequantized(ctx.bases[2:], (b_down.shape[0],), dtype, x2.device)
+            dh = dy2 @ w
+            del w
+            dh.addmm_(d_ha, a_d)
+            # SwiGLU: the gradients overwrite gate and up, which nothing needs any more
+            d_gate, d_up = swiglu_backward(dh, gate, up, out=(gate, up))
+            del dh
+            # gate and up projections
+            d_xa = torch.cat([(d_gate @ b_gate).mul_(s_gate), (d_up @ b_up).mul_(s_up)], dim=1)
+            d_b_gate = (d_gate.t() @ xa[:, :r_gate]).mul_(s_gate)
+            d_b_up = (d_up.t() @ xa[:, r_gate:]).mul_(s_up)
+            d_a_gate, d_a_up = (d_xa.t() @ x2).split([r_gate, a_cat.shape[0] - r_gate], dim=0)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                w = torch.empty((inter, x2.shape[1]), dtype=dtype, device=x2.device)
+                dequantize_into(ctx.bases[0], w)
+                dx = d_gate @ w
+                dequantize_into(ctx.bases[1], w)
+                dx.addmm_(d_up, w)
+                del w
+                dx.addmm_(d_xa, a_cat)
+                dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        a_gate_t, a_up_t, a_down_t = ctx.a_dtypes
+        b_gate_t, b_up_t, b_down_t = ctx.b_dtypes
+        return (
+            dx,
+            None,
+            None,
+            None,
+            d_a_gate.to(a_gate_t),
+            d_b_gate.to(b_gate_t),
+            d_a_up.to(a_up_t),
+            d_b_up.to(b_up_t),
+            d_a_down.to(a_down_t),
+            d_b_down.to(b_down_t),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference and public op
+
+
+def _check(x: torch.Tensor, parts: Sequence[LoraPart]) -> None:
+    if len(parts) != 3:
+        raise ValueError(f"lora_mlp: parts has {len(parts)} entries; pass three, for gate, up and down")
+    gate, up, down = parts
+    check_parts("lora_mlp", x.shape[-1], [gate, up])
+    inter, inter_up = gate[2].shape[0], up[2].shape[0]
+    if inter != inter_up:
+        raise ValueError(f"lora_mlp: gate has {inter} outputs and up {inter_up}: they must match")
+    check_parts("lora_mlp (down)", inter, [down])
+
+
+def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
+    """PEFT's maths in plain PyTorch, as the Llama MLP runs it over PEFT layers:
+    ``down(silu(gate(x)) * up(x))``, each projection as in
+    :func:`hizli.kernels.lora_qkv.lora_qkv_reference`; arguments and result as :func:`lora_mlp`."""
+    _check(x, parts)
+    gate, up, down = parts
+    with no_autocast(x.device):
+        xc = x.to(compute_dtype(x))
+        h = torch.nn.functional.silu(projection_reference(xc, gate)) * projection_reference(xc, up)
+        return projection_reference(h, down)
+
+
+def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` with LoRA on the three projections: the fused function on CUDA
+    (its NF4 dequantization and SwiGLU in Triton), the reference elsewhere.
+
+    Differentiable in ``x`` and every ``lora_A`` / ``lora_B`` (gradients in their own dtypes); the
+    base weights are frozen.
+
+    Args:
+        x: ``[..., H]`` activations.
+        parts: three :class:`~hizli.kernels.lora_qkv.LoraPart`, gate and up (``H -> I``) then down
+            (``I -> H``); ``hizli.models.fused_lora.group_parts`` makes them from PEFT layers.
+
+    Returns:
+        ``[..., H_out]`` in the compute dtype (autocast's, else ``x``'s).
+
+    Raises:
+        ValueError: not three parts, or parts whose shapes do not chain.
+    """
+    _check(x, parts)
+    (g_base, a_g, b_g, s_g), (u_base, a_u, b_u, s_u), (d_base, a_d, b_d, s_d) = parts
+    if not use_triton("lora_mlp", x, a_g, b_g, a_u, b_u, a_d, b_d):
+        return lora_mlp_reference(x, parts)
+    return _LoraMLPFunction.apply(
+        x,
+        (g_base, u_base, d_base),
+        (float(s_g), float(s_u), float(s_d)),
+        compute_dtype(x),
+        a_g,
+        b_g,
+        a_u,
+        b_u,
+        a_d,
+        b_d,
+    )
