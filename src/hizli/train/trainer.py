@@ -238,11 +238,12 @@ class SFTTrainer:
                         self.state["log_history"].append(entry)
                         for callback in self.callbacks:
                             callback(entry)
-                    if self._should_eval(step_no, total_steps):
-                        ev = self.evaluate()
+                    epoch_end = after.micro >= len(plan.micro_batches(after.epoch))
+                    if self._should_eval(step_no, total_steps, epoch_end):
+                        ev = {"step": step_no, **self.evaluate()}
                         eval_points.append((step_no, ev["eval_loss"]))
-                        log.note(f"step {step_no}: eval_loss {ev['eval_loss']:.4f}")
-                        self.state["log_history"].append({"step": step_no, **ev})
+                        log.eval(ev)
+                        self.state["log_history"].append(ev)
                     saving = args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0
                     if saving or self._stop_signal:
                         path = self._save_checkpoint(step_no, after, optimizer, scheduler, scaler)
@@ -267,8 +268,9 @@ class SFTTrainer:
             "total_steps": step_no,
             "epoch": step_no / max(1, plan.steps_per_epoch()),
         }
-        if eval_points:
-            out["eval_loss"] = eval_points[-1][1]
+        evals = [e for e in self.state["log_history"] if "eval_loss" in e]
+        if evals:
+            out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
         return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"])
 
     def _step_or_replan(self, micro, parts, step_no, optimizer, scheduler, scaler, params, device, amp_dtype,
@@ -349,28 +351,18 @@ class SFTTrainer:
         return loss_value, norm_value, tokens
 
     # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss per trained token over the eval set."""
+        """Loss per trained token over the eval set, with the training loss itself, and its perplexity:
+        ``{"eval_loss", "eval_perplexity", "eval_tokens" (trained tokens), "eval_rows"}``."""
+        from hizli.train.evaluate import evaluate_loss
+
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs eval_dataset=...")
-        model = self.model
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        amp = self._precision(device, quiet=True)
-        collate = self._collator()
-        n = len(self.eval_dataset)
-        bs = self.args.per_device_eval_batch_size
-        total, count = 0.0, 0
-        for i in range(0, n, bs):
-            b = step_mod.to_device(collate([self.eval_dataset[j] for j in range(i, min(n, i + bs))]), device)
-            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-                total += float(step_mod.loss_sum(model, b))
-            count += b.n_trained
-        if was_training:
-            model.train()
-        return {"eval_loss": total / max(1, count), "eval_tokens": count}
+        device = next(self.model.parameters()).device
+        result = evaluate_loss(self.model, self.eval_dataset, self._collator(),
+                               batch_size=self.args.per_device_eval_batch_size,
+                               amp_dtype=self._precision(device, quiet=True), ce_chunk_rows=self._ce_chunk_rows)
+        return result.metrics()
 
     def _check_token_ids(self, dataset, split: str) -> None:
         """Ids past the embedding table would fail deep inside the first forward: name the row now."""
@@ -388,9 +380,11 @@ class SFTTrainer:
             raise ValueError(f"{split} row {row} has token id {int(ids[position])}, outside this model's vocabulary "
                              f"of {vocab} tokens: the data was tokenized with another tokenizer")
 
-    def _should_eval(self, step_no: int, total: int) -> bool:
+    def _should_eval(self, step_no: int, total: int, epoch_end: bool = False) -> bool:
         if self.eval_dataset is None or self.args.eval_strategy == "no":
             return False
+        if self.args.eval_strategy == "epoch":
+            return epoch_end or step_no == total
         every = self.args.eval_steps or self.args.logging_steps
         return step_no % every == 0 or step_no == total
 
