@@ -145,8 +145,8 @@ def run_eval(
         except ValueError as e:
             raise ValueError(f"--template {template!r}: {e}") from None
     targets = _output_files(out_dir, generate, overwrite)
-    rows = _load_rows(data, schema)
     _check_model_path(path)
+    rows = _load_rows(data, schema)
 
     from hizli.data.collate import PaddingFreeCollator
     from hizli.data.tokenize import tokenize_dataset
