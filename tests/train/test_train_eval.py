@@ -252,7 +252,7 @@ def test_embedded_model_trained_on_the_sample_beats_its_base_on_held_out_rows(tm
             "--set",
             f"train.eval_steps={steps}",
             "--set",
-            "train.save_strategy=no",
+            "train.save_strategy='no'",
             "--set",
             "chat.prompt=",
         ],
@@ -263,6 +263,7 @@ def test_embedded_model_trained_on_the_sample_beats_its_base_on_held_out_rows(tm
     assert train.returncode == 0, train.stderr[-3000:]
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert [e["step"] for e in evals] == [steps]
+    assert f"step {steps}: eval_loss" in train.stdout + train.stderr
     rows = load_conversations(sample_path("sharegpt"))
     _held_out_file(rows[len(rows) - eval_rows :], held)
 
