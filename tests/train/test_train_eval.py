@@ -104,6 +104,13 @@ def test_hizli_eval_gives_the_trainers_eval_loss(trained):
     assert report.result.rows == EVAL_ROWS
 
 
+def test_responses_only_scores_only_the_assistant_turns(trained):
+    every = run_eval(trained["adapter"], str(trained["held_out"]), max_seq_length=SEQ)
+    answers = run_eval(trained["adapter"], str(trained["held_out"]), max_seq_length=SEQ, train_on="assistant")
+    assert 0 < answers.result.trained_tokens < every.result.trained_tokens
+    assert answers.result.tokens == every.result.tokens  # the same rows, fewer of their tokens scored
+
+
 def test_a_trained_adapter_has_lower_held_out_perplexity_than_its_base(trained, tiny_model_dir):
     """Acceptance 6, second half, on the tiny model (the embedded model's version is marked slow)."""
     base = run_eval(tiny_model_dir, str(trained["held_out"]), template="smollm2", max_seq_length=SEQ)
