@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["train", "chat", "export", "bench", "data", "templates"]
+SUBCOMMANDS = ["train", "chat", "export", "bench", "data", "templates", "eval"]
 
 
 def _hizli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -13,18 +13,21 @@ from types import ModuleType
 from typing import Sequence
 
 from hizli.cli import bench, chat, data, export, templates, train
+from hizli.cli import eval as eval_cmd
 
 EXAMPLES = """examples:
   hizli train configs/demo-cpu.yaml                  the CPU demo: train, report, save, answer
   hizli train configs/reference.yaml --set train.max_steps=100
   hizli chat outputs/demo-cpu/lora_model --prompt "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,"
   hizli data check data.jsonl --template llama-3.1
+  hizli eval outputs/demo-cpu/lora_model --data held_out.jsonl --generate 3 --out eval/
   hizli export outputs/demo-cpu/lora_model --to gguf --quant q8_0 --out exported/
   hizli templates llama-3.1
 """
 
 COMMANDS: dict[str, ModuleType] = {
-    "train": train, "chat": chat, "export": export, "bench": bench, "data": data, "templates": templates,
+    "train": train, "chat": chat, "eval": eval_cmd, "export": export, "bench": bench, "data": data,
+    "templates": templates,
 }
 
 

@@ -1,4 +1,9 @@
-"""What a run reports while it trains: a progress bar, a line per logging step, metrics.jsonl, loss.png."""
+"""What a run reports while it trains: a progress bar, a line per logging step, metrics.jsonl, loss.png.
+
+``metrics.jsonl`` holds one JSON line per optimizer step (``step``, ``loss``, ``lr``, ...) and one per
+evaluation (``step``, ``eval_loss``, ``eval_perplexity``, ``eval_tokens``, ``eval_rows``); a line is
+an evaluation exactly when it has ``eval_loss``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from typing import Any
 
 
 class RunLog:
-    """Writes one JSON line per optimizer step to ``OUTPUT_DIR/metrics.jsonl`` and drives the bar.
+    """Writes one JSON line per optimizer step (and per evaluation) to ``OUTPUT_DIR/metrics.jsonl``
+    and drives the bar.
 
     The file is appended to and flushed every step, so a crashed run keeps its history; a resumed
     run truncates entries past the checkpoint's step first, so the file reads as one clean run.
@@ -57,6 +63,13 @@ class RunLog:
             shown = {k: entry[k] for k in ("step", "loss", "grad_norm", "lr", "tokens_per_s", "epoch") if k in entry}
             self.bar.write(json.dumps(_round(shown)))
 
+    def eval(self, entry: dict[str, Any]) -> None:
+        """An evaluation at ``entry["step"]``: a line in metrics.jsonl and one printed above the bar."""
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        self.bar.write(f"step {entry['step']}: eval_loss {entry['eval_loss']:.4f}, perplexity "
+                       f"{entry['eval_perplexity']:.4g} ({entry['eval_tokens']} tokens)")
+
     def note(self, text: str) -> None:
         self.bar.write(text)
 
@@ -70,6 +83,7 @@ def _round(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every line of ``OUTPUT_DIR/metrics.jsonl`` (training steps and evaluations), in order."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -77,7 +91,11 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_loss(output_dir: str | os.PathLike, eval_points: list[tuple[int, float]] | None = None) -> Path | None:
-    """Write ``OUTPUT_DIR/loss.png`` from metrics.jsonl (None when matplotlib is missing)."""
+    """Write ``OUTPUT_DIR/loss.png`` from metrics.jsonl (None when matplotlib is missing).
+
+    Eval losses come from the file's evaluation lines (those of a resumed run's earlier part too);
+    ``eval_points`` (step, loss) pairs are drawn where the file has none.
+    """
     try:
         import matplotlib
 
@@ -85,13 +103,17 @@ def plot_loss(output_dir: str | os.PathLike, eval_points: list[tuple[int, float]
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    entries = read_metrics(output_dir)
+    lines = read_metrics(output_dir)
+    entries = [e for e in lines if "loss" in e]
     if not entries:
         return None
+    evals = [(e["step"], e["eval_loss"]) for e in lines if "eval_loss" in e] or list(eval_points or [])
+    last_ppl = next((e["eval_perplexity"] for e in reversed(lines) if "eval_perplexity" in e), None)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], label="train loss", lw=1.2)
-    if eval_points:
-        ax.plot([s for s, _ in eval_points], [v for _, v in eval_points], "o-", label="eval loss")
+    if evals:
+        label = "eval loss" + (f" (last perplexity {last_ppl:.4g})" if last_ppl is not None else "")
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per trained token)")
     ax.grid(alpha=0.3)

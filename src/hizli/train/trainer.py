@@ -15,7 +15,6 @@ counts, logs or saves across processes, it goes through ``self.ranks`` (``hizli.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch
 from hizli import _log
 from hizli.models import warmup
 from hizli.train import checkpoint, memory, metrics, optim
-from hizli.train import step as step_mod
 from hizli.train.allocator import cap_allocator, peak_gib
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.train.batches import BatchPlan, Position
@@ -101,6 +99,7 @@ class SFTTrainer:
                                 "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)")
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
         self.memory_plan: dict[str, Any] | None = None  # the plan of the last train() call, as a dict
+        self._ce_chunk_rows: int | None = None
         self.ranks = Ranks.current()
         self.stop_signals = StopSignals()
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
@@ -168,11 +167,12 @@ class SFTTrainer:
                         losses.append(result.loss)
                         trained_tokens += result.tokens
                         self._log_step(log, ctx, plan=plan, step_no=step_no, after=after, result=result, elapsed=elapsed)
-                    if self._should_eval(step_no, total_steps):
-                        ev = self.evaluate()
+                    epoch_end = after.micro >= len(plan.micro_batches(after.epoch))
+                    if self._should_eval(step_no, total_steps, epoch_end):
+                        ev = {"step": step_no, **self.evaluate()}
                         eval_points.append((step_no, ev["eval_loss"]))
-                        log.note(f"step {step_no}: eval_loss {ev['eval_loss']:.4f}")
-                        self.state["log_history"].append({"step": step_no, **ev})
+                        log.eval(ev)
+                        self.state["log_history"].append(ev)
                     saving = args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0
                     if saving or self.stop_signals.requested:
                         path = self._save_checkpoint(ctx, step_no, after)
@@ -198,8 +198,9 @@ class SFTTrainer:
             "total_steps": step_no,
             "epoch": step_no / max(1, plan.steps_per_epoch()),
         }
-        if eval_points:
-            out["eval_loss"] = eval_points[-1][1]
+        evals = [e for e in self.state["log_history"] if "eval_loss" in e]
+        if evals:
+            out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
         return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"])
 
     def _check_data(self) -> None:
@@ -238,6 +239,7 @@ class SFTTrainer:
     def _plan_memory(self, ctx: StepContext, plan: BatchPlan, total_steps: int,
                      budget_gib: float | None = None) -> StepMemory:
         step_memory = plan_memory(ctx, plan, total_steps, budget_gib)
+        self._ce_chunk_rows = ctx.ce_chunk_rows  # evaluation uses the plan's loss chunks too
         self.memory_plan = step_memory.plan.to_dict() if step_memory.plan is not None else None
         return step_memory
 
@@ -254,32 +256,24 @@ class SFTTrainer:
             callback(entry)
 
     # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss per trained token over the eval set."""
+        """Loss per trained token over the eval set, with the training loss itself, and its perplexity:
+        ``{"eval_loss", "eval_perplexity", "eval_tokens" (trained tokens), "eval_rows"}``."""
+        from hizli.train.evaluate import evaluate_loss
+
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs eval_dataset=...")
-        model = self.model
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        amp = self._precision(device, quiet=True)
-        collate = self._collator()
-        n = len(self.eval_dataset)
-        bs = self.args.per_device_eval_batch_size
-        total, count = 0.0, 0
-        for i in range(0, n, bs):
-            b = step_mod.to_device(collate([self.eval_dataset[j] for j in range(i, min(n, i + bs))]), device)
-            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-                total += float(step_mod.loss_sum(model, b))
-            count += b.n_trained
-        if was_training:
-            model.train()
-        return {"eval_loss": total / max(1, count), "eval_tokens": count}
+        device = next(self.model.parameters()).device
+        result = evaluate_loss(self.model, self.eval_dataset, self._collator(),
+                               batch_size=self.args.per_device_eval_batch_size,
+                               amp_dtype=self._precision(device, quiet=True), ce_chunk_rows=self._ce_chunk_rows)
+        return result.metrics()
 
-    def _should_eval(self, step_no: int, total: int) -> bool:
+    def _should_eval(self, step_no: int, total: int, epoch_end: bool = False) -> bool:
         if self.eval_dataset is None or self.args.eval_strategy == "no":
             return False
+        if self.args.eval_strategy == "epoch":
+            return epoch_end or step_no == total
         every = self.args.eval_steps or self.args.logging_steps
         return step_no % every == 0 or step_no == total
 
