@@ -214,6 +214,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "startup_s": startup_parts(
             t_process, t_load, marks, first_step[0] if first_step else None, log[0]["step_time_s"] if log else None
         ),
+        "model_load_s": getattr(model.get_base_model(), "hizli_load_seconds", None),
         "train_runtime_s": stats.metrics["train_runtime"],
         "useful_tflops_per_token": flops_per_token / 1e12,
         "measured_bf16_tflops": round(peak, 1) if peak else None,
