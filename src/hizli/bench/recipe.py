@@ -172,7 +172,10 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         bad_rows="skip",
     )
     first_step: list[float] = []
-    callbacks: list[Any] = [lambda e: first_step.append(time.time())]
+    # CPU seconds of this process at every step end: on a shared machine the wall-clock rate depends on
+    # the other work, tokens per CPU second much less
+    cpu_at_step: list[float] = []
+    callbacks: list[Any] = [lambda e: first_step.append(time.time()), lambda e: cpu_at_step.append(time.process_time())]
     if bench.profile_dir:
         callbacks.append(_Profiler(bench.profile_dir, device))
     trainer = SFTTrainer(
@@ -206,6 +209,11 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "step_tokens_per_s_min": round(min(per_step), 1) if per_step else None,
         "step_tokens_per_s_max": round(max(per_step), 1) if per_step else None,
         "steady_steps": [skip + 1, len(log)],
+        "tokens_per_cpu_s": round(sum(e["tokens"] for e in steady) / (cpu_at_step[-1] - cpu_at_step[skip - 1]), 1)
+        if steady and len(cpu_at_step) == len(log) and cpu_at_step[-1] > cpu_at_step[skip - 1]
+        else None,
+        "threads": torch.get_num_threads(),
+        "load_average": _load_average(),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_rss_gib": None if cuda else stats.memory.figures()["peak_reserved_gib"],
@@ -233,6 +241,14 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "memory_plan": trainer.memory_plan,
         "command": " ".join(shlex.quote(a) for a in ["hizli", *sys.argv[1:]]),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages at the end of the run (what else the machine was doing)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def startup_parts(
