@@ -45,10 +45,7 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 # module -> why. Library modules outside the CLI that import argparse or take an argparse Namespace
 # (a parameter ``args`` without a concrete type that the function reads or passes on).
-KNOWN_NAMESPACE = {
-    "hizli.bench.run": "run() reads the parsed command line (issue 17a)",
-    "hizli.train.oom": "explain() and _suggestions() take the TrainingArguments as an untyped args: type it",
-}
+KNOWN_NAMESPACE: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

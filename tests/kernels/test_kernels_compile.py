@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_compile.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     out = tmp_path / "compile.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True, text=True,
+    cmd = [sys.executable, "-m", "hizli.cli", "bench", "kernels", "--compile", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())

@@ -162,5 +162,5 @@ def test_after_the_warm_up_the_first_training_steps_compile_nothing(tmp_path):
     bench = [sys.executable, "-m", "hizli.cli", "bench", "--model", "tiny", "--tokenizer", str(tok),
              "--steps", "3", "--seq-len", "512", "--json", str(tmp_path / "bench.json")]
     subprocess.run(bench, env={**env, warmup.ENV: "0"}, check=True, timeout=600, cwd=tmp_path)
-    assert json.loads((tmp_path / "bench.json").read_text())["losses"]
+    assert json.loads((tmp_path / "bench.json").read_text())["metrics"]["losses"]
     assert _cubins(cache) - compiled == set()

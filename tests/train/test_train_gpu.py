@@ -27,7 +27,7 @@ def _model_folder(tmp_path_factory):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hizli.bench.run import load_tokenizer
+    from hizli.bench.shapes import load_tokenizer
 
     bundle = Path(__file__).resolve().parents[2] / ".gpu-bundle" / "tok" / "tokenizer.json"
     tok = load_tokenizer(str(bundle) if bundle.is_file() else None)

@@ -6,7 +6,7 @@ causally to the earlier tokens of its own sequence only. GQA: query head ``h`` u
 ``h // (Hq // Hkv)``, as transformers' ``repeat_kv`` does.
 
 No Triton kernel of ours here: the GPU candidates are other people's tuned kernels, picked by
-measurement (``benchmarks/kernels_bench.py`` times each one at the recipe's shapes):
+measurement (``hizli bench kernels`` times each one at the recipe's shapes):
 
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func``, when flash-attn is installed.
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch >= 2.10). Its signature moved

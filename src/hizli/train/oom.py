@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from hizli.train.args import TrainingArguments
+
 _UNITS = {"b": 1, "bytes": 1, "kib": 1024, "kb": 1024, "mib": 1024**2, "mb": 1024**2, "gib": 1024**3,
           "gb": 1024**3, "tib": 1024**4, "tb": 1024**4}
 _SIZE = r"([\d.]+)\s*(TiB|GiB|MiB|KiB|TB|GB|MB|KB|bytes|B)\b"
@@ -75,7 +77,7 @@ def gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 1024**3:.2f} GiB"
 
 
-def explain(error: BaseException, *, device: Any = None, args: Any = None, model: Any = None,
+def explain(error: BaseException, *, device: Any = None, args: TrainingArguments | None = None, model: Any = None,
             max_seq_length: int | None = None, longest_row: int | None = None,
             memory_plan: dict | None = None, step: int | None = None) -> GPUOutOfMemoryError:
     """A ``GPUOutOfMemoryError`` for ``error`` (a ``torch.OutOfMemoryError``) with the figures and the
@@ -139,7 +141,8 @@ def _card_name(device: str | None) -> str:
     return str(device)
 
 
-def _suggestions(args, model, max_seq_length, longest_row, plan, report: OOMReport) -> list[str]:
+def _suggestions(args: TrainingArguments | None, model: Any, max_seq_length: int | None, longest_row: int | None,
+                 plan: dict | None, report: OOMReport) -> list[str]:
     out: list[str] = []
     bs = getattr(args, "per_device_train_batch_size", None)
     ga = getattr(args, "gradient_accumulation_steps", None)

@@ -1,0 +1,111 @@
+"""``hizli bench compare``'s matching of each hizli figure with the peer at the same memory, its T4
+batch search, and the command line's suites (no GPU needed: the runs are stand-ins)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hizli.bench.compare import matched, render, search_t4_batch
+from hizli.bench.peers import batch_shape
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(system, tokens, peak, **more):
+    return {"system": system, "tokens_per_s": tokens, "peak_reserved_gib": peak, "losses": [12.4, 10.8], **more}
+
+
+def test_each_hizli_figure_is_set_against_the_peer_at_its_memory():
+    found = {
+        "unsloth_best": run("unsloth_best", 6367, 3.094),
+        "unsloth": run("unsloth", 7164, 3.189),
+        "hizli_capped": run("hizli_capped", 11324, 3.164, cap_gib=3.189),
+        "unsloth_big": run("unsloth_big", 19862, 33.6),
+        "hizli": run("hizli", 23899, 32.7),
+        "unsloth_t4": run("unsloth_t4", 3000, 14.2, batch=4),
+        "hizli_t4": run("hizli_t4", 6000, 14.9, cap_gib=15.0),
+        "hf": run("hf", 4677, 5.9),
+    }
+    rows = {r["pair"]: r for r in matched(found)}
+    capped = rows["capped at the seed modes' peak"]
+    assert capped["peer"] == "unsloth" and capped["ratio"] == round(11324 / 7164, 3)  # the faster seed mode
+    assert rows["large GPU"]["peer"] == "unsloth_big" and rows["large GPU"]["ratio"] == round(23899 / 19862, 3)
+    t4 = rows["T4 class (fp16, cap)"]
+    assert t4["peer"] == "unsloth_t4" and t4["peer_batch"] == 4 and t4["ratio"] == 2.0
+    table = render(found, list(rows.values()))
+    assert table.splitlines()[0].startswith("at the same memory") and "unsloth_t4 b4" in table and "hf" in table
+
+
+def test_a_pair_without_its_peer_is_left_out():
+    rows = matched({"hizli": run("hizli", 27612, 32.8), "unsloth": run("unsloth", 7164, 3.189)})
+    assert rows == []  # no unsloth_big: the default run has no peer at its memory, and no ratio is made up
+
+
+def test_t4_search_finds_the_largest_batch_under_the_cap():
+    tried = []
+
+    def fake(batch):  # fits up to batch 6 (peak grows with the batch), out of memory above
+        tried.append(batch)
+        if batch > 6:
+            return None
+        return {"tokens_per_s": 1000 + 100 * batch, "peak_reserved_gib": 2.0 * batch, "batch": batch}
+
+    best, tries = search_t4_batch(fake, cap_gib=15.0, max_batch=64, max_tries=10)
+    assert best["batch"] == 6 and tried[:4] == [1, 2, 4, 8]
+    assert [t["batch"] for t in tries if t["ok"]] == [1, 2, 4, 6] and not [
+        t for t in tries if t["batch"] > 6 and t["ok"]
+    ]
+
+
+def test_t4_search_counts_a_run_over_the_cap_as_not_fitting_and_stops_at_the_try_limit():
+    best, tries = search_t4_batch(
+        lambda b: {"tokens_per_s": 10.0 * b, "peak_reserved_gib": 4.0 * b}, cap_gib=15.0, max_batch=64, max_tries=3
+    )
+    assert best["peak_reserved_gib"] == 8.0 and [t["batch"] for t in tries] == [1, 2, 4]
+    assert search_t4_batch(lambda b: None, 15.0, 64, 6)[0] is None
+
+
+def test_peer_batch_shapes():
+    assert batch_shape("unsloth", None) == (2, 4) and batch_shape("unsloth_big", None) == (8, 1)
+    assert batch_shape("unsloth_t4", 2) == (2, 4) and batch_shape("unsloth_t4", 16) == (16, 1)
+
+
+def test_bench_without_a_suite_is_the_recipe_as_before():
+    from hizli.cli import build_parser
+
+    old = build_parser().parse_args(["bench", "--model", "tiny", "--steps", "3", "--max-memory-gib", "3.1"])
+    new = build_parser().parse_args(["bench", "recipe", "--model", "tiny", "--steps", "3", "--max-memory-gib", "3.1"])
+    assert old.suite is None and new.suite == "recipe"
+    for key in ("model", "steps", "max_memory_gib", "batch", "lever"):
+        assert getattr(old, key) == getattr(new, key)
+    assert build_parser().parse_args(["bench", "kernels", "--counts"]).counts
+
+
+def test_cpu_demo_preset_is_the_demo_recipe():
+    from hizli.bench.recipe import CPU_DEMO
+    from hizli.config import load_recipe
+
+    recipe = load_recipe(ROOT / "configs" / "demo-cpu.yaml")
+    assert (CPU_DEMO.model, CPU_DEMO.seq_len, CPU_DEMO.chat_template, CPU_DEMO.data) == (
+        recipe.model.name,
+        recipe.model.max_seq_length,
+        recipe.data.chat_template,
+        recipe.data.dataset,
+    )
+    assert (CPU_DEMO.steps, CPU_DEMO.batch, CPU_DEMO.grad_accum, CPU_DEMO.load_in_4bit) == (
+        recipe.train.max_steps,
+        recipe.train.per_device_train_batch_size,
+        recipe.train.gradient_accumulation_steps,
+        recipe.model.load_in_4bit,
+    )
+    assert recipe.lora.r == 16 and recipe.lora.use_gradient_checkpointing == "unsloth"  # as the bench's LoRA
+
+
+@pytest.mark.parametrize("bad", [["x=on"], ["fused_ce=maybe"]])
+def test_levers_name_the_fix(bad):
+    from hizli.bench.recipe import parse_levers
+
+    with pytest.raises(ValueError, match="NAME=on|off"):
+        parse_levers(bad)
