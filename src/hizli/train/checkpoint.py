@@ -8,7 +8,8 @@ leaves either the previous checkpoints or the complete new one, never half of on
 Contents of ``checkpoint-N/``:
   adapter_model.safetensors, adapter_config.json   the adapter, loadable by PEFT
   optimizer.pt, rng_state.pt                        tensors only (loaded with weights_only=True)
-  trainer_state.json                                step, scheduler, data position, log history
+  trainer_state.json                                step, scheduler, data position, log history, and the
+                                                    run it belongs to (``hizli.train.runs``)
   checksums.json                                    sha256 of every other file, written last
 """
 
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from hizli import _log
 
 PREFIX = "checkpoint-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
@@ -199,8 +198,9 @@ def resolve(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | 
     return path
 
 
-def load(path: Path, model, optimizer) -> dict[str, Any]:
-    """Restore adapter weights, optimizer and RNG from ``path``; return its trainer_state."""
+def load(path: Path, model, optimizer, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore adapter weights, optimizer and RNG from ``path``; return its trainer_state. With
+    ``recipe``, first refuse a checkpoint of another recipe (``hizli.train.runs``)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -218,6 +218,10 @@ def load(path: Path, model, optimizer) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}/trainer_state.json is not valid JSON ({e})") from None
     _check_state(state, path)
+    if recipe is not None:
+        from hizli.train.runs import check_same_recipe
+
+        check_same_recipe(state, recipe, path)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
         optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
@@ -231,7 +235,6 @@ def load(path: Path, model, optimizer) -> dict[str, Any]:
         raise CheckpointError(f"{weights} does not fit this model (unexpected keys such as {unexpected[0]})")
     optimizer.load_state_dict(optimizer_state)
     set_rng_state(rng)
-    _log.info(f"resumed from {path} (step {state['global_step']})")
     return state
 
 

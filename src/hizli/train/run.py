@@ -85,11 +85,18 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
                              max_seq_length=m.max_seq_length, dataset_num_proc=d.dataset_num_proc,
                              packing=d.packing, args=recipe.train,
                              train_on="assistant" if d.train_on_responses_only else "all")
-        trainer.recipe = recipe.to_dict()
-        print(trainer.train_dataset.report.summary(), file=out)
+        trainer.recipe = recipe.to_dict()  # the data summary was logged by the tokenizer step
     before = memory_report(printed=False)
+    if resume in (None, False) and recipe.output.overwrite:
+        from hizli.train.runs import remove_earlier_run
+
+        remove_earlier_run(recipe.train.output_dir)
     with timings.part("train"):
         stats = trainer.train(resume_from_checkpoint=resume)
+    if stats.global_step == stats.start_step and resume not in (None, False):
+        print(f"nothing was trained (see above): {recipe.output.adapter_dir}/ is left as it was", file=out)
+        return {"metrics": stats.metrics, "memory_before": before, "memory": None, "adapter_dir": None,
+                "answer": None, "timings": dict(timings.parts)}
     print("\n".join(stats.memory.lines()), file=out)
     with timings.part("save adapter"):
         model.save_pretrained(recipe.output.adapter_dir)
@@ -109,8 +116,27 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
                                     temperature=recipe.chat.temperature, min_p=recipe.chat.min_p, stream=True,
                                     seed=recipe.train.seed)
     print("\n" + "\n".join(timings.lines()), file=out)
+    print("\n" + outputs_note(recipe), file=out)
     return {"metrics": stats.metrics, "memory_before": before, "memory": stats.memory.figures(),
             "adapter_dir": recipe.output.adapter_dir, "answer": answer, "timings": dict(timings.parts)}
+
+
+def outputs_note(recipe: Recipe) -> str:
+    """Where the run's files are and what each is for (printed at the end of ``hizli train``)."""
+    from hizli.train.checkpoint import latest
+
+    out = Path(recipe.train.output_dir)
+    lines = [f"in {out}/:"]
+    for name, what in (("metrics.jsonl", "one JSON line per optimizer step (loss, lr, tokens/s, ...)"),
+                       ("loss.png", "the loss curve"),
+                       ("recipe.yaml", "the resolved recipe: every setting this run used")):
+        if (out / name).is_file():
+            lines.append(f"  {name:<14} {what}")
+    last = latest(out)
+    if last is not None:
+        lines.append(f"  {last.name:<14} the last checkpoint: raise train.max_steps and add --resume to train further")
+    lines.append(f"talk to the model: hizli chat {recipe.output.adapter_dir}")
+    return "\n".join(lines)
 
 
 def run_recipe_cli(path: str | None, overrides: list[str], resume: str | None = None, dry_run: bool = False) -> int:

@@ -27,7 +27,7 @@ import torch
 from hizli import _log
 from hizli.data.collate import DataCollatorForSeq2Seq, PaddingFreeCollator
 from hizli.kernels import warmup
-from hizli.train import checkpoint, memory, metrics, optim, step as step_mod
+from hizli.train import checkpoint, memory, metrics, optim, runs, step as step_mod
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.models.checkpointing import apply_layer_modes
 from hizli.train.batches import BatchPlan, Position
@@ -55,6 +55,7 @@ class TrainOutput:
     metrics: dict[str, Any]
     memory: memory.MemoryReport | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0  # the resumed checkpoint's step (== global_step when nothing was left to train)
 
 
 class SFTTrainer:
@@ -112,6 +113,7 @@ class SFTTrainer:
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
         self._stop_signal: str | None = None
+        self._run: dict[str, Any] | None = None  # the run being trained (hizli.train.runs)
 
     # ---------------------------------------------------------------- data
     def _prepare(self, dataset, split: str):
@@ -189,23 +191,30 @@ class SFTTrainer:
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
         position, start_step = Position(), 0
+        recipe = self.recipe or self._recipe_from_objects()
+        self._run = runs.new_run(recipe)  # recorded in every checkpoint of this run
         resume = checkpoint.resolve(resume_from_checkpoint if resume_from_checkpoint is not None
                                     else args.resume_from_checkpoint, args.output_dir)
         if resume is not None:
-            saved = checkpoint.load(resume, model, optimizer)
+            saved = checkpoint.load(resume, model, optimizer, recipe=recipe)  # refuses another recipe's
+            _log.info(runs.resume_message(resume, saved, total_steps))
+            self._run = saved["run"]
             scheduler.load_state_dict(saved["scheduler"])
             if scaler is not None and saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             position = Position(**saved["position"])
             start_step = saved["global_step"]
             self.state["log_history"] = saved.get("log_history", [])
+        else:
+            runs.set_aside_earlier_run(args.output_dir)
         self.state["global_step"] = start_step
-        self._write_recipe()
+        self._write_recipe(recipe)
 
         start_mem = memory.snapshot(device)
         _log.info(" ".join(start_mem.lines()))
         memory.reset_peak(device)
-        log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps, args.disable_tqdm)
+        log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps, args.disable_tqdm,
+                             history=self.state["log_history"] if resume is not None else None)
         self._describe(log, plan, total_steps, collate, parts, amp_dtype, device)
         t_start = time.perf_counter()
         losses: list[float] = []
@@ -243,7 +252,9 @@ class SFTTrainer:
                         eval_points.append((step_no, ev["eval_loss"]))
                         log.note(f"step {step_no}: eval_loss {ev['eval_loss']:.4f}")
                         self.state["log_history"].append({"step": step_no, **ev})
-                    saving = args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0
+                    # the last step is always saved (when saving is on), so any run can be resumed or extended
+                    saving = args.save_strategy != "no" and (step_no == total_steps or (
+                        args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0))
                     if saving or self._stop_signal:
                         path = self._save_checkpoint(step_no, after, optimizer, scheduler, scaler)
                         if self._stop_signal:
@@ -269,7 +280,7 @@ class SFTTrainer:
         }
         if eval_points:
             out["eval_loss"] = eval_points[-1][1]
-        return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"])
+        return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"], start_step)
 
     def _step_or_replan(self, micro, parts, step_no, optimizer, scheduler, scaler, params, device, amp_dtype,
                         collate, plan, total_steps):
@@ -460,17 +471,17 @@ class SFTTrainer:
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "log_history": self.state["log_history"],
+            "run": self._run,
             "args": {k: v for k, v in self.args.to_dict().items() if _jsonable(v)},
         }
         return checkpoint.save(self.args.output_dir, step_no, self.model, optimizer, state,
                                self.args.save_total_limit)
 
-    def _write_recipe(self) -> None:
+    def _write_recipe(self, recipe: dict[str, Any]) -> None:
         import yaml
 
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        recipe = self.recipe or self._recipe_from_objects()
         tmp = out / "recipe.yaml.tmp"
         tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
         os.replace(tmp, out / "recipe.yaml")
