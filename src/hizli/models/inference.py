@@ -78,7 +78,8 @@ def generate_reply(
 ) -> str:
     """Answer the last user message; with ``stream`` the text is printed as it is produced.
 
-    ``temperature=0`` decodes greedily (reproducible answers for scripts and tests).
+    ``temperature=0`` decodes greedily (reproducible answers for scripts and tests). A streamed
+    answer that the ``max_new_tokens`` limit cut short is followed by a line saying so.
     """
     import torch
     from transformers import TextStreamer
@@ -102,7 +103,10 @@ def generate_reply(
         torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    new = out[0, input_ids.shape[1]:]
+    if stream and len(new) >= max_new_tokens and int(new[-1]) not in eos:  # stopped by the limit, mid-answer
+        print(f"[cut at max_new_tokens={max_new_tokens}]", flush=True)
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _stop_ids(tokenizer, model) -> list[int]:

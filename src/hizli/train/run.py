@@ -53,11 +53,32 @@ def _existing_run(recipe: Recipe) -> list[str]:
     return found
 
 
+def _check_resume(recipe: Recipe, resume: str | bool) -> str | None:
+    """Before anything loads: refuse a checkpoint of another recipe (CheckpointError), and return the
+    "nothing left to train" message when the checkpoint has already reached ``train.max_steps``."""
+    import json
+
+    from hizli.train import checkpoint, runs
+
+    path = checkpoint.resolve(resume, recipe.train.output_dir)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None  # resuming reads and checks it again, and says what is wrong with it
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return None
+    runs.check_same_recipe(state, recipe.to_dict(), path)
+    if recipe.train.max_steps > 0 and state["global_step"] >= recipe.train.max_steps:
+        return runs.resume_message(path, state, recipe.train.max_steps)
+    return None
+
+
 def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout) -> dict[str, Any]:
     """Run ``recipe``; returns the train metrics, memory figures, adapter path, answer and timings."""
     from hizli.api import FastLanguageModel, SFTTrainer, get_chat_template, memory_report
     from hizli.data.load import load_conversations
     from hizli.models.inference import generate_reply
+    from hizli.train.memory import MemorySnapshot
 
     if resume in (None, False) and not recipe.output.overwrite:
         found = _existing_run(recipe)
@@ -65,6 +86,12 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
             raise ValueError(f"{recipe.train.output_dir} / {recipe.output.adapter_dir} already hold an earlier run "
                              f"({', '.join(found[:4])}). Continue it with --resume, or replace it with "
                              "--set output.overwrite=true")
+    if resume not in (None, False):
+        left = _check_resume(recipe, resume)
+        if left is not None:  # nothing left to train: the adapter folder stays as it is
+            print(f"{left}\n{recipe.output.adapter_dir}/ is left as it was", file=out)
+            return {"metrics": None, "memory_before": None, "memory": None, "adapter_dir": None, "answer": None,
+                    "timings": {}}
     timings = Timings()
     m, lo, d = recipe.model, recipe.lora, recipe.data
     with timings.part("load model"):
@@ -87,6 +114,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
                              train_on="assistant" if d.train_on_responses_only else "all")
         trainer.recipe = recipe.to_dict()  # the data summary was logged by the tokenizer step
     before = memory_report(printed=False)
+    print("\n".join(MemorySnapshot(**before).lines()), file=out)
     if resume in (None, False) and recipe.output.overwrite:
         from hizli.train.runs import remove_earlier_run
 

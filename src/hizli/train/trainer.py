@@ -210,8 +210,7 @@ class SFTTrainer:
         self.state["global_step"] = start_step
         self._write_recipe(recipe)
 
-        start_mem = memory.snapshot(device)
-        _log.info(" ".join(start_mem.lines()))
+        start_mem = memory.snapshot(device)  # memory_report() prints it; `hizli train` too
         memory.reset_peak(device)
         log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps, args.disable_tqdm,
                              history=self.state["log_history"] if resume is not None else None)
