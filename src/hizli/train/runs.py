@@ -38,14 +38,31 @@ from typing import Any
 from hizli import _log
 
 # section.key settings that may differ between a checkpoint's run and the run that resumes it
-RESUMABLE = frozenset({
-    "train.max_steps", "train.num_train_epochs", "train.resume_from_checkpoint", "train.output_dir",
-    "train.logging_steps", "train.logging_dir", "train.disable_tqdm", "train.report_to", "train.run_name",
-    "train.save_strategy", "train.save_steps", "train.save_total_limit",
-    "train.eval_strategy", "train.eval_steps", "train.per_device_eval_batch_size",
-    "train.max_memory_gib", "train.merge_micro_batches", "train.oom_retries", "train.nan_policy",
-    "train.dataloader_num_workers", "data.dataset_num_proc",
-})
+RESUMABLE = frozenset(
+    {
+        "train.max_steps",
+        "train.num_train_epochs",
+        "train.resume_from_checkpoint",
+        "train.output_dir",
+        "train.logging_steps",
+        "train.logging_dir",
+        "train.disable_tqdm",
+        "train.report_to",
+        "train.run_name",
+        "train.save_strategy",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.eval_strategy",
+        "train.eval_steps",
+        "train.per_device_eval_batch_size",
+        "train.max_memory_gib",
+        "train.merge_micro_batches",
+        "train.oom_retries",
+        "train.nan_policy",
+        "train.dataloader_num_workers",
+        "data.dataset_num_proc",
+    }
+)
 RESUMABLE_SECTIONS = frozenset({"output", "chat"})
 EARLIER_RUNS = "earlier-runs"
 RUN_FILES = ("metrics.jsonl", "loss.png")  # what a run writes into OUTPUT_DIR besides its checkpoints
@@ -99,8 +116,10 @@ def check_same_recipe(state: dict[str, Any], recipe: dict[str, Any], path: Path)
 
     run = state.get("run")
     if not isinstance(run, dict) or not isinstance(run.get("recipe_hash"), str):
-        raise CheckpointError(f"{path} has no run record (it was written by an older hizli), so it cannot be "
-                              "checked against this recipe; start a new run instead of resuming it")
+        raise CheckpointError(
+            f"{path} has no run record (it was written by an older hizli), so it cannot be "
+            "checked against this recipe; start a new run instead of resuming it"
+        )
     if run["recipe_hash"] == recipe_hash(recipe):
         return
     differs = _differences(run.get("recipe") or {}, identity(recipe))
@@ -108,7 +127,8 @@ def check_same_recipe(state: dict[str, Any], recipe: dict[str, Any], path: Path)
     raise CheckpointError(
         f"{path} belongs to another recipe ({describe(run)}); this recipe differs in: {shown or 'unknown settings'}. "
         "Resume only with the recipe that made it (only max_steps/num_train_epochs, logging, saving and output "
-        "settings may change), or start a new run")
+        "settings may change), or start a new run"
+    )
 
 
 def resume_message(path: Path, state: dict[str, Any], total_steps: int) -> str:
@@ -116,9 +136,11 @@ def resume_message(path: Path, state: dict[str, Any], total_steps: int) -> str:
     step = state["global_step"]
     where = f"{path} (step {step}) of the {describe(state.get('run'))}"
     if step >= total_steps:
-        return (f"nothing left to train: {where} has reached the {total_steps} steps this recipe asks for. "
-                f"To train further, raise train.max_steps (e.g. --set train.max_steps={step + max(step, 10)}) "
-                "and resume again")
+        return (
+            f"nothing left to train: {where} has reached the {total_steps} steps this recipe asks for. "
+            f"To train further, raise train.max_steps (e.g. --set train.max_steps={step + max(step, 10)}) "
+            "and resume again"
+        )
     return f"resuming {where}: steps {step + 1}-{total_steps}"
 
 
@@ -139,8 +161,11 @@ def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     if not found and not files:
         return []
     names = [p.name for p in found + files]
-    _log.info(f"output.overwrite=true: removing the earlier run's {', '.join(names)} from {out} ({describe(run)})"
-              if found else f"output.overwrite=true: removing the earlier run's {', '.join(names)} from {out}")
+    _log.info(
+        f"output.overwrite=true: removing the earlier run's {', '.join(names)} from {out} ({describe(run)})"
+        if found
+        else f"output.overwrite=true: removing the earlier run's {', '.join(names)} from {out}"
+    )
     for p in found:
         shutil.rmtree(p)
     for p in files:
@@ -157,7 +182,8 @@ def set_aside_earlier_run(output_dir: str | os.PathLike) -> Path | None:
         return None
     out = Path(output_dir)
     stamp = (run or {}).get("started") or datetime.fromtimestamp(found[-1].stat().st_mtime, timezone.utc).isoformat(
-        timespec="seconds")
+        timespec="seconds"
+    )
     base = out / EARLIER_RUNS / stamp.replace(":", "-").replace("+00-00", "Z")
     target, n = base, 1
     while target.exists():
@@ -167,9 +193,11 @@ def set_aside_earlier_run(output_dir: str | os.PathLike) -> Path | None:
     moved = found + [out / name for name in RUN_FILES if (out / name).is_file()]
     for p in moved:
         os.rename(p, target / p.name)
-    _log.info(f"{out} held {', '.join(p.name for p in moved)} of an earlier run ({describe(run)}): moved to "
-              f"{target}/ so that this fresh run does not resume or mix with them; delete that folder when you no "
-              "longer need it")
+    _log.info(
+        f"{out} held {', '.join(p.name for p in moved)} of an earlier run ({describe(run)}): moved to "
+        f"{target}/ so that this fresh run does not resume or mix with them; delete that folder when you no "
+        "longer need it"
+    )
     return target
 
 
