@@ -15,7 +15,8 @@ Settings that may change on resume (``RESUMABLE``): how long to train (``train.m
 ``train.num_train_epochs``: raise them to extend a finished run; the learning-rate schedule is then
 computed for the new total from the resumed step on), how often to log, save and evaluate, where
 outputs go, memory and error-handling policy that does not change the update (``max_memory_gib``,
-``merge_micro_batches``, ``oom_retries``, ``nan_policy``), data-loading processes, and the
+``merge_micro_batches``, ``oom_retries``, ``nan_policy``, ``use_gradient_checkpointing``), data-loading
+processes, the LoRA ``random_state`` (it only seeds the adapter the checkpoint replaces), and the
 ``output`` and ``chat`` sections (used after training). Everything else (model, LoRA, data, batch
 size, optimizer, learning rate, seeds, ...) must match.
 
@@ -61,6 +62,8 @@ RESUMABLE = frozenset(
         "train.nan_policy",
         "train.dataloader_num_workers",
         "data.dataset_num_proc",
+        "lora.random_state",  # only seeds the initial adapter, which the checkpoint replaces
+        "lora.use_gradient_checkpointing",  # recomputes or keeps activations: the same update
     }
 )
 RESUMABLE_SECTIONS = frozenset({"output", "chat"})
