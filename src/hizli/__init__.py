@@ -48,6 +48,7 @@ _EXPORTS = {
     "train": "hizli.api",
     "unsloth_train": "hizli.api",
     "memory_report": "hizli.api",
+    "sample_dataset": "hizli.data.sample",
     "load_recipe": "hizli.config",
     "Recipe": "hizli.config",
 }

@@ -44,6 +44,26 @@ def _existing_run(recipe: Recipe) -> list[str]:
     return found
 
 
+def _check_resume(recipe: Recipe, resume: str | bool) -> str | None:
+    """Before anything loads: refuse a checkpoint of another recipe (CheckpointError), and return the
+    "nothing left to train" message when the checkpoint has already reached ``train.max_steps``."""
+    import json
+
+    from hizli.train import checkpoint, runs
+
+    path = checkpoint.resolve(resume, recipe.train.output_dir)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None  # resuming reads and checks it again, and says what is wrong with it
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return None
+    runs.check_same_recipe(state, recipe.to_dict(), path)
+    if recipe.train.max_steps > 0 and state["global_step"] >= recipe.train.max_steps:
+        return runs.resume_message(path, state, recipe.train.max_steps)
+    return None
+
+
 def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout) -> dict[str, Any]:
     """Run ``recipe``; returns the train metrics, memory figures, adapter path, answer and timings."""
     from hizli.api import FastLanguageModel, SFTTrainer, get_chat_template, memory_report
@@ -51,6 +71,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
     from hizli.data.sample import dataset_source
     from hizli.data.templates import stop_token_ids
     from hizli.models.inference import generate_reply
+    from hizli.train.memory import MemorySnapshot
 
     if resume in (None, False) and not recipe.output.overwrite:
         found = _existing_run(recipe)
@@ -58,6 +79,12 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
             raise ValueError(f"{recipe.train.output_dir} / {recipe.output.adapter_dir} already hold an earlier run "
                              f"({', '.join(found[:4])}). Continue it with --resume, or replace it with "
                              "--set output.overwrite=true")
+    if resume not in (None, False):
+        left = _check_resume(recipe, resume)
+        if left is not None:  # nothing left to train: the adapter folder stays as it is
+            print(f"{left}\n{recipe.output.adapter_dir}/ is left as it was", file=out)
+            return {"metrics": None, "memory_before": None, "memory": None, "adapter_dir": None, "answer": None,
+                    "timings": {}}
     timings = Timings()
     m, lo, d = recipe.model, recipe.lora, recipe.data
     with timings.part("load model"):
@@ -78,11 +105,19 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
                              max_seq_length=m.max_seq_length, dataset_num_proc=d.dataset_num_proc,
                              packing=d.packing, args=recipe.train,
                              train_on="assistant" if d.train_on_responses_only else "all")
-        trainer.recipe = recipe.to_dict()
-        print(trainer.train_dataset.report.summary(), file=out)
+        trainer.recipe = recipe.to_dict()  # the data summary was logged by the tokenizer step
     before = memory_report(printed=False)
+    print("\n".join(MemorySnapshot(**before).lines()), file=out)
+    if resume in (None, False) and recipe.output.overwrite:
+        from hizli.train.runs import remove_earlier_run
+
+        remove_earlier_run(recipe.train.output_dir)
     with timings.part("train"):
         stats = trainer.train(resume_from_checkpoint=resume)
+    if stats.global_step == stats.start_step and resume not in (None, False):
+        print(f"nothing was trained (see above): {recipe.output.adapter_dir}/ is left as it was", file=out)
+        return {"metrics": stats.metrics, "memory_before": before, "memory": None, "adapter_dir": None,
+                "answer": None, "timings": dict(timings.parts)}
     print("\n".join(stats.memory.lines()), file=out)
     with timings.part("save adapter"):
         model.save_pretrained(recipe.output.adapter_dir)
@@ -102,8 +137,27 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
                                     temperature=recipe.chat.temperature, min_p=recipe.chat.min_p, stream=True,
                                     seed=recipe.train.seed, stop_ids=stop_token_ids(tokenizer))
     print("\n" + "\n".join(timings.lines()), file=out)
+    print("\n" + outputs_note(recipe), file=out)
     return {"metrics": stats.metrics, "memory_before": before, "memory": stats.memory.figures(),
             "adapter_dir": recipe.output.adapter_dir, "answer": answer, "timings": dict(timings.parts)}
+
+
+def outputs_note(recipe: Recipe) -> str:
+    """Where the run's files are and what each is for (printed at the end of ``hizli train``)."""
+    from hizli.train.checkpoint import latest
+
+    out = Path(recipe.train.output_dir)
+    lines = [f"in {out}/:"]
+    for name, what in (("metrics.jsonl", "one JSON line per optimizer step (loss, lr, tokens/s, ...)"),
+                       ("loss.png", "the loss curve"),
+                       ("recipe.yaml", "the resolved recipe: every setting this run used")):
+        if (out / name).is_file():
+            lines.append(f"  {name:<14} {what}")
+    last = latest(out)
+    if last is not None:
+        lines.append(f"  {last.name:<14} the last checkpoint: raise train.max_steps and add --resume to train further")
+    lines.append(f"talk to the model: hizli chat {recipe.output.adapter_dir}")
+    return "\n".join(lines)
 
 
 def run_recipe_cli(path: str | None, overrides: list[str], resume: str | None = None, dry_run: bool = False) -> int:

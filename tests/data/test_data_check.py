@@ -38,8 +38,54 @@ def test_check_lists_every_problem_with_its_line_and_exits_1(tmp_path):
         (hit,) = [x for x in text.splitlines() if x.startswith(f"{path}:{line}: ")]
         assert words in hit, text
     assert not any(x.startswith(f"{path}:1: ") for x in text.splitlines())
-    assert "5 of 7 rows are unusable" in text
-    assert "count 2, min" in text and "median" in text and "p95" in text and "total" in text
+    assert "6 of 7 rows are unusable" in text and "--map-role" in text  # unknown roles are unusable unless mapped
+    assert "count 1, min" in text and "median" in text and "p95" in text and "total" in text
+
+
+def test_check_flags_empty_files_missing_turns_and_conversations_in_the_wrong_order(tmp_path):
+    def turns(*pairs):
+        return json.dumps({"conversations": [{"from": f, "value": v} for f, v in pairs]})
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    out = hizli("data", "check", empty)
+    assert out.returncode == 1 and "holds no rows" in out.stdout and "OK" not in out.stdout
+
+    lines = [
+        turns(("human", "What is 2+2?"), ("gpt", "4.")),                                  # 1 fine
+        turns(("humn", "What is 2+2?"), ("robot", "4.")),                                 # 2 typos: unknown roles
+        turns(("gpt", "Hello! How can I help?"), ("human", "2+2?"), ("gpt", "4.")),       # 3 starts with the assistant
+        turns(("human", "2+2?"), ("gpt", "4."), ("human", "And 3+3?")),                   # 4 ends with the user
+        turns(("system", "Be brief."), ("gpt", "4.")),                                    # 5 no user turn
+    ]
+    path = tmp_path / "order.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def problems(*flags):
+        out = hizli("data", "check", path, *flags)
+        lines = [x[len(f"{path}:"):] for x in out.stdout.splitlines() if x.startswith(f"{path}:")]
+        found = {int(x.split(":")[0]): x for x in lines if x.split(":")[0].isdigit()}
+        return out.returncode, found
+
+    code, found = problems()
+    assert code == 1 and sorted(found) == [2, 3, 4, 5], found
+    assert "unknown role 'humn'" in found[2] and "starts with the assistant" in found[3]
+    assert "ends with a user turn" in found[4] and "no user turn" in found[5]
+    code, found = problems("--unknown-roles", "assistant")  # as training maps them by default: no user turn left
+    assert code == 1 and "no user turn" in found[2]
+    code, found = problems("--map-role", "humn=user", "--map-role", "robot=assistant")
+    assert code == 1 and sorted(found) == [3, 4, 5]
+
+
+def test_training_refuses_the_same_rows(tmp_path):
+    from hizli.data.load import load_conversations
+
+    rows = [{"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4."}]},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
+                          {"role": "user", "content": "Thanks"}]}]
+    loaded = load_conversations(rows, bad_rows="skip")
+    assert [p.kind for p in loaded.problems] == ["assistant-first", "ends-with-user"] and len(loaded) == 0
 
 
 def test_check_exits_0_on_a_clean_file(tmp_path):

@@ -116,8 +116,8 @@ _KILL_SCRIPT = textwrap.dedent("""
     import hizli.train.trainer as t
     t.checkpoint.save = slow_save
     args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6,
-                             learning_rate=5e-3, warmup_steps=2, optim="adamw_8bit", seed=3407, save_steps=1,
-                             output_dir={out!r}, disable_tqdm=True)
+                             learning_rate=5e-3, warmup_steps=2, optim="adamw_8bit", weight_decay=0.01, seed=3407,
+                             save_steps=1, output_dir={out!r}, disable_tqdm=True)  # _args' recipe: resumable
     SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(40, seed=3),
                args=args).train()
 """)

@@ -112,7 +112,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does
     from hizli.bench.shapes import attention_flops, is_shape, load_tokenizer, matmul_params, random_model_folder
     from hizli.data.load import load_conversations
-    from hizli.train.run import dataset_source
+    from hizli.data.sample import dataset_source
 
     marks = {"imports": time.time()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,8 +18,9 @@ from hizli.cli import eval as eval_cmd
 EXAMPLES = """examples:
   hizli train configs/demo-cpu.yaml                  the CPU demo: train, report, save, answer
   hizli train configs/reference.yaml --set train.max_steps=100
+  hizli train configs/demo-cpu.yaml --resume         continue its last checkpoint (raise train.max_steps to extend)
   hizli chat outputs/demo-cpu/lora_model --prompt "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,"
-  hizli data check data.jsonl --template llama-3.1
+  hizli data check data.jsonl --template llama-3.1 --map-role robot=assistant
   hizli eval outputs/demo-cpu/lora_model --data held_out.jsonl --generate 3 --out eval/
   hizli export outputs/demo-cpu/lora_model --to gguf --quant q8_0 --out exported/
   hizli templates llama-3.1

@@ -16,7 +16,8 @@ Schemas (``schema="auto"`` detects each row's from its keys):
 
 Everything becomes ``{"messages": [{"role", "content"}, ...]}`` with the role policy of
 ``hizli.data.sharegpt``. Rows that cannot be used (invalid JSON, no conversation, a malformed
-message, an empty turn, no assistant turn, an unknown role under ``unknown_roles="error"``) are
+message, an empty turn, no assistant or no user turn, a conversation that starts with the assistant
+or ends with the user, an unknown role under ``unknown_roles="error"``) are
 reported with their line (``.jsonl``/``.json``) or 0-based row index: ``bad_rows="error"`` raises a
 ``DataError`` listing all of them, ``"skip"`` keeps them in ``.problems`` so the data report counts them.
 """

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 # Problem kinds. Fatal ones make a row unusable; the rest are warnings.
 FATAL_KINDS = ("invalid-json", "invalid-utf8", "truncated-file", "not-an-object", "no-conversation", "bad-message",
-               "unknown-role", "empty-turn", "no-assistant", "render-error", "no-trained-token", "bad-text",
-               "bad-tokens")
+               "unknown-role", "empty-turn", "no-assistant", "no-user", "assistant-first", "ends-with-user",
+               "render-error", "no-trained-token", "bad-text", "bad-tokens")
 WARNING_KINDS = ("unknown-role-mapped", "over-long")
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
@@ -66,8 +66,8 @@ class DataReport:
 
     @property
     def ok(self) -> bool:
-        """True when no row is unusable."""
-        return not self.skipped
+        """True when there are rows and none is unusable."""
+        return not self.skipped and self.rows_in > 0
 
     def check(self) -> None:
         assert self.rows_in == self.rows_used + len(self.skipped), (
@@ -122,7 +122,9 @@ def validate_messages(messages: Any, *, need_assistant: bool = True) -> tuple[st
     """The first problem that makes a role/content conversation unusable, as (kind, reason), or None.
 
     Checks: a non-empty list; every message a dict with a known role and a string content; no
-    empty (whitespace-only) turn; at least one assistant turn (when ``need_assistant``).
+    empty (whitespace-only) turn; and, when ``need_assistant`` (a conversation to train on), an
+    assistant turn, a user turn, no assistant turn before the first user turn, and no unanswered
+    user turn at the end.
     """
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         what = "empty" if isinstance(messages, (list, tuple)) else ("missing" if messages is None else
@@ -140,8 +142,25 @@ def validate_messages(messages: Any, *, need_assistant: bool = True) -> tuple[st
         if not is_unicode(m["content"]):
             return "bad-message", f"message {k} ({m['role']}) {NOT_UNICODE}"
         has_assistant |= m["role"] == "assistant"
-    if need_assistant and not has_assistant:
+    if not need_assistant:
+        return None
+    if not has_assistant:
         return "no-assistant", "no assistant turn: nothing to learn from this conversation"
+    return _order_problem([m["role"] for m in messages])
+
+
+def _order_problem(roles: list[str]) -> tuple[str, str] | None:
+    """Whether the turns of a conversation that has an assistant turn come in a trainable order."""
+    if "user" not in roles:
+        return "no-user", ("no user turn: the assistant answers nothing (after role mapping the roles are "
+                           f"{', '.join(dict.fromkeys(roles))}; map the asking role to user)")
+    first = next(k for k, r in enumerate(roles) if r != "system")
+    if roles[first] == "assistant":
+        return "assistant-first", (f"the conversation starts with the assistant (message {first}) before any user "
+                                   "turn; drop that opening message or add the user turn it answers")
+    if roles[-1] == "user":
+        return "ends-with-user", (f"the conversation ends with a user turn (message {len(roles) - 1}) that has no "
+                                  "answer; drop it or add the assistant's answer")
     return None
 
 

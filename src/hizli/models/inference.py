@@ -81,7 +81,8 @@ def generate_reply(
 
     ``temperature=0`` decodes greedily (reproducible answers for scripts and tests). Generation
     stops at the model's EOS ids and at ``stop_ids`` (the chat template's end-of-turn tokens:
-    ``hizli.data.templates.stop_token_ids(tokenizer)``).
+    ``hizli.data.templates.stop_token_ids(tokenizer)``). A streamed
+    answer that the ``max_new_tokens`` limit cut short is followed by a line saying so.
     """
     import torch
     from transformers import TextStreamer
@@ -105,7 +106,10 @@ def generate_reply(
         torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    new = out[0, input_ids.shape[1]:]
+    if stream and len(new) >= max_new_tokens and int(new[-1]) not in eos:  # stopped by the limit, mid-answer
+        print(f"[cut at max_new_tokens={max_new_tokens}]", flush=True)
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _stop_ids(model, extra: Sequence[int]) -> list[int]:

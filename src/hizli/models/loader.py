@@ -133,10 +133,62 @@ def resolve_source(model_name: str) -> Source:
             f"model folder {str(p)!r} holds neither config.json (a transformers model), "
             "adapter_config.json (a LoRA adapter) nor a single .gguf file"
         )
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
-    if looks_local:
-        raise FileNotFoundError(f"model_name={name!r}: no such file or folder")
+    looks_local = (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+                   or ("/" in name and p.parent.is_dir()))
+    near = _near_miss(p)
+    if looks_local or (near and "/" not in name):  # a typo of a local or embedded name is not a hub id
+        hint = f"; did you mean {near!r}?" if near else ""
+        raise FileNotFoundError(f"model_name={name!r}: no such file or folder, and not an embedded model{hint}")
     return Source("hub", name, name)
+
+
+def _near_miss(p: Path) -> str | None:
+    """The local entry (beside ``p``) or embedded model name that ``p`` most likely misspells, if any."""
+    import difflib
+
+    folder = p.parent if str(p.parent) not in ("", ".") else Path(".")
+    try:
+        local = [e.name for e in folder.iterdir()] if folder.is_dir() else []
+    except OSError:
+        local = []
+    name = p.name
+    embedded = [e for e in EMBEDDED if len(name) >= 4 and (e.startswith(name.lower()) or name.lower().startswith(e))]
+    if embedded and p.parent == Path("."):
+        return embedded[0]
+    found = difflib.get_close_matches(name, local, n=1, cutoff=0.8)
+    if found:
+        return str(folder / found[0]) if folder != Path(".") else found[0]
+    if p.parent == Path("."):
+        found = difflib.get_close_matches(name.lower(), list(EMBEDDED), n=1, cutoff=0.6)
+        return found[0] if found else None
+    return None
+
+
+def hub_unavailable(name: str, revision: str | None = None) -> str | None:
+    """Why the Hugging Face Hub cannot provide ``name`` now, or None: offline mode, or the Hub's host
+    cannot be reached (checked with one short connection instead of the client's minute of retries).
+    A model already in the local Hugging Face cache, or a configured proxy, is left to the client."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"the Hub ({constants.ENDPOINT}) cannot be reached from here ({e.strerror or e})"
+    return None
+
+
+HUB_PROBE_SECONDS = 5.0  # one TCP connect; a reachable Hub answers in well under a second
 
 
 @gc_paused()  # transformers and bitsandbytes import here and the model is built: see hizli._startup
@@ -159,6 +211,12 @@ def load(
     if not isinstance(max_seq_length, int) or max_seq_length < 8:
         raise ValueError(f"max_seq_length={max_seq_length!r} must be an integer >= 8 (the recipe uses 2048)")
     src = resolve_source(model_name)
+    if src.kind == "hub":
+        problem = hub_unavailable(src.path, revision)
+        if problem is not None:
+            raise OSError(f"model_name={src.source!r} is not a local folder, a file or an embedded model "
+                          f"({', '.join(EMBEDDED)}), so it would come from the Hugging Face Hub, but {problem}. "
+                          "Pass a local folder or .gguf file, or connect and try again")
     if src.kind == "adapter":
         return _load_adapter(
             src, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,

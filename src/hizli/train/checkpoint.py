@@ -8,7 +8,8 @@ leaves either the previous checkpoints or the complete new one, never half of on
 Contents of ``checkpoint-N/``:
   adapter_model.safetensors, adapter_config.json   the adapter, loadable by PEFT
   optimizer.pt, rng_state.pt                        tensors only (loaded with weights_only=True)
-  trainer_state.json                                step, scheduler, data position, log history
+  trainer_state.json                                step, scheduler, data position, log history, and the
+                                                    run it belongs to (``hizli.train.runs``)
   checksums.json                                    sha256 of every other file, written last
 """
 
@@ -23,11 +24,9 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-
-from hizli import _log
 
 PREFIX = "checkpoint-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
@@ -204,8 +203,10 @@ def resolve(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | 
     return path
 
 
-def load(path: Path, model, optimizer) -> dict[str, Any]:
-    """Restore adapter weights, optimizer and RNG from ``path``; return its trainer_state."""
+def load(path: Path, model, optimizer, check_state: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Restore adapter weights, optimizer and RNG from ``path``; return its trainer_state.
+    ``check_state`` sees the trainer_state first and may refuse it by raising (the trainer refuses a
+    checkpoint of another recipe: ``hizli.train.runs.check_same_recipe``)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -223,6 +224,8 @@ def load(path: Path, model, optimizer) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}/trainer_state.json is not valid JSON ({e})") from None
     _check_state(state, path)
+    if check_state is not None:
+        check_state(state)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
         optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
@@ -236,7 +239,6 @@ def load(path: Path, model, optimizer) -> dict[str, Any]:
         raise CheckpointError(f"{weights} does not fit this model (unexpected keys such as {unexpected[0]})")
     optimizer.load_state_dict(optimizer_state)
     set_rng_state(rng)
-    _log.info(f"resumed from {path} (step {state['global_step']})")
     return state
 
 

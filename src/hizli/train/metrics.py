@@ -17,18 +17,23 @@ class RunLog:
     """Writes one JSON line per optimizer step (and per evaluation) to ``OUTPUT_DIR/metrics.jsonl``
     and drives the bar.
 
-    The file is appended to and flushed every step, so a crashed run keeps its history; a resumed
-    run truncates entries past the checkpoint's step first, so the file reads as one clean run.
+    The file is appended to and flushed every step, so a crashed run keeps its history. A fresh run
+    starts it empty; a resumed run rewrites it from the checkpoint's ``history`` (its log history up
+    to its step), so the file reads as one clean run and never keeps lines of another run.
     """
 
     def __init__(self, output_dir: str | os.PathLike, total_steps: int, start_step: int,
-                 logging_steps: int, disable_bar: bool = False) -> None:
+                 logging_steps: int, disable_bar: bool = False,
+                 history: list[dict[str, Any]] | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        self._truncate_after(start_step)
+        if history is not None:
+            self._rewrite([e for e in history if "loss" in e and e.get("step", 0) <= start_step])
+        else:
+            self._truncate_after(start_step)
         self.file = open(self.path, "a")
         self.logging_steps = logging_steps
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
@@ -44,10 +49,13 @@ class RunLog:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash mid-write
             if entry.get("step", 0) <= step:
-                keep.append(line)
+                keep.append(entry)
+        self._rewrite(keep)
+
+    def _rewrite(self, entries: list[dict[str, Any]]) -> None:
         # temporary file + rename: an interruption here leaves the old history, never half of it
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
         os.replace(tmp, self.path)
 
     def step(self, entry: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from hizli import _log
 from hizli.models import warmup
-from hizli.train import checkpoint, memory, metrics, optim
+from hizli.train import checkpoint, memory, metrics, optim, runs
 from hizli.train.allocator import cap_allocator, peak_gib
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.train.batches import BatchPlan, Position
@@ -47,6 +47,8 @@ class TrainOutput:
     metrics: dict[str, Any]
     memory: memory.MemoryReport | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0  # the resumed checkpoint's step (== global_step when nothing was left to train)
+    start_step: int = 0  # the resumed checkpoint's step (== global_step when nothing was left to train)
 
 
 class SFTTrainer:
@@ -105,6 +107,7 @@ class SFTTrainer:
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
+        self._run: dict[str, Any] | None = None  # the run being trained (hizli.train.runs)
 
     # ---------------------------------------------------------------- data
     def _prepare(self, dataset, split: str):
@@ -126,25 +129,32 @@ class SFTTrainer:
         step_memory = self._plan_memory(ctx, plan, total_steps)
 
         position, start_step = Position(), 0
+        recipe = self.recipe or self._recipe_from_objects()
+        self._run = runs.new_run(recipe)  # recorded in every checkpoint of this run
         resume = checkpoint.resolve(resume_from_checkpoint if resume_from_checkpoint is not None
                                     else args.resume_from_checkpoint, args.output_dir)
         if resume is not None:
-            saved = checkpoint.load(resume, self.model, ctx.optimizer)
+            saved = checkpoint.load(resume, self.model, ctx.optimizer,  # refuses another recipe's checkpoint
+                                    check_state=partial(runs.check_same_recipe, recipe=recipe, path=resume))
+            _log.info(runs.resume_message(resume, saved, total_steps))
+            self._run = saved["run"]
             ctx.scheduler.load_state_dict(saved["scheduler"])
             if ctx.scaler is not None and saved.get("scaler"):
                 ctx.scaler.load_state_dict(saved["scaler"])
             position = Position(**saved["position"])
             start_step = saved["global_step"]
             self.state["log_history"] = saved.get("log_history", [])
+        elif self.ranks.is_main:
+            runs.set_aside_earlier_run(args.output_dir)
         self.state["global_step"] = start_step
         if self.ranks.is_main:
-            write_recipe(args.output_dir, self.recipe or self._recipe_from_objects())
+            write_recipe(args.output_dir, recipe)
 
-        start_mem = memory.snapshot(ctx.device)
-        _log.info(" ".join(start_mem.lines()))
+        start_mem = memory.snapshot(ctx.device)  # memory_report() prints it; `hizli train` too
         memory.reset_peak(ctx.device)
         log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps,
-                             args.disable_tqdm or not self.ranks.is_main)
+                             args.disable_tqdm or not self.ranks.is_main,
+                             history=self.state["log_history"] if resume is not None else None)
         self._describe(log, ctx, total_steps, step_memory)
         t_start = time.perf_counter()
         losses: list[float] = []
@@ -173,7 +183,9 @@ class SFTTrainer:
                         eval_points.append((step_no, ev["eval_loss"]))
                         log.eval(ev)
                         self.state["log_history"].append(ev)
-                    saving = args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0
+                    # the last step is always saved (when saving is on), so any run can be resumed or extended
+                    saving = args.save_strategy != "no" and (step_no == total_steps or (
+                        args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0))
                     if saving or self.stop_signals.requested:
                         path = self._save_checkpoint(ctx, step_no, after)
                         if self.stop_signals.requested:
@@ -201,7 +213,7 @@ class SFTTrainer:
         evals = [e for e in self.state["log_history"] if "eval_loss" in e]
         if evals:
             out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
-        return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"])
+        return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"], start_step)
 
     def _check_data(self) -> None:
         if self.train_dataset is None or len(self.train_dataset) == 0:
@@ -301,6 +313,7 @@ class SFTTrainer:
             "scheduler": ctx.scheduler.state_dict(),
             "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
             "log_history": self.state["log_history"],
+            "run": self._run,
             "args": jsonable(self.args.to_dict()),
         }
         path = checkpoint.path_for(self.args.output_dir, step_no)
