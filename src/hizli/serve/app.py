@@ -50,7 +50,7 @@ def _served_name(path: str) -> str:
     return path  # a hub id
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     """EOS ids of the generation config plus the chat template's end-of-turn tokens."""
     from hizli.data.templates import stop_token_ids
 
@@ -113,7 +113,7 @@ def load_models(path: str, adapters: dict[str, str] | None = None, *, load_in_4b
                 model.load_adapter(adapter_path, adapter_name=adapter_name, is_trainable=False)
             entries.append((adapter_name, adapter_name))
         model.eval()
-    engine = Engine(model, tokenizer, _stop_ids(model, tokenizer), max_slots=max_batch, max_queue=max_queue,
+    engine = Engine(model, tokenizer, stop_ids(model, tokenizer), max_slots=max_batch, max_queue=max_queue,
                     context=context, prefill_tokens=prefill_tokens)
     if len(entries) == 1 and entries[0][1] != BASE_ADAPTER:
         entries = [(entries[0][0], BASE_ADAPTER)]  # one adapter only: PEFT's active adapter applies
