@@ -10,8 +10,11 @@ ASK = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 def _prompt_len(tokenizer, messages) -> int:
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                             return_dict=True)["input_ids"])
+    return len(
+        tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
 
 
 def test_models_lists_the_embedded_model(client):
@@ -43,8 +46,9 @@ def test_chat_stops_by_itself_with_finish_stop(client, smol_tokenizer):
 
 def test_stream_gives_the_same_answer_and_a_usage_chunk(client):
     whole = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=16, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -59,8 +63,9 @@ def test_stream_gives_the_same_answer_and_a_usage_chunk(client):
 
 def test_raw_stream_is_server_sent_events_ending_in_done(server):
     body = json.dumps({"model": MODEL, "messages": ASK, "max_tokens": 4, "stream": True}).encode()
-    req = urllib.request.Request(server.url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         assert "Access-Control-Allow-Origin" not in resp.headers  # no CORS unless asked for
@@ -93,8 +98,9 @@ def test_text_completion(client, smol_tokenizer):
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == len(smol_tokenizer("The capital of France is")["input_ids"])
     assert r.usage.completion_tokens == 5 and r.choices[0].text
-    s = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
-                                  stream=True)
+    s = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in s if c.choices) == r.choices[0].text
 
 

@@ -64,9 +64,17 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def load_models(path: str, adapters: dict[str, str] | None = None, *, load_in_4bit: bool | None = None,
-                template: str | None = None, context: int = 2048, max_batch: int = 32, max_queue: int = 256,
-                prefill_tokens: int = 256) -> dict[str, ServedModel]:
+def load_models(
+    path: str,
+    adapters: dict[str, str] | None = None,
+    *,
+    load_in_4bit: bool | None = None,
+    template: str | None = None,
+    context: int = 2048,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    prefill_tokens: int = 256,
+) -> dict[str, ServedModel]:
     """Load PATH (and extra adapters on its base) and start one engine; return the served names.
 
     Args:
@@ -92,8 +100,11 @@ def load_models(path: str, adapters: dict[str, str] | None = None, *, load_in_4b
 
         tokenizer = get_chat_template(tokenizer, chat_template=template)
     if not getattr(tokenizer, "chat_template", None):
-        _log.warn_once("serve-no-template", "this tokenizer has no chat template: /v1/chat/completions will "
-                                            "answer 400; pass --template NAME (`hizli templates` lists them)")
+        _log.warn_once(
+            "serve-no-template",
+            "this tokenizer has no chat template: /v1/chat/completions will "
+            "answer 400; pass --template NAME (`hizli templates` lists them)",
+        )
     name = _served_name(path)
     entries: list[tuple[str, str]] = []  # (served name, PEFT adapter name)
     if kind == "adapter":
@@ -105,16 +116,25 @@ def load_models(path: str, adapters: dict[str, str] | None = None, *, load_in_4b
 
         for i, (adapter_name, adapter_path) in enumerate(adapters.items()):
             if adapter_name in (e[0] for e in entries):
-                raise ValueError(f"--adapter {adapter_name}={adapter_path}: {adapter_name!r} is already a served "
-                                 "name; choose another")
+                raise ValueError(
+                    f"--adapter {adapter_name}={adapter_path}: {adapter_name!r} is already a served "
+                    "name; choose another"
+                )
             if not hasattr(model, "peft_config"):
                 model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, is_trainable=False)
             else:
                 model.load_adapter(adapter_path, adapter_name=adapter_name, is_trainable=False)
             entries.append((adapter_name, adapter_name))
         model.eval()
-    engine = Engine(model, tokenizer, stop_ids(model, tokenizer), max_slots=max_batch, max_queue=max_queue,
-                    context=context, prefill_tokens=prefill_tokens)
+    engine = Engine(
+        model,
+        tokenizer,
+        stop_ids(model, tokenizer),
+        max_slots=max_batch,
+        max_queue=max_queue,
+        context=context,
+        prefill_tokens=prefill_tokens,
+    )
     if len(entries) == 1 and entries[0][1] != BASE_ADAPTER:
         entries = [(entries[0][0], BASE_ADAPTER)]  # one adapter only: PEFT's active adapter applies
     elif len(entries) > 1:
@@ -122,30 +142,57 @@ def load_models(path: str, adapters: dict[str, str] | None = None, *, load_in_4b
     return {n: ServedModel(n, engine, tokenizer, adapter) for n, adapter in entries}
 
 
-def start(models: dict[str, ServedModel], host: str = "127.0.0.1", port: int = 8000, *,
-          limits: Limits | None = None, cors_origin: str | None = None) -> Server:
+def start(
+    models: dict[str, ServedModel],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    limits: Limits | None = None,
+    cors_origin: str | None = None,
+) -> Server:
     """Bind and serve in a background thread; ``server.server_address`` has the real port."""
     server = Server((host, port), ServerState(models, limits or Limits(), cors_origin))
     threading.Thread(target=server.serve_forever, name="hizli-http", daemon=True).start()
     return server
 
 
-def serve(path: str, host: str = "127.0.0.1", port: int = 8000, *, adapters: dict[str, str] | None = None,
-          load_in_4bit: bool | None = None, template: str | None = None, context: int = 2048,
-          max_tokens: int = 4096, max_batch: int = 32, max_queue: int = 256, max_body_bytes: int = 2 * 1024 * 1024,
-          cors_origin: str | None = None) -> int:
+def serve(
+    path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    adapters: dict[str, str] | None = None,
+    load_in_4bit: bool | None = None,
+    template: str | None = None,
+    context: int = 2048,
+    max_tokens: int = 4096,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    max_body_bytes: int = 2 * 1024 * 1024,
+    cors_origin: str | None = None,
+) -> int:
     """Serve until Ctrl-C (what ``hizli serve`` runs); see :func:`load_models` for the model arguments."""
     if host not in LOOPBACK:
-        _log.warn_once("serve-public", f"listening on {host}: anyone who can reach this machine can use the "
-                                       "model (there is no authentication)")
-    models = load_models(path, adapters, load_in_4bit=load_in_4bit, template=template, context=context,
-                         max_batch=max_batch, max_queue=max_queue)
+        _log.warn_once(
+            "serve-public",
+            f"listening on {host}: anyone who can reach this machine can use the model (there is no authentication)",
+        )
+    models = load_models(
+        path,
+        adapters,
+        load_in_4bit=load_in_4bit,
+        template=template,
+        context=context,
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
     limits = Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, context=context)
     server = start(models, host, port, limits=limits, cors_origin=cors_origin)
     h, p = server.server_address[:2]
     shown = f"[{h}]" if ":" in str(h) else h
-    print(f"hizli serve: {', '.join(models)} at http://{shown}:{p}/v1 (chat page: http://{shown}:{p}/)",
-          file=sys.stderr)
+    print(
+        f"hizli serve: {', '.join(models)} at http://{shown}:{p}/v1 (chat page: http://{shown}:{p}/)", file=sys.stderr
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -73,8 +73,17 @@ class Engine:
         prefill_tokens: prompt tokens read per step, shared by the requests that are starting.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, stop_ids: list[int], *, max_slots: int = 32,
-                 max_queue: int = 256, context: int = 2048, prefill_tokens: int = 256) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        stop_ids: list[int],
+        *,
+        max_slots: int = 32,
+        max_queue: int = 256,
+        context: int = 2048,
+        prefill_tokens: int = 256,
+    ) -> None:
         self.slots = SlotModel(model, max_slots + 1, context)  # the last slot is scratch for moves
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
@@ -160,8 +169,9 @@ class Engine:
             chunks.append(Chunk(r.slot, r.pos, r.prompt[r.pos : r.pos + n], r.adapter))
             prefill.append(r)
             budget -= n
-        dec_chunks = [Chunk(r.slot, r.pos, [r.generated[-1] if r.generated else r.prompt[-1]], r.adapter)
-                      for r in decode]
+        dec_chunks = [
+            Chunk(r.slot, r.pos, [r.generated[-1] if r.generated else r.prompt[-1]], r.adapter) for r in decode
+        ]
         logits = self.slots.step(dec_chunks, chunks)
         self.steps += 1
         for r, c in zip(decode + prefill, dec_chunks + chunks):
@@ -198,8 +208,7 @@ class Engine:
         if text:
             r.events.put(Event(text=text))
         if reason is not None:
-            r.events.put(Event(finish_reason=reason, prompt_tokens=len(r.prompt),
-                               completion_tokens=len(r.generated)))
+            r.events.put(Event(finish_reason=reason, prompt_tokens=len(r.prompt), completion_tokens=len(r.generated)))
             return True
         return False
 

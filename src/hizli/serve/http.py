@@ -48,9 +48,19 @@ class ServerState:
         if not name:
             return next(iter(self.models.values()))
         if name not in self.models:
-            raise APIError(404, f"model '{name}' is not served here; GET /v1/models lists {', '.join(self.models)}",
-                           type="not_found_error", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model '{name}' is not served here; GET /v1/models lists {', '.join(self.models)}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return self.models[name]
+
+
+# Bodies over the limit but below this are read and dropped before the 413, so that a client still
+# sending sees the answer instead of a connection reset; larger ones are cut off.
+DRAIN_BYTES = 64 * 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -69,9 +79,19 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # one line per request would drown the console under load
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not served; send HTTP/1.0 or 1.1")
+            return False
+        return True
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed request lines and headers: answer in the API's error shape, then close."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # we answer with a status line, whatever was asked
+            self.request_version = "HTTP/1.1"
         try:
             self._json(code, APIError(code, message or explain or "bad request").body())
         except OSError:
@@ -103,8 +123,11 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise APIError(411, "send the body with a Content-Length header (chunked uploads are not accepted)",
-                           code="length_required")
+            raise APIError(
+                411,
+                "send the body with a Content-Length header (chunked uploads are not accepted)",
+                code="length_required",
+            )
         raw_length = self.headers.get("Content-Length")
         try:
             length = int(raw_length) if raw_length is not None else 0
@@ -112,10 +135,20 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise APIError(400, f"Content-Length {raw_length!r} is not a number", code="invalid_header") from None
         limit = self.server.state.limits.max_body_bytes
-        if length > limit or length < 0:
-            self.close_connection = True  # do not read megabytes only to throw them away
-            raise APIError(413, f"the request body is {length} bytes; this server accepts up to {limit} "
-                                "(--max-body-bytes)", code="request_too_large")
+        if length < 0:
+            self.close_connection = True
+            raise APIError(400, f"Content-Length {length} is negative", code="invalid_header")
+        if length > limit:
+            self.close_connection = True
+            if length <= DRAIN_BYTES:  # read it, so that the client sees the answer rather than a reset
+                left = length
+                while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
+                    left -= len(got)
+            raise APIError(
+                413,
+                f"the request body is {length} bytes; this server accepts up to {limit} (--max-body-bytes)",
+                code="request_too_large",
+            )
         data = self.rfile.read(length)
         if len(data) < length:
             self.close_connection = True
@@ -156,23 +189,38 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(page)))
-            self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
-                                                        "script-src 'unsafe-inline'")
+            self.send_header(
+                "Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+            )
             self.end_headers()
             self.wfile.write(page)
         elif path == "/health":
             engines = {id(m.engine): m.engine for m in state.models.values()}.values()
             load = [e.load() for e in engines]
-            self._json(200, {"status": "ok", "models": list(state.models),
-                             "running": sum(x["running"] for x in load), "waiting": sum(x["waiting"] for x in load),
-                             "uptime_s": round(time.time() - state.started, 1)})
+            self._json(
+                200,
+                {
+                    "status": "ok",
+                    "models": list(state.models),
+                    "running": sum(x["running"] for x in load),
+                    "waiting": sum(x["waiting"] for x in load),
+                    "uptime_s": round(time.time() - state.started, 1),
+                },
+            )
         elif path == "/v1/models":
-            self._json(200, {"object": "list", "data": [
-                {"id": m.name, "object": "model", "created": m.created, "owned_by": "hizli"}
-                for m in state.models.values()]})
+            self._json(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": m.name, "object": "model", "created": m.created, "owned_by": "hizli"}
+                        for m in state.models.values()
+                    ],
+                },
+            )
         elif path.startswith("/v1/models/"):
             try:
-                m = state.model(path[len("/v1/models/"):] or "?")
+                m = state.model(path[len("/v1/models/") :] or "?")
             except APIError as e:
                 return self._error(e)
             self._json(200, {"id": m.name, "object": "model", "created": m.created, "owned_by": "hizli"})
@@ -187,8 +235,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"no route POST {path}", type="not_found_error", code="not_found")
             body = protocol.parse_json(self._read_body())
             chat = path == "/v1/chat/completions"
-            req = protocol.parse_chat(body, self.server.state.limits) if chat else \
-                protocol.parse_completion(body, self.server.state.limits)
+            req = (
+                protocol.parse_chat(body, self.server.state.limits)
+                if chat
+                else protocol.parse_completion(body, self.server.state.limits)
+            )
             self._generate(req, chat)
         except APIError as e:
             self._error(e)
@@ -206,8 +257,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - CORS preflight, only when --cors-origin is set
         if not self.server.state.cors_origin:
-            return self._error(APIError(405, "OPTIONS is not allowed (start the server with --cors-origin)",
-                                        code="method_not_allowed"))
+            return self._error(
+                APIError(405, "OPTIONS is not allowed (start the server with --cors-origin)", code="method_not_allowed")
+            )
         self.send_response(204)
         self._cors()
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
@@ -217,8 +269,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self.close_connection = True
-        self._error(APIError(405, f"method {self.command} is not allowed on {self.path.split('?', 1)[0]}",
-                             code="method_not_allowed"))
+        self._error(
+            APIError(
+                405, f"method {self.command} is not allowed on {self.path.split('?', 1)[0]}", code="method_not_allowed"
+            )
+        )
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = _not_allowed  # noqa: N815
 
@@ -229,16 +284,19 @@ class Handler(BaseHTTPRequestHandler):
         if req.messages is None:
             if isinstance(req.prompt, list):
                 if any(not 0 <= t < len(tok) for t in req.prompt):
-                    raise APIError(400, f"'prompt' holds token ids outside 0..{len(tok) - 1}", param="prompt",
-                                   code="invalid_value")
+                    raise APIError(
+                        400, f"'prompt' holds token ids outside 0..{len(tok) - 1}", param="prompt", code="invalid_value"
+                    )
                 return list(req.prompt)
             return tok(req.prompt, add_special_tokens=True)["input_ids"]
         try:
-            ids = tok.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True,
-                                          return_dict=True)["input_ids"]
+            ids = tok.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+                "input_ids"
+            ]
         except Exception as e:  # noqa: BLE001 - templates raise whatever jinja raises (role order, ...)
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages",
-                           code="invalid_value") from None
+            raise APIError(
+                400, f"the chat template rejected these messages: {e}", param="messages", code="invalid_value"
+            ) from None
         return list(ids)
 
     def _generate(self, req: protocol.GenerationRequest, chat: bool) -> None:
@@ -251,14 +309,20 @@ class Handler(BaseHTTPRequestHandler):
             req.params.max_tokens = min(limits.max_tokens, room)
         if room < 1 or req.params.max_tokens > room:
             param = "messages" if chat else "prompt"
-            raise APIError(400, f"the prompt is {len(prompt)} tokens and {req.params.max_tokens} more were asked "
-                                f"for; the context is {limits.context} tokens (--context). Shorten the "
-                                "prompt or lower max_tokens", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt is {len(prompt)} tokens and {req.params.max_tokens} more were asked "
+                f"for; the context is {limits.context} tokens (--context). Shorten the "
+                "prompt or lower max_tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         try:
             request = served.engine.submit(Request(prompt=prompt, params=req.params, adapter=served.adapter))
         except QueueFull as e:
-            raise APIError(503, f"the server is at capacity ({e}); retry shortly", type="server_error",
-                           code="server_overloaded") from None
+            raise APIError(
+                503, f"the server is at capacity ({e}); retry shortly", type="server_error", code="server_overloaded"
+            ) from None
         rid = next_id("chatcmpl" if chat else "cmpl")
         try:
             if req.stream:
@@ -276,8 +340,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(500, ev.error or "generation failed", type="server_error", code="internal_error")
             if ev.finish_reason:
                 make = protocol.chat_response if chat else protocol.completion_response
-                return self._json(200, make(rid, model, "".join(text), ev.finish_reason, ev.prompt_tokens,
-                                            ev.completion_tokens))
+                return self._json(
+                    200, make(rid, model, "".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
+                )
 
     def _stream(self, request: Request, rid: str, model: str, chat: bool, include_usage: bool) -> None:
         created = int(time.time())

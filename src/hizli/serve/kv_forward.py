@@ -146,7 +146,9 @@ class SlotModel:
         n_dec = len(decode)
         dec_lengths = torch.tensor([c.start + 1 for c in decode], device=dev)
         longest = int(dec_lengths.max()) if n_dec else 0
-        dec_mask = (torch.arange(longest, device=dev)[None, :] < dec_lengths[:, None])[:, None, None, :] if n_dec else None
+        dec_mask = (
+            (torch.arange(longest, device=dev)[None, :] < dec_lengths[:, None])[:, None, None, :] if n_dec else None
+        )
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -173,8 +175,11 @@ class SlotModel:
                 qp = q[offset : offset + n].to(kc.dtype).transpose(0, 1)[None]  # [1, H, n, D]
                 causal = torch.ones(n, end, dtype=torch.bool, device=dev).tril(diagonal=c.start)
                 o = F.scaled_dot_product_attention(
-                    qp, kc[c.slot : c.slot + 1, :, :end], vc[c.slot : c.slot + 1, :, :end],
-                    attn_mask=causal, enable_gqa=True,
+                    qp,
+                    kc[c.slot : c.slot + 1, :, :end],
+                    vc[c.slot : c.slot + 1, :, :end],
+                    attn_mask=causal,
+                    enable_gqa=True,
                 )
                 outs.append(o[0].transpose(0, 1).reshape(n, -1))
                 offset += n
