@@ -112,6 +112,7 @@ class SlotModel:
         """Drop the cache (the server is idle); the next step allocates it again."""
         self.k_cache, self.v_cache, self.capacity = [], [], 0
 
+    @torch.inference_mode()  # the cache is made of inference tensors (allocated inside step)
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
         if length and self.capacity:
@@ -152,9 +153,9 @@ class SlotModel:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h, **kw).view(-1, self.n_heads, self.head_dim)
-            k = attn.k_proj(h, **kw).view(-1, self.n_kv, self.head_dim)
-            v = attn.v_proj(h, **kw).view(-1, self.n_kv, self.head_dim)
+            q = _proj(attn.q_proj, h, kw).view(-1, self.n_heads, self.head_dim)
+            k = _proj(attn.k_proj, h, kw).view(-1, self.n_kv, self.head_dim)
+            v = _proj(attn.v_proj, h, kw).view(-1, self.n_kv, self.head_dim)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + rotate_half(q) * sin
@@ -184,7 +185,7 @@ class SlotModel:
                 outs.append(o[0].transpose(0, 1).reshape(n, -1))
                 offset += n
             o = torch.cat(outs) if len(outs) > 1 else outs[0]
-            x = x + attn.o_proj(o.to(x.dtype), **kw)
+            x = x + _proj(attn.o_proj, o.to(x.dtype), kw)
             h = layer.post_attention_layernorm(x)
             x = x + self._mlp(layer.mlp, h, kw)
         last = torch.tensor([sum(lengths[: j + 1]) - 1 for j in range(len(chunks))], device=dev)
@@ -194,5 +195,10 @@ class SlotModel:
     @staticmethod
     def _mlp(mlp: Any, h: torch.Tensor, kw: dict) -> torch.Tensor:
         if kw and hasattr(mlp, "gate_proj"):  # per-row adapters must reach the projections themselves
-            return mlp.down_proj(mlp.act_fn(mlp.gate_proj(h, **kw)) * mlp.up_proj(h, **kw), **kw)
+            return _proj(mlp.down_proj, mlp.act_fn(_proj(mlp.gate_proj, h, kw)) * _proj(mlp.up_proj, h, kw), kw)
         return mlp(h)
+
+
+def _proj(module: Any, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    """A projection; LoRA layers also get the per-row adapter names, plain ones cannot take them."""
+    return module(h, **kw) if kw and hasattr(module, "lora_A") else module(h)
