@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=256,
                     help="most requests waiting for a slot; more get 503 at once (default 256)")
     sv.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body (default 2 MiB)")
+    sv.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     sv.add_argument("--cors-origin", help="allow browser pages from this origin (e.g. http://localhost:3000); "
                                           "default: no CORS headers")
 
@@ -201,7 +202,7 @@ def _serve(args) -> int:
     return serve(args.path, args.host, args.port, adapters=parse_adapters(args.adapters),
                  load_in_4bit={"auto": None, "on": True, "off": False}[args.load_in_4bit], template=args.template,
                  context=args.context, max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue,
-                 max_body_bytes=args.max_body_bytes, cors_origin=args.cors_origin)
+                 max_body_bytes=args.max_body_bytes, cors_origin=args.cors_origin, threads=args.threads)
 
 
 def _templates(args) -> int:

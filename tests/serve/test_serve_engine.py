@@ -35,10 +35,12 @@ def _solo(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def test_one_step_mixes_decode_rows_and_prompt_chunks(tiny):
+@pytest.mark.parametrize("padded", [False, True], ids=["per-row-attention", "padded-attention"])
+def test_one_step_mixes_decode_rows_and_prompt_chunks(tiny, padded):
     torch.manual_seed(1)
     seqs = [torch.randint(3, 500, (n,)).tolist() for n in (9, 4, 13)]
     sm = SlotModel(tiny, max_slots=4, context=64)
+    sm.padded_decode = padded
     sm.step([], [Chunk(0, 0, seqs[0][:8]), Chunk(1, 0, seqs[1][:3])])  # prompts, the first split in two chunks
     logits = sm.step([Chunk(0, 8, seqs[0][8:]), Chunk(1, 3, seqs[1][3:])], [Chunk(2, 0, seqs[2])])
     with torch.no_grad():

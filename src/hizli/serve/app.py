@@ -170,8 +170,27 @@ def serve(
     max_queue: int = 256,
     max_body_bytes: int = 2 * 1024 * 1024,
     cors_origin: str | None = None,
+    threads: int | None = None,
 ) -> int:
-    """Serve until Ctrl-C (what ``hizli serve`` runs); see :func:`load_models` for the model arguments."""
+    """Serve until Ctrl-C (what ``hizli serve`` runs); see :func:`load_models` for the model arguments.
+
+    ``threads`` sets torch's CPU threads (default: torch's choice, one per core).
+    """
+    for name, value, low in (
+        ("--port", port, 0),
+        ("--context", context, 16),
+        ("--max-tokens", max_tokens, 1),
+        ("--max-batch", max_batch, 1),
+        ("--max-queue", max_queue, 0),
+        ("--max-body-bytes", max_body_bytes, 1024),
+        ("--threads", threads or 1, 1),
+    ):
+        if value < low or (name == "--port" and value > 65535):
+            raise ValueError(f"{name} {value} is out of range; it must be at least {low}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if host not in LOOPBACK:
         _log.warn_once(
             "serve-public",
