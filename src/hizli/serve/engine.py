@@ -49,7 +49,6 @@ class Request:
     slot: int = -1
     stream: TextStream | None = None
     generator: Any = None
-    submitted: float = field(default_factory=time.monotonic)
 
     @property
     def decoding(self) -> bool:

@@ -169,7 +169,7 @@ class Handler(BaseHTTPRequestHandler):
         """The request's events as they come; cancels it if the client disconnects meanwhile."""
         while True:
             try:
-                event: Event = request.events.get(timeout=0.05)
+                event: Event = request.events.get(timeout=0.2)
             except queue.Empty:
                 if self._client_gone():
                     request.cancel()
