@@ -12,7 +12,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-from hizli.cli import bench, chat, data, export, templates, train
+from hizli.cli import bench, chat, data, export, serve, templates, train
 from hizli.cli import eval as eval_cmd
 
 EXAMPLES = """examples:
@@ -24,11 +24,12 @@ EXAMPLES = """examples:
   hizli eval outputs/demo-cpu/lora_model --data held_out.jsonl --generate 3 --out eval/
   hizli export outputs/demo-cpu/lora_model --to gguf --quant q8_0 --out exported/
   hizli templates llama-3.1
+  hizli serve outputs/demo-cpu/lora_model            OpenAI-compatible API + chat page on 127.0.0.1:8000
 """
 
 COMMANDS: dict[str, ModuleType] = {
-    "train": train, "chat": chat, "eval": eval_cmd, "export": export, "bench": bench, "data": data,
-    "templates": templates,
+    "train": train, "chat": chat, "eval": eval_cmd, "export": export, "serve": serve, "bench": bench,
+    "data": data, "templates": templates,
 }
 
 

@@ -10,6 +10,7 @@ BENCH_EXAMPLES = """suites (without one: recipe, so `hizli bench --model llama-3
   hizli bench compare --steps 20                     hizli next to the peers at matched memory (GPU)
   hizli bench longest --caps 8,whole                 longest trainable sequence at batch 1 (GPU)
   hizli bench kernels [--counts | --compile]         kernels at the recipe's shapes
+  hizli bench serve --clients 1,16,32                concurrent streaming clients against a running server
 add --results benchmarks/results to append the record(s) to benchmarks/results/<suite>.jsonl
 """
 
@@ -81,6 +82,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--worker-timeout", type=float, default=900.0)
     lo.add_argument("--work", default="/tmp/hizli-compare")
     lo.add_argument("--results", metavar="DIR", help="append the records to DIR/longest.jsonl")
+    sv = suites.add_parser("serve", help="N concurrent streaming chat clients against an OpenAI-compatible server")
+    sv.add_argument("--url", default="http://127.0.0.1:8000")
+    sv.add_argument("--model", default="smollm2-135m-instruct")
+    sv.add_argument("--clients", default="1,16,32", help="comma-separated concurrency levels")
+    sv.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    sv.add_argument("--max-tokens", type=int, default=64)
+    sv.add_argument("--temperature", type=float, default=0.0)
+    sv.add_argument("--label", default="", help="name of the server under test, stored with the results")
+    sv.add_argument("--json", help="append the results here (one JSON object per level)")
     k = suites.add_parser("kernels", help="hizli's kernels at the recipe's shapes")
     k.add_argument("--tokens", type=int, default=12_000, help="tokens per step (sequences scaled to it)")
     k.add_argument("--bandwidth", type=float, default=3.0e12, help="peak bytes/s for the floors")
@@ -120,6 +130,13 @@ def run(args: argparse.Namespace) -> int:
                                           tokenizer=args.tokenizer, work=args.work, t4_cap_gib=args.t4_cap_gib,
                                           t4_max_tries=args.t4_max_tries, hizli_args=shlex.split(args.hizli_args),
                                           timeout_s=args.timeout), results_dir=args.results)
+    if suite == "serve":
+        from hizli.serve.load import measure
+
+        levels = [int(x) for x in args.clients.split(",") if x.strip()]
+        measure(args.url, model=args.model, levels=levels, requests=args.requests, max_tokens=args.max_tokens,
+                temperature=args.temperature, label=args.label, json_path=args.json)
+        return 0
     if suite == "longest":
         from hizli.bench.longest.run import LongestBench, bench_longest
         from hizli.bench.longest.search import parse_caps
