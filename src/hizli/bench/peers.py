@@ -29,6 +29,11 @@ import os
 import sys
 import time
 
+# Run as a script, this file's folder comes first on sys.path, where its neighbours (kernels.py,
+# results.py, ...) would shadow packages of the same name that the trainers import.
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
 KINDS = ("hf", "liger", "unsloth", "unsloth_best", "unsloth_big", "unsloth_t4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 1024**3

@@ -2,9 +2,9 @@
 
 A record says what was measured, where, on which code and how to measure it again::
 
-    {"schema": 1, "suite": "recipe", "date": "2026-11-28T03:15Z", "commit": "d5931c3",
+    {"schema": 1, "suite": "recipe", "date": "YYYY-MM-DDTHH:MMZ", "commit": "d5931c3",
      "device": {"type": "cuda", "name": "NVIDIA H200", "memory_gib": 140.4, "cpus": 16},
-     "system": "hizli", "env": {"torch": "2.13.0", ...}, "call": "2026-11-28T03:15Z-h200",
+     "system": "hizli", "env": {"torch": "2.13.0", ...}, "call": "<date>-h200",
      "command": "hizli bench recipe --model llama-3.2-3b --steps 20",
      "settings": {...}, "metrics": {"tokens_per_s": 27612.0, ...}, "note": "..."}
 

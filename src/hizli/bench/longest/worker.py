@@ -22,6 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# Run as a script, this file's folder comes first on sys.path, where its neighbours (kernels.py,
+# results.py, ...) would shadow packages of the same name that the trainers import.
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
 SYSTEMS = ("hizli", "unsloth")
 
 
