@@ -50,7 +50,7 @@ from math import prod
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit
+from hizli.kernels._triton_utils import lazy_jit, tl
 from hizli.kernels.dispatch import interpreting, use_triton
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023, appendix E), as float32. Code 7 is an
