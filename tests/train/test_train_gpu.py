@@ -46,10 +46,7 @@ def _run(folder, tmp_path, fast: bool, dtype: str, max_memory_gib=None, full=Fal
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template
     from hizli.data.load import load_conversations
     from hizli.data.sample import sample_path
-    from hizli.train import step as step_mod
-
     os.environ["HIZLI_KERNELS"] = "auto" if fast else "reference"
-    step_mod.FUSED_CE = fast
     model, tok = FastLanguageModel.from_pretrained(folder, max_seq_length=1024, dtype=dtype, load_in_4bit=True,
                                                    fast_path=fast)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16,
@@ -64,9 +61,9 @@ def _run(folder, tmp_path, fast: bool, dtype: str, max_memory_gib=None, full=Fal
                              max_memory_gib=max_memory_gib)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=load_conversations(sample_path("sharegpt")),
                          max_seq_length=1024, args=args)
+    trainer.fused_cross_entropy = fast
     stats = trainer.train()
     os.environ.pop("HIZLI_KERNELS", None)
-    step_mod.FUSED_CE = True
     if full:
         return trainer, stats
     return [e["loss"] for e in stats.log_history if "loss" in e]

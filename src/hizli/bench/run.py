@@ -136,10 +136,7 @@ def run(args) -> dict[str, Any]:
         callbacks.append(_Profiler(args.profile, device))
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, max_seq_length=args.seq_len,
                          dataset_num_proc=2, args=targs, callbacks=callbacks)
-    if not levers["fused_ce"]:
-        from hizli.train import step as step_mod
-
-        step_mod.FUSED_CE = False
+    trainer.fused_cross_entropy = levers["fused_ce"]
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()

@@ -18,9 +18,6 @@ import torch
 
 from hizli.data.collate import IGNORE
 
-# Benchmarks switch this off to measure the lever; the unfused path materialises all logits.
-FUSED_CE = True
-
 
 @dataclass
 class DeviceBatch:
@@ -69,9 +66,11 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model, batch: DeviceBatch, ce_chunk_rows: int | None = None) -> torch.Tensor:
+def loss_sum(model, batch: DeviceBatch, ce_chunk_rows: int | None = None, fused: bool = True) -> torch.Tensor:
     """Sum of cross-entropy over the batch's trained tokens (a 0-dim float32 tensor).
-    ``ce_chunk_rows``: rows per chunk of the fused loss (the memory plan lowers it on tight budgets)."""
+    ``ce_chunk_rows``: rows per chunk of the fused loss (the memory plan lowers it on tight budgets).
+    ``fused=False`` applies the head to every trained row at once and makes all their logits: the
+    plain path, for benchmarks that measure what the fused loss saves."""
     from hizli.models.patch import padding_free
 
     lm = causal_lm(model)
@@ -89,7 +88,7 @@ def loss_sum(model, batch: DeviceBatch, ce_chunk_rows: int | None = None) -> tor
     config = lm.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None) or 1.0
-    if not FUSED_CE:
+    if not fused:
         logits = head(hidden).float() * scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)

@@ -108,6 +108,7 @@ class SFTTrainer:
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
         self.memory_plan: dict[str, Any] | None = None
         self._ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
+        self.fused_cross_entropy = True  # False: the plain loss with all logits (a benchmark lever)
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -315,7 +316,8 @@ class SFTTrainer:
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         for b in moved:
             with autocast:
-                loss_sum = step_mod.loss_sum(self.model, b, ce_chunk_rows=self._ce_chunk_rows)
+                loss_sum = step_mod.loss_sum(self.model, b, ce_chunk_rows=self._ce_chunk_rows,
+                                             fused=self.fused_cross_entropy)
             scaled = loss_sum / n_trained
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += loss_sum.detach().float()
