@@ -97,6 +97,7 @@ def run(args) -> dict[str, Any]:
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does
     from hizli.bench.shapes import attention_flops, matmul_params, random_model_folder
     from hizli.data.load import load_conversations
+    from hizli.models.record import state_of
 
     marks = {"imports": time.time()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +166,7 @@ def run(args) -> dict[str, Any]:
         "load_and_prep_s": round(prep_s, 2),
         "startup_s": startup_parts(t_process, t_load, marks, first_step[0] if first_step else None,
                                    log[0]["step_time_s"] if log else None),
-        "model_load_s": getattr(model.get_base_model(), "hizli_load_seconds", None),
+        "model_load_s": state_of(model).load_seconds or None,
         "train_runtime_s": stats.metrics["train_runtime"],
         "useful_tflops_per_token": flops_per_token / 1e12,
         "measured_bf16_tflops": round(peak, 1) if peak else None,

@@ -83,8 +83,10 @@ def group_parts(module: torch.nn.Module, names: Sequence[str]) -> list | None:
 def model_uses_fused_lora(model: torch.nn.Module) -> bool:
     """Whether ``model``'s MLPs were routed through hizli (``use_fused_ops``) and their LoRA layers
     take the fused path (the memory plan's activation sizes depend on it)."""
+    from hizli.models.patch import routed_through_hizli
+
     for module in model.modules():
-        if getattr(module, "_hizli_fused", False) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
+        if routed_through_hizli(module) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
             return group_parts(module, ("gate_proj", "up_proj", "down_proj")) is not None
     return False
 

@@ -13,7 +13,10 @@ def accept_encodings_in_generate(model) -> None:
     transformers 5 returns a BatchEncoding (a dict) from ``apply_chat_template(tokenize=True)``
     where 4.x returned a tensor; the recipe passes it as ``input_ids``. We unpack it.
     """
-    if getattr(model.generate, "_hizli_wrapped", False):
+    from hizli.models.record import state_of
+
+    record = state_of(model)
+    if "generate" in record.wrapped:
         return
     original = model.generate
 
@@ -28,8 +31,8 @@ def accept_encodings_in_generate(model) -> None:
                 kwargs["attention_mask"] = enc["attention_mask"]
         return original(*args, **kwargs)
 
-    generate._hizli_wrapped = True  # type: ignore[attr-defined]
     model.generate = generate
+    record.wrapped.add("generate")
 
 
 def for_inference(model):
@@ -47,7 +50,10 @@ def for_training(model):
     """Back to training mode (checkpointing, as chosen in get_peft_model, applies again)."""
     model.train()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(model, "hizli_checkpointing", "off") != "off" and hasattr(base, "config"):
+    from hizli.models.record import find_state
+
+    record = find_state(model)
+    if record is not None and record.checkpointing != "off" and hasattr(base, "config"):
         base.config.use_cache = False
     return model
 

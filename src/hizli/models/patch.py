@@ -157,7 +157,7 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
     counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
     for module in model.modules():
         name = type(module).__name__
-        if getattr(module, "_hizli_fused", False):
+        if routed_through_hizli(module):
             continue
         if name in _NORMS and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_norm_forward, module)
@@ -170,5 +170,15 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
             counts["rope"] += 1
         else:
             continue
-        module._hizli_fused = True
     return counts
+
+
+def routed_through_hizli(module: torch.nn.Module) -> bool:
+    """Whether ``use_fused_ops`` replaced ``module``'s forward (known by the forward itself, so
+    nothing is written on the module)."""
+    func = getattr(module.__dict__.get("forward"), "__func__", None)
+    return getattr(func, "__qualname__", None) in _FUSED_FORWARDS
+
+
+_FUSED_FORWARDS = {_norm_forward.__qualname__, _mlp_forward.__qualname__,
+                   f"{_make_attention_forward.__qualname__}.<locals>.forward"}

@@ -246,7 +246,10 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
     from hizli.train.step import causal_lm
 
     device = next(model.parameters()).device
-    allowed = tuple(getattr(model, "hizli_allowed_modes", ("keep", "recompute")))
+    from hizli.models.record import find_state
+
+    record = find_state(model)
+    allowed = tuple(record.allowed_modes if record is not None and record.allowed_modes else ("keep", "recompute"))
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         budget = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

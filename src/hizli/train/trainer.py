@@ -478,12 +478,15 @@ class SFTTrainer:
         os.replace(tmp, out / "recipe.yaml")
 
     def _recipe_from_objects(self) -> dict[str, Any]:
-        info = getattr(self.model, "hizli_info", None)
+        from hizli.models.record import find_state
+
+        record = find_state(self.model)
+        info = record.info if record is not None else None
         return {
             "model": {"name": info.source if info else None, "max_seq_length": self.max_seq_length,
                       "dtype": info.dtype if info else None,
                       "load_in_4bit": info.load_in_4bit_requested if info else None},
-            "lora": getattr(self.model, "hizli_lora", None),
+            "lora": record.lora if record is not None else None,
             "data": {"dataset_text_field": self.dataset_text_field, "packing": self.packing,
                      "train_on": self.train_on, "rows": len(self.train_dataset) if self.train_dataset else 0},
             "train": {k: v for k, v in self.args.to_dict().items() if _jsonable(v)},
