@@ -88,10 +88,6 @@ def run(args) -> dict[str, Any]:
     levers = parse_levers(args.lever)
     if not levers["kernels"]:
         os.environ["HIZLI_KERNELS"] = "reference"
-    if not levers["cast_cache"]:  # cast the LoRA weights to bf16/fp16 at every use, as before 2026-11-28
-        from hizli.models import lora_casts
-
-        lora_casts.CACHE = False
     import torch
 
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does
@@ -138,6 +134,7 @@ def run(args) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, max_seq_length=args.seq_len,
                          dataset_num_proc=2, args=targs, callbacks=callbacks)
     trainer.fused_cross_entropy = levers["fused_ce"]
+    trainer.keep_lora_copies = levers["cast_cache"]  # off: cast the LoRA weights to bf16/fp16 at every use
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()

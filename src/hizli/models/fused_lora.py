@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hizli.models.lora_casts import compute_copy
+from hizli.models.lora_casts import ComputeCopies, compute_copy
 
 # ------------------------------------------------------------------------------------------------
 # Which layers the fused path computes exactly
@@ -144,15 +144,15 @@ class _LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype, rope: tuple | None,
-                *ab: torch.Tensor):
+                copies: ComputeCopies | None, *ab: torch.Tensor):
         a_list, b_list = ab[0::2], ab[1::2]
         sizes = [b.shape[0] for b in b_list]
         ranks = [a.shape[0] for a in a_list]
         with _no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a_cat = torch.cat([compute_copy(a, dtype) for a in a_list]) if len(a_list) > 1 \
-                else compute_copy(a_list[0], dtype)
-            b_list = [compute_copy(b, dtype) for b in b_list]
+            a_cat = torch.cat([compute_copy(a, dtype, copies) for a in a_list]) if len(a_list) > 1 \
+                else compute_copy(a_list[0], dtype, copies)
+            b_list = [compute_copy(b, dtype, copies) for b in b_list]
             w = dequantized(bases, sizes, dtype, x.device)
             y = x2 @ w.t()
             del w
@@ -202,7 +202,7 @@ class _LoraGroup(torch.autograd.Function):
         ab_grads: list[torch.Tensor] = []
         for da, db, a_dtype in zip(d_a, d_b, ctx.a_dtypes):
             ab_grads += [da.to(a_dtype), db]
-        return (dx, None, None, None, None, *ab_grads)
+        return (dx, None, None, None, None, None, *ab_grads)
 
 
 def _rotate_qk(y: torch.Tensor, lead: torch.Size, sizes: Sequence[int], rope: tuple, backward: bool) -> None:
@@ -223,7 +223,7 @@ class _LoraSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype,
-                a_gate, b_gate, a_up, b_up, a_down, b_down):
+                copies: ComputeCopies | None, a_gate, b_gate, a_up, b_up, a_down, b_down):
         from hizli.kernels.swiglu import swiglu_forward
 
         inter = b_gate.shape[0]
@@ -231,9 +231,9 @@ class _LoraSwiGLU(torch.autograd.Function):
         s_gate, s_up, s_down = scalings
         with _no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a_cat = torch.cat([compute_copy(a_gate, dtype), compute_copy(a_up, dtype)])
+            a_cat = torch.cat([compute_copy(a_gate, dtype, copies), compute_copy(a_up, dtype, copies)])
             ctx.b_dtypes = (b_gate.dtype, b_up.dtype, b_down.dtype)
-            b_gate, b_up, b_down = (compute_copy(b, dtype) for b in (b_gate, b_up, b_down))
+            b_gate, b_up, b_down = (compute_copy(b, dtype, copies) for b in (b_gate, b_up, b_down))
             # gate and up outputs in one [2, T, I] buffer; one dequantized weight at a time (50 MB at
             # the 3B shape rather than 100: that is ~450 tokens more per micro-batch under a tight cap)
             gu = torch.empty((2, x2.shape[0], inter), dtype=dtype, device=x.device)
@@ -246,7 +246,7 @@ class _LoraSwiGLU(torch.autograd.Function):
             gu[0].addmm_(xa[:, :r_gate], b_gate.t(), alpha=s_gate)
             gu[1].addmm_(xa[:, r_gate:], b_up.t(), alpha=s_up)
             h = swiglu_forward(gu[0], gu[1])
-            a_d = compute_copy(a_down, dtype)
+            a_d = compute_copy(a_down, dtype, copies)
             ha = h @ a_d.t()
             w = dequantized(bases[2:], (b_down.shape[0],), dtype, x.device)
             y = h @ w.t()
@@ -298,7 +298,7 @@ class _LoraSwiGLU(torch.autograd.Function):
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         a_gate_t, a_up_t, a_down_t = ctx.a_dtypes
         b_gate_t, b_up_t, b_down_t = ctx.b_dtypes
-        return (dx, None, None, None, d_a_gate.to(a_gate_t), d_b_gate.to(b_gate_t), d_a_up.to(a_up_t),
+        return (dx, None, None, None, None, d_a_gate.to(a_gate_t), d_b_gate.to(b_gate_t), d_a_up.to(a_up_t),
                 d_b_up.to(b_up_t), d_a_down.to(a_down_t), d_b_down.to(b_down_t))
 
 
@@ -306,12 +306,13 @@ class _LoraSwiGLU(torch.autograd.Function):
 # Entry points used by the patched module forwards
 
 
-def lora_group(x: torch.Tensor, parts: list, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, ...]:
+def lora_group(x: torch.Tensor, parts: list, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+               copies: ComputeCopies | None = None) -> tuple[torch.Tensor, ...]:
     """Outputs of a group of LoRA projections sharing ``x`` (``parts`` from :func:`group_parts`).
 
     ``rope=(cos, sin)`` (the rotary module's ``[B, T, head_dim]`` tables, no gradient) for a q/k/v
     group: q and k come out rotated, as transformers' ``apply_rotary_pos_emb`` would make them.
+    ``copies``: the training run's kept compute-dtype adapter weights (None: cast at every use).
     """
     bases = tuple(p[0] for p in parts)
     scalings = tuple(p[3] for p in parts)
@@ -320,11 +321,12 @@ def lora_group(x: torch.Tensor, parts: list, rope: tuple[torch.Tensor, torch.Ten
         ab += [a, b]
     if rope is not None and (len(parts) != 3 or any(t.requires_grad for t in rope)):
         raise ValueError("lora_group: rope= is for a q/k/v group of three projections with constant cos/sin")
-    return _LoraGroup.apply(x, bases, scalings, compute_dtype(x), rope, *ab)
+    return _LoraGroup.apply(x, bases, scalings, compute_dtype(x), rope, copies, *ab)
 
 
-def lora_swiglu_mlp(x: torch.Tensor, parts: list) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))`` for gate/up/down ``parts`` from :func:`group_parts`."""
+def lora_swiglu_mlp(x: torch.Tensor, parts: list, copies: ComputeCopies | None = None) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` for gate/up/down ``parts`` from :func:`group_parts`
+    (``copies`` as in :func:`lora_group`)."""
     (g_base, a_g, b_g, s_g), (u_base, a_u, b_u, s_u), (d_base, a_d, b_d, s_d) = parts
-    return _LoraSwiGLU.apply(x, (g_base, u_base, d_base), (s_g, s_u, s_d), compute_dtype(x),
+    return _LoraSwiGLU.apply(x, (g_base, u_base, d_base), (s_g, s_u, s_d), compute_dtype(x), copies,
                              a_g, b_g, a_u, b_u, a_d, b_d)

@@ -13,14 +13,11 @@ def accept_encodings_in_generate(model) -> None:
     transformers 5 returns a BatchEncoding (a dict) from ``apply_chat_template(tokenize=True)``
     where 4.x returned a tensor; the recipe passes it as ``input_ids``. We unpack it.
     """
-    from hizli.models.record import state_of
-
-    record = state_of(model)
-    if "generate" in record.wrapped:
+    if getattr(model.generate, "__qualname__", None) == _GENERATE_WRAPPER:  # this instance's is ours already
         return
     original = model.generate
 
-    @functools.wraps(original)
+    @functools.wraps(original, assigned=("__name__", "__doc__"))  # keeps its own qualname: see above
     def generate(*args: Any, **kwargs: Any):
         enc = kwargs.get("input_ids")
         if enc is None and args and isinstance(args[0], Mapping):  # BatchEncoding is a Mapping, not a dict
@@ -32,7 +29,9 @@ def accept_encodings_in_generate(model) -> None:
         return original(*args, **kwargs)
 
     model.generate = generate
-    record.wrapped.add("generate")
+
+
+_GENERATE_WRAPPER = f"{accept_encodings_in_generate.__qualname__}.<locals>.generate"
 
 
 def for_inference(model):

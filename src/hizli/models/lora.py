@@ -127,10 +127,7 @@ def attach_methods(model) -> None:
     for name in ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf",
                  "push_to_hub"):  # push_to_hub: hizli's makes private repos by default, PEFT's public ones
         setattr(model, name, types.MethodType(getattr(export_api, name), model))
-    from hizli.models.record import state_of
-
-    record = state_of(model)
-    if hasattr(model, "peft_config") and "save_pretrained" not in record.wrapped:
+    if hasattr(model, "peft_config") and getattr(model.save_pretrained, "__qualname__", None) != _SAVE_WRAPPER:
         original_save = model.save_pretrained
 
         def save_pretrained(save_directory, **kwargs):
@@ -141,10 +138,12 @@ def attach_methods(model) -> None:
             return original_save(save_directory, **kwargs)
 
         model.save_pretrained = save_pretrained
-        record.wrapped.add("save_pretrained")
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)
+
+
+_SAVE_WRAPPER = f"{attach_methods.__qualname__}.<locals>.save_pretrained"
 
 
 def lora_parameters(model) -> list:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hizli.models.loader import LoadInfo
+    from hizli.models.lora_casts import ComputeCopies
 
 ATTRIBUTE = "hizli"
 
@@ -32,7 +33,8 @@ class HizliState:
         layer_modes: each decoder layer's current mode ("keep", "recompute" or "offload").
         allowed_modes: the modes a memory plan may choose per layer (None until ``get_peft_model``
             chose checkpointing).
-        wrapped: names of the model's methods hizli replaced on this instance (never twice).
+        compute_copies: the LoRA weights' compute-dtype copies while hizli's trainer runs (see
+            ``lora_casts``); None otherwise, and then the fused layers cast at every use.
     """
 
     info: LoadInfo | None = None
@@ -42,7 +44,7 @@ class HizliState:
     checkpointing: str = "off"
     layer_modes: list[str] = field(default_factory=list)
     allowed_modes: tuple[str, ...] | None = None
-    wrapped: set[str] = field(default_factory=set)
+    compute_copies: ComputeCopies | None = field(default=None, repr=False)
 
 
 def find_state(model: Any) -> HizliState | None:

@@ -262,12 +262,12 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
     if max_memory_gib:
         budget = min(budget, max_memory_gib * GIB)
-    from hizli.models import lora_casts
     from hizli.models.fused_lora import model_uses_fused_lora
 
     fused = device.type == "cuda" and model_uses_fused_lora(model)
-    if fused:  # the adapters' compute-dtype copies, made at the first forward
-        static += lora_casts.pending_bytes(model, amp_elt)
+    copies = record.compute_copies if record is not None else None
+    if fused and copies is not None:  # the adapters' compute-dtype copies, made at the first forward
+        static += copies.pending_bytes(model, amp_elt)
     shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused)
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,

@@ -109,6 +109,7 @@ class SFTTrainer:
         self.memory_plan: dict[str, Any] | None = None
         self._ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
         self.fused_cross_entropy = True  # False: the plain loss with all logits (a benchmark lever)
+        self.keep_lora_copies = True  # False: cast the LoRA weights at every use (a benchmark lever)
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -161,6 +162,16 @@ class SFTTrainer:
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Train for ``max_steps`` (or ``num_train_epochs``); see the module docstring."""
+        from hizli.models.record import find_state
+
+        record = find_state(self.model)
+        try:
+            return self._train(resume_from_checkpoint, record)
+        finally:
+            if record is not None:  # the copies follow this run's optimizer only: none outlive it
+                record.compute_copies = None
+
+    def _train(self, resume_from_checkpoint: str | bool | None, record) -> TrainOutput:
         args, model = self.args, self.model
         if self.train_dataset is None or len(self.train_dataset) == 0:
             report = getattr(self.train_dataset, "report", None)
@@ -184,6 +195,11 @@ class SFTTrainer:
         total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.build_optimizer(params, args)
+        if record is not None and self.keep_lora_copies:
+            from hizli.models.lora_casts import ComputeCopies
+
+            record.compute_copies = ComputeCopies()
+            optimizer.register_step_post_hook(record.compute_copies.step_taken)
         warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         parts = self._plan_memory(collate, plan, total_steps, params, amp_dtype)
         scheduler = optim.build_scheduler(optimizer, args, total_steps)
