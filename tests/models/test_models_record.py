@@ -38,7 +38,10 @@ def test_load_and_get_peft_model_keep_one_record_and_nothing_else(tiny_model_dir
     lora.attach_methods(peft_model)  # a second time: the methods are not wrapped twice
     assert peft_model.save_pretrained is save and peft_model.generate is generate
     assert _foreign_hizli_attributes(peft_model) == {}
-    assert not _hizli_attributes(tokenizer)
+    from hizli.data.templates import get_chat_template, template_info
+
+    get_chat_template(tokenizer, "qwen-2.5", warn=False)
+    assert not _hizli_attributes(tokenizer) and template_info(tokenizer).name == "qwen-2.5"  # known by its text
 
 
 def test_fused_ops_are_applied_once_and_known_without_marks_on_modules():

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from math import prod
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hizli.kernels._triton_utils import lazy_jit, tl
 from hizli.kernels.dispatch import interpreting, use_triton
@@ -203,8 +204,13 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
     return spec
 
 
+# Checked specs per bitsandbytes quant state, held weakly (an entry goes with its state) so that
+# nothing is written on bitsandbytes' objects.
+_SPECS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype | None) -> _Spec:
-    """``_resolve``, checked once per weight and dtype: the result is kept on the quant_state.
+    """``_resolve``, checked once per weight and dtype: the result is kept per quant_state.
 
     A training step dequantizes every weight several times (forward, recompute, backward) per
     micro-batch, and checking the state costs more host time than launching the kernel. The cache
@@ -214,17 +220,21 @@ def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.
     state = quant_state if quant_state is not None else getattr(packed, "quant_state", None)
     data = packed.data if isinstance(packed, torch.nn.Parameter) else packed
     want = dtype if dtype is not None else (out.dtype if out is not None else getattr(state, "dtype", None))
-    cache = getattr(state, "_hizli_nf4_specs", None)
+    try:
+        cache = _SPECS.get(state) if state is not None else None
+    except TypeError:  # a state object without weak references: check every call
+        cache = None
     spec = cache.get((data.data_ptr(), data.device, want)) if cache is not None else None
     if spec is None:
         spec = _resolve(packed, quant_state, want)
-        if cache is None:
+        if cache is None and state is not None:
             cache = {}
             try:
-                state._hizli_nf4_specs = cache
-            except AttributeError:  # a state object that takes no attributes: check every call
+                _SPECS[state] = cache
+            except TypeError:
                 pass
-        cache[(data.data_ptr(), data.device, spec.dtype)] = spec
+        if cache is not None:
+            cache[(data.data_ptr(), data.device, spec.dtype)] = spec
     if out is not None:  # the one check every call makes: the buffer differs from call to call
         if out.shape != spec.shape or out.dtype != spec.dtype or out.device != spec.packed.device:
             raise ValueError(f"dequantize_nf4: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
