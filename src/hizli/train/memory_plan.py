@@ -238,9 +238,12 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
                       notes=notes)
 
 
-def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], max_memory_gib: float | None,
-             amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
-    """The plan for ``model`` on its device (GPU: free memory; CPU: 40 % of RAM, or the cap)."""
+def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], budget_gib: float | None,
+             allocator_capped: bool, amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
+    """The plan for ``model`` on its device (GPU: free memory; CPU: 40 % of RAM), within ``budget_gib``
+    when given. ``allocator_capped``: PyTorch's allocator is held to the run's ``max_memory_gib`` (then
+    reserved memory stays close to allocated); a smaller budget alone, as an out-of-memory retry plans
+    for, leaves the allocator as it is."""
     import torch
 
     from hizli.train.step import causal_lm
@@ -260,8 +263,8 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
 
         budget = 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
-    if max_memory_gib:
-        budget = min(budget, max_memory_gib * GIB)
+    if budget_gib:
+        budget = min(budget, budget_gib * GIB)
     from hizli.models.fused_lora import model_uses_fused_lora
 
     fused = device.type == "cuda" and model_uses_fused_lora(model)
@@ -272,7 +275,7 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], m
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,
                      static_bytes=static, max_parts=max_parts,
-                     capped=bool(max_memory_gib) and device.type == "cuda")
+                     capped=allocator_capped and device.type == "cuda")
     if not math.isfinite(plan.predicted_peak_gib):
         raise AssertionError(plan)
     return plan

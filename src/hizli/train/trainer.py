@@ -458,7 +458,7 @@ class SFTTrainer:
         optimizer_bytes = n_params * (4 + (2 if self.args.optim.endswith("8bit") else 8))
         elt = 2 if amp_dtype in (torch.float16, torch.bfloat16) else next(p for p in params).element_size()
         memory_plan = plan_for(self.model, steps=steps[:max(total_steps, 1)], lengths=self.train_dataset.lengths,
-                               max_memory_gib=budget_gib, amp_elt=elt,
+                               budget_gib=budget_gib, allocator_capped=bool(self.args.max_memory_gib), amp_elt=elt,
                                optimizer_bytes=optimizer_bytes)
         if merge:  # asked for one micro-batch per step: keep the layer modes, force the count
             memory_plan.micro_batches = 1
