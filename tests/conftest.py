@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny random Llama with a real tokenizer, the embedded model, the sample data.
 
-Plain ``pytest`` is CPU-only and offline. GPU tests carry ``@pytest.mark.gpu`` and run with
-``pytest -m gpu`` on a GPU machine; they skip cleanly where there is no GPU.
+Plain ``pytest`` is CPU-only and offline: the fast tier. GPU tests carry ``@pytest.mark.gpu`` and run with
+``pytest -m gpu`` on a GPU machine; they skip cleanly where there is no GPU. The reliability tier
+(``tests/reliability``, ``-m reliability``) runs with ``scripts/test --all``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from helpers import tiny_llama_config  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-doc", action="store_true",
+                     help="rewrite docs/RELIABILITY.md from this session's reliability tests (scripts/reliability-report)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -93,11 +93,17 @@ def _resolve(importer: str, node: ast.ImportFrom) -> str:
 
 
 def imports_of(module: str) -> list[Import]:
-    """Every hizli module ``module`` imports, wherever the statement is (``from p import m`` counts as
-    the module ``p.m`` when there is one, else as ``p``)."""
+    """Every hizli module ``module`` imports, wherever the statement is, except under ``TYPE_CHECKING``
+    (``from p import m`` counts as the module ``p.m`` when there is one, else as ``p``)."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+    # ``if TYPE_CHECKING:`` imports never run: annotations only
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(block)}
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -35,7 +35,8 @@ _quiet_known_noise()
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it. No "train": hizli.train is the training subpackage, and
+# importing any module under it rebinds that name on this package; the recipe's function is unsloth_train.
 _EXPORTS = {
     "FastLanguageModel": "hizli.api",
     "get_chat_template": "hizli.api",
@@ -45,7 +46,6 @@ _EXPORTS = {
     "TrainingArguments": "hizli.api",
     "DataCollatorForSeq2Seq": "hizli.api",
     "is_bfloat16_supported": "hizli.api",
-    "train": "hizli.api",
     "unsloth_train": "hizli.api",
     "memory_report": "hizli.api",
     "sample_dataset": "hizli.data.sample",

@@ -7,15 +7,11 @@ Two measures, both invisible to what runs afterwards:
 - ``import_bitsandbytes``: bitsandbytes imported with its ``torch.compile`` calls deferred to first use
   (the figures are in its docstring).
 
-Why the collector pause: importing torch, transformers, PEFT and bitsandbytes allocates about 785,000 objects the collector
-tracks (counted with it off), most of them living as long as the process. The collector runs after
-every 700 net allocations and its older generations walk those objects again and again: with it on,
-those four imports took 4.3-4.7 s on this project's 2-core machine, with it off 3.6-3.8 s
-(2026-11-28, two runs each). From process start to a loaded 4-bit model of the bench's tiny shape
-(same machine) it took 4.1-4.2 s with the pause and 4.8-5.0 s without,
-three runs each. Objects without reference cycles are still freed at once; cyclic garbage waits for
-the collector, which runs again as usual once the pause ends. Data preparation is not paused:
-tokenising 8,000 ShareGPT rows took as long either way.
+Why the collector pause: importing torch, transformers, PEFT and bitsandbytes allocates about
+785,000 long-lived objects that the collector's older generations walk again and again (those imports
+take about 0.8 s less on a 2-core CPU with it paused). Objects without reference cycles are still
+freed at once; cyclic garbage waits until the pause ends. Data preparation is not paused: it gains
+nothing from it.
 """
 
 from __future__ import annotations
@@ -45,11 +41,10 @@ def import_bitsandbytes():
     bitsandbytes wraps its CPU fallbacks (``backends/default/ops.py``: blockwise and 4-bit
     dequantisation, the 32-bit optimizer update) in ``torch.compile`` at import time, and that call
     alone imports TorchInductor's lowering and decompositions. On CUDA those fallbacks never run, so
-    the import cost is pure waste: on this project's 2-core CPU ``import bitsandbytes`` after torch
-    took 2.2 s with the wrappers made at once and 0.2 s with them deferred (torch, bitsandbytes,
-    transformers and PEFT together: 4.6 s against 3.7 s, two runs each, 2026-11-28). Deferred, a
-    wrapped function is compiled on its first call exactly as bitsandbytes asked, so nothing changes
-    for code that does call one. Raises what the import raises."""
+    the import cost is pure waste (``import bitsandbytes`` after torch: 2.2 s against 0.2 s
+    deferred, on a 2-core CPU). Deferred, a wrapped function is compiled on its first call exactly
+    as bitsandbytes asked, so nothing changes for code that does call one. Raises what the import
+    raises."""
     import sys
 
     if "bitsandbytes" in sys.modules:

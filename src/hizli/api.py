@@ -2,6 +2,7 @@
 
     from hizli import FastLanguageModel, get_chat_template, standardize_sharegpt
     from hizli import SFTTrainer, TrainingArguments, DataCollatorForSeq2Seq, is_bfloat16_supported
+    from hizli import unsloth_train
 """
 
 from __future__ import annotations
@@ -128,15 +129,18 @@ def is_bfloat16_supported() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def train(trainer: SFTTrainer):
-    """Run ``trainer.train()`` and return its stats (``stats.metrics["train_runtime"]`` etc.)."""
+def unsloth_train(trainer: SFTTrainer):
+    """Run ``trainer.train()`` and return its stats (``stats.metrics["train_runtime"]`` etc.).
+
+    The recipe's ``from unsloth import unsloth_train`` becomes ``from hizli import unsloth_train``.
+    There is no ``hizli.train`` function: that name is the training subpackage, which Python binds on
+    ``hizli`` as soon as any of its modules is imported.
+    """
     return trainer.train()
 
 
-unsloth_train = train
-
 __all__ = [
     "FastLanguageModel", "get_chat_template", "standardize_sharegpt", "train_on_responses_only",
-    "SFTTrainer", "TrainingArguments", "DataCollatorForSeq2Seq", "is_bfloat16_supported", "train",
+    "SFTTrainer", "TrainingArguments", "DataCollatorForSeq2Seq", "is_bfloat16_supported",
     "unsloth_train", "memory_report",
 ]

@@ -6,12 +6,17 @@ Sections: ``model`` (FastLanguageModel.from_pretrained), ``lora`` (get_peft_mode
 recipe's values. Every problem in a file (unknown key with the nearest valid one, wrong type,
 out-of-range value, missing local file, incompatible combination) is reported together, before any
 model is loaded.
+
+Values are read as they are written, in files and in ``--set``: an unquoted yes/no/on/off is a
+boolean only for a boolean setting (``load_in_4bit: no``) and the word elsewhere (``save_strategy: no``;
+YAML 1.1 alone would read it as False); a setting that may be empty takes ``null``, ``none`` or ``None``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,11 +118,69 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that an unquoted yes/no/on/off stays the word as written (a
+    :class:`_Word`) until the setting it is given to is known. YAML 1.1 reads those words as booleans,
+    which turned ``save_strategy: no`` (a documented value) into False."""
+
+
+class _Word(str):
+    """An unquoted yes/no/on/off: a boolean for a boolean setting, the word itself for any other."""
+
+
+_BOOL_TAG, _WORD_TAG = "tag:yaml.org,2002:bool", "tag:hizli,2024:word"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_RecipeLoader.add_implicit_resolver(_WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"),
+                                    list("yYnNoO"))
+_RecipeLoader.add_constructor(_WORD_TAG, lambda loader, node: _Word(loader.construct_scalar(node)))
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no arbitrary objects
+
+
+def _annotation(annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {"Union": Union})  # our own annotations only
+    return annotation
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    """Whether a field's annotation names ``kind`` itself (``Any`` does not count)."""
+    annotation = _annotation(annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts(a, kind) for a in typing.get_args(annotation))
+    return annotation is kind
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Word):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _word_value(value: Any, annotation: Any) -> Any:
+    """The value a setting gets: an unquoted yes/no/on/off is a boolean for a boolean setting and the
+    word otherwise; none/null is None for a setting that may be empty (``must be ... or None``)."""
+    if isinstance(value, _Word) and _accepts(annotation, bool):
+        return _BOOL_WORDS[value.lower()]
+    if isinstance(value, str) and value.strip().lower() in ("none", "null") and _accepts(annotation, type(None)):
+        return None
+    return _plain(value)
+
+
 def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation is Any:
         return True
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {"Union": Union})  # our own annotations only
+    annotation = _annotation(annotation)
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
@@ -146,6 +209,7 @@ def _section(cls, values: dict[str, Any], where: str, problems: list[str]):
         if key not in fields:
             problems.append(f"{where}.{key}: unknown key{_near(key, fields)}")
             continue
+        value = _word_value(value, fields[key].type)
         if not _type_ok(value, fields[key].type):
             problems.append(f"{where}.{key}={value!r}: expected {fields[key].type}")
             continue
@@ -155,10 +219,11 @@ def _section(cls, values: dict[str, Any], where: str, problems: list[str]):
 
 def _train_section(values: dict[str, Any], problems: list[str]) -> TrainingArguments:
     merged = {**_reference_train(), **values}
-    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.name != "extra"}
-    for key in [k for k in merged if k not in names]:
-        problems.append(f"train.{key}: unknown key{_near(key, names)}")
+    annotations = {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.name != "extra"}
+    for key in [k for k in merged if k not in annotations]:
+        problems.append(f"train.{key}: unknown key{_near(key, annotations)}")
         merged.pop(key)
+    merged = {key: _word_value(value, annotations[key]) for key, value in merged.items()}
     args = TrainingArguments.__new__(TrainingArguments)  # filled below without raising: problems are collected
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
                 for f in dataclasses.fields(TrainingArguments)}
@@ -291,7 +356,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 raise FileNotFoundError(f"recipe file {str(path)!r} not found")
         source = str(p)
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = _read_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise RecipeError(source, [f"not valid YAML: {e}"]) from e
         except UnicodeDecodeError as e:
@@ -312,7 +377,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             problems.append(f"--set {item!r}: section {parts[0]!r} is not a mapping in the recipe")
             continue
         try:
-            section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+            section[parts[1]] = _read_yaml(value) if value.strip() else None
         except yaml.YAMLError as e:
             problems.append(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})")
     try:

@@ -60,7 +60,6 @@ def restored(tokenizer):
         yield tokenizer
     finally:
         tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token = saved
-        tokenizer.__dict__.pop("hizli_template", None)
 
 
 @pytest.fixture()

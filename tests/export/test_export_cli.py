@@ -65,7 +65,7 @@ def test_merged_export_loads_back(tiny_adapter, tmp_path, capsys):
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in out.iterdir()}
     model, tokenizer = loader.load(str(out), load_in_4bit=False)
-    assert model.hizli_info.kind == "folder" and tokenizer.chat_template
+    assert model.hizli.info.kind == "folder" and tokenizer.chat_template
 
 
 @pytest.mark.parametrize("to", ["gguf", "merged"])

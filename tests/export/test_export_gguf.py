@@ -117,7 +117,7 @@ def test_q8_0_through_hizli_loader_answers_like_f16(gguf_dir, f16_model, chat, p
     monkeypatch.setenv("HIZLI_CACHE", str(export_cache))
     q8, q8_tok = loader.load(str(gguf_dir / "smol-ft.Q8_0.gguf"), load_in_4bit=False)
     q8.eval()
-    assert q8.hizli_info.kind == "gguf"
+    assert q8.hizli.info.kind == "gguf"
     assert q8_tok.chat_template == chat.tokenizer.chat_template
     stats = chat.agreement(f16_model, q8, prompts)
     print(f"q8_0 vs f16: {stats}")

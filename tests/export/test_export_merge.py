@@ -81,7 +81,7 @@ def test_merged_16bit_from_nf4_base(adapter_dir, chat, prompts, tmp_path):
 
     model, tokenizer = loader.load(str(adapter_dir), load_in_4bit=True, adapter_trainable=False)
     attach_export_methods(model)  # what FastLanguageModel.from_pretrained adds
-    assert model.hizli_info.is_4bit
+    assert model.hizli.info.is_4bit
     # Reference: the fp32 base with every NF4 weight replaced by its dequantized value (bitsandbytes'
     # own dequantize, read before any CPU inference repacks it), then the same adapter, unmerged.
     reference, _ = loader.load("smollm2-135m-instruct", load_in_4bit=False)
@@ -182,7 +182,7 @@ def test_merged_4bit_is_the_merged_model_quantized(tiny_model_dir, tmp_path):
     assert not (tmp_path / "m4" / ".merged-full-precision").exists()
 
     four, _ = loader.load(str(tmp_path / "m4"), load_in_4bit=False)  # 4-bit on disk: loads as 4-bit
-    assert four.hizli_info.is_4bit
+    assert four.hizli.info.is_4bit
     requantized, _ = loader.load(str(tmp_path / "m16"), load_in_4bit=True)
     four.train(), requantized.train()  # bitsandbytes' fp32 path on CPU (no bf16 repacking)
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(4))

@@ -1,72 +1,93 @@
-"""Compute-dtype copies of the LoRA weights (``hizli.kernels.lora_casts``): reused between uses, made
-again whenever the weight can have changed, and counted by the memory plan."""
+"""Compute-dtype copies of the LoRA weights (``hizli.kernels.lora_casts``): reused between uses within a
+training run, made again whenever the weight can have changed, counted by the memory plan, and kept
+only while hizli's trainer runs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hizli.kernels import lora_casts
-from hizli.kernels.lora_casts import compute_copy
+from hizli.kernels.lora_casts import ComputeCopies, compute_copy
 
 
-@pytest.fixture(autouse=True)
-def cache_on(monkeypatch):
-    monkeypatch.setattr(lora_casts, "CACHE", True)
-
-
-def _fresh(p):
-    return torch.equal(compute_copy(p, torch.bfloat16), p.detach().to(torch.bfloat16))
+def _fresh(copies, p):
+    return torch.equal(compute_copy(p, torch.bfloat16, copies), p.detach().to(torch.bfloat16))
 
 
 def test_a_copy_is_reused_until_the_weight_can_have_changed():
     torch.manual_seed(0)
+    copies = ComputeCopies()
     p = torch.nn.Parameter(torch.randn(16, 64))
-    first = compute_copy(p, torch.bfloat16)
+    first = compute_copy(p, torch.bfloat16, copies)
     assert first.dtype == torch.bfloat16 and torch.equal(first, p.detach().to(torch.bfloat16))
-    assert compute_copy(p, torch.bfloat16) is first  # reused
-    assert compute_copy(p, torch.float16) is not first and compute_copy(p, torch.float32) is p
+    assert compute_copy(p, torch.bfloat16, copies) is first  # reused
+    assert compute_copy(p, torch.float16, copies) is not first and compute_copy(p, torch.float32, copies) is p
 
     p.grad = torch.ones_like(p)
-    torch.optim.SGD([p], lr=0.5).step()  # any optimizer's step
-    assert compute_copy(p, torch.bfloat16) is not first and _fresh(p)
+    optimizer = torch.optim.SGD([p], lr=0.5)
+    optimizer.register_step_post_hook(copies.step_taken)  # as hizli's trainer does with its optimizer
+    optimizer.step()
+    assert compute_copy(p, torch.bfloat16, copies) is not first and _fresh(copies, p)
 
-    kept = compute_copy(p, torch.bfloat16)
+    kept = compute_copy(p, torch.bfloat16, copies)
     with torch.no_grad():
         p.mul_(3)  # an in-place edit
-    assert compute_copy(p, torch.bfloat16) is not kept and _fresh(p)
+    assert compute_copy(p, torch.bfloat16, copies) is not kept and _fresh(copies, p)
 
-    kept = compute_copy(p, torch.bfloat16)
+    kept = compute_copy(p, torch.bfloat16, copies)
     p.data = torch.randn(16, 64)  # new storage, same version counter
-    assert compute_copy(p, torch.bfloat16) is not kept and _fresh(p)
+    assert compute_copy(p, torch.bfloat16, copies) is not kept and _fresh(copies, p)
 
 
 def test_bitsandbytes_8bit_adamw_steps_refresh_the_copies():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
+    copies = ComputeCopies()
     p = torch.nn.Parameter(torch.randn(64, 128))  # >= 4096 elements: 8-bit optimizer state
     optimizer = bnb.optim.AdamW8bit([p], lr=0.1)
-    before = compute_copy(p, torch.bfloat16).clone()
+    optimizer.register_step_post_hook(copies.step_taken)
+    before = compute_copy(p, torch.bfloat16, copies).clone()
     p.grad = torch.randn_like(p)
-    optimizer.step()  # writes p through bitsandbytes' own kernel
-    assert not torch.equal(compute_copy(p, torch.bfloat16), before) and _fresh(p)
+    version = p._version
+    optimizer.step()  # writes p through bitsandbytes' own kernel: no version counter sees it
+    assert p._version == version  # why the optimizer hook is needed at all
+    assert not torch.equal(compute_copy(p, torch.bfloat16, copies), before) and _fresh(copies, p)
 
 
-def test_tensors_that_are_not_parameters_and_a_switched_off_cache_cast_every_time(monkeypatch):
+def test_without_copies_and_for_tensors_that_are_not_parameters_every_use_casts():
     t = torch.randn(4, 8)
-    assert compute_copy(t, torch.bfloat16) is not compute_copy(t, torch.bfloat16)
+    copies = ComputeCopies()
+    assert compute_copy(t, torch.bfloat16, copies) is not compute_copy(t, torch.bfloat16, copies)
     p = torch.nn.Parameter(torch.randn(4, 8))
-    monkeypatch.setattr(lora_casts, "CACHE", False)
-    assert compute_copy(p, torch.bfloat16) is not compute_copy(p, torch.bfloat16)
-    assert lora_casts.pending_bytes(torch.nn.Linear(8, 4), 2) == 0
+    assert compute_copy(p, torch.bfloat16, None) is not compute_copy(p, torch.bfloat16, None)
 
 
 def test_the_memory_plan_is_told_what_the_copies_will_take():
+    copies = ComputeCopies()
     model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(64, 16, bias=False),
                                  "lora_B": torch.nn.Linear(16, 64, bias=False),
                                  "head": torch.nn.Linear(64, 8)})  # trainable, but never copied
     model.lora_B.weight.requires_grad_(False)
-    assert lora_casts.pending_bytes(model, 2) == 64 * 16 * 2  # lora_A only: B is frozen, head not LoRA
-    compute_copy(model.lora_A.weight, torch.bfloat16)
-    assert lora_casts.pending_bytes(model, 2) == 0  # made: now part of what is allocated
-    assert lora_casts.pending_bytes(model, 4) == 0  # nothing wider than float32
+    assert copies.pending_bytes(model, 2) == 64 * 16 * 2  # lora_A only: B is frozen, head not LoRA
+    compute_copy(model.lora_A.weight, torch.bfloat16, copies)
+    assert copies.pending_bytes(model, 2) == 0  # made: now part of what is allocated
+    assert copies.pending_bytes(model, 4) == 0  # nothing wider than float32
+
+
+def test_the_trainer_keeps_copies_for_its_run_only(tmp_path):
+    from helpers import FakeTokenizer, tiny_lora_model, token_rows
+
+    from hizli.models.record import find_state
+    from hizli.train.args import TrainingArguments
+    from hizli.train.trainer import SFTTrainer
+
+    model = tiny_lora_model()
+    seen = []
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             optim="adamw_torch", save_strategy="no", disable_tqdm=True, report_to="none")
+    trainer = SFTTrainer(model=model, tokenizer=FakeTokenizer(), train_dataset=token_rows(8), args=args,
+                         max_seq_length=64, callbacks=[lambda e: seen.append(find_state(model).compute_copies)])
+    trainer.train()
+    assert len(seen) == 2 and isinstance(seen[0], ComputeCopies) and seen[0] is seen[1]
+    assert seen[0].steps == 2  # told of each optimizer step
+    assert find_state(model).compute_copies is None  # another trainer's optimizer could change the weights

@@ -56,8 +56,9 @@ def _run(module, fn, x):
     return [o.detach() for o in outs], x.grad.detach(), grads
 
 
-def _cases(layer):
-    """(module, fused fn, unfused fn) for the q/k/v group, the o projection and the MLP."""
+def _cases(layer, copies=None):
+    """(module, fused fn, unfused fn) for the q/k/v group, the o projection and the MLP (the fused ones
+    with the run's kept weight copies ``copies``, or casting at every use)."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv = fused_lora.group_parts(attn, ("q_proj", "k_proj", "v_proj"))
     o = fused_lora.group_parts(attn, ("o_proj",))
@@ -74,16 +75,16 @@ def _cases(layer):
         return q.flatten(-2), k.flatten(-2), attn.v_proj(x)
 
     def fused_qkv_rope(x):
-        return lora_qkv(x, qkv, rope=_rope_tables(x, d))
+        return lora_qkv(x, qkv, rope=_rope_tables(x, d), copies=copies)
 
     fused_qkv_rope.head_dim = d  # for the float64 reference
 
     return {
-        "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: lora_qkv(x, qkv),
+        "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: lora_qkv(x, qkv, copies=copies),
                 lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))),
         "qkv_rope": ([attn.q_proj, attn.k_proj, attn.v_proj], fused_qkv_rope, plain_qkv_rope),
-        "o": ([attn.o_proj], lambda x: lora_qkv(x, o), lambda x: attn.o_proj(x)),
-        "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: lora_mlp(x, gud),
+        "o": ([attn.o_proj], lambda x: lora_qkv(x, o, copies=copies), lambda x: attn.o_proj(x)),
+        "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: lora_mlp(x, gud, copies),
                 lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))),
     }
 
@@ -224,7 +225,7 @@ def test_patched_model_trains_like_peft(tmp_path, request, path):
         use_hizli_attention(m)
     counts = use_fused_ops(fused)
     assert counts["swiglu"] == 1 and counts["rope"] == 1
-    from hizli.models.fused_lora import model_uses_fused_lora
+    from hizli.models.patch import model_uses_fused_lora
 
     assert model_uses_fused_lora(fused) and not model_uses_fused_lora(plain)  # the memory plan reads this
     with pytest.MonkeyPatch.context() as mp:
@@ -238,6 +239,7 @@ def test_patched_model_trains_like_peft(tmp_path, request, path):
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
+    # fp32, fused against PEFT's layers: the same maths summed in another order
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     assert g0.keys() == g1.keys() and len(g0) == 14
     for k in g0:
@@ -265,15 +267,15 @@ def test_fused_matches_peft_gpu(tmp_path, dtype, shape, tokens):
             _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, dtype, "cuda"), name, exact=False)
 
 
-def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, monkeypatch, fused):
+def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, fused):
     """bf16 compute with float32 adapters, bitsandbytes' 8-bit AdamW: three steps reusing the adapters'
     bf16 copies end bit-identical to casting at every use (a copy kept past a step would not)."""
-    from hizli.kernels import lora_casts
+    from hizli.kernels.lora_casts import ComputeCopies
 
     bnb = pytest.importorskip("bitsandbytes")
     results = []
     for keep in (True, False):
-        monkeypatch.setattr(lora_casts, "CACHE", keep)
+        copies = ComputeCopies() if keep else None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model = one_layer_lora_model(tmp_path / str(keep), hidden=128, inter=256, heads=2, kv_heads=1,
                                          head_dim=64, dtype=torch.bfloat16, device="cpu")
@@ -281,10 +283,12 @@ def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, m
             params = [p for n, p in model.named_parameters() if "lora_" in n]
             assert params and all(p.dtype == torch.float32 for p in params)
             optimizer = bnb.optim.AdamW8bit(params, lr=1e-2)
+            if copies is not None:
+                optimizer.register_step_post_hook(copies.step_taken)  # as hizli's trainer does
             losses = []
             for step in range(3):
                 loss = 0
-                for name, (_module, fused_fn, _plain) in _cases(layer).items():
+                for name, (_module, fused_fn, _plain) in _cases(layer, copies).items():
                     x = _input(name, layer, 29, torch.bfloat16, "cpu")
                     outs = fused_fn(x)
                     for o in outs if isinstance(outs, tuple) else (outs,):
@@ -294,7 +298,7 @@ def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, m
                 optimizer.zero_grad()
                 losses.append(loss.item())
             if keep:
-                assert all("_hizli_compute_copy" in p.__dict__ for p in params)
+                assert copies.pending_bytes(model, 2) == 0  # every adapter weight's copy was made and used
         results.append((losses, [p.detach().clone() for p in params]))
     (kept_losses, kept_params), (cast_losses, cast_params) = results
     assert kept_losses == cast_losses and len(set(kept_losses)) == 3  # the adapters did change

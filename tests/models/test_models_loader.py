@@ -34,7 +34,7 @@ def test_embedded_model_loads_offline_from_the_cache_the_second_time(smol_folder
 
 def test_embedded_model_is_a_real_instruct_model(smol_folder):
     model, tok = loader.load("smollm2-135m-instruct", load_in_4bit=False)
-    info = model.hizli_info
+    info = model.hizli.info
     assert (info.kind, info.dtype, info.device, info.quantization) == ("embedded", "float32", "cpu",
                                                                        "none (load_in_4bit=False)")
     assert model.config.model_type == "llama" and model.config.vocab_size == 49152
@@ -97,8 +97,8 @@ def test_without_bitsandbytes_says_so_once_and_loads_full_precision(tiny_model_d
     _log.setup()
     model, _ = loader.load(tiny_model_dir, load_in_4bit=True)
     loader.load(tiny_model_dir, load_in_4bit=True)
-    assert model.hizli_info.quantization.startswith("none (bitsandbytes cannot be imported")
-    assert model.hizli_info.load_in_4bit_requested is True
+    assert model.hizli.info.quantization.startswith("none (bitsandbytes cannot be imported")
+    assert model.hizli.info.load_in_4bit_requested is True
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert capsys.readouterr().err.count("loading in full precision") == 1
 
@@ -114,7 +114,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="allow_pickle=True"):
         loader.load(str(tmp_path), load_in_4bit=False)
     model, _ = loader.load(str(tmp_path), load_in_4bit=False, allow_pickle=True)
-    assert model.hizli_info.kind == "folder"
+    assert model.hizli.info.kind == "folder"
 
 
 def test_llama3_tokenizer_pads_with_finetune_right_pad_id(tmp_path):
@@ -149,7 +149,7 @@ def test_adapter_folder_loads_back_on_its_base(tiny_model_dir, tmp_path):
     model.save_pretrained(tmp_path / "lora_model")
     tok.save_pretrained(tmp_path / "lora_model")
     again, tok2 = loader.load(str(tmp_path / "lora_model"), load_in_4bit=False)
-    assert again.hizli_info.adapter == str((tmp_path / "lora_model").resolve())
+    assert again.hizli.info.adapter == str((tmp_path / "lora_model").resolve())
     again.eval()
     with torch.no_grad():
         assert (again(input_ids=ids).logits - expected).abs().max().item() <= 1e-5

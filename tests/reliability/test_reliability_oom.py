@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from hizli.models.record import state_of
 from hizli.train import oom, step as step_mod
 from hizli.train.args import TrainingArguments
 from hizli.train.trainer import SFTTrainer
@@ -51,7 +52,7 @@ def _args(tmp_path, **kw):
 def test_the_message_states_requested_free_total(wording, tmp_path, figures):
     text, (requested, free, total) = MESSAGES[wording]
     model = tiny_lora_model()
-    model.hizli_allowed_modes = ("keep",)  # as get_peft_model(use_gradient_checkpointing=False) leaves it
+    state_of(model).allowed_modes = ("keep",)  # as get_peft_model(use_gradient_checkpointing=False) leaves it
     error = oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path), model=model, max_seq_length=2048,
                         longest_row=1500, step=7,
                         memory_plan={"micro_batches": 1, "budget_gib": 70.0, "predicted_peak_gib": 60.5})
@@ -80,7 +81,7 @@ def test_suggestions_follow_the_settings(tmp_path, figures):
     text = MESSAGES["current"][0]
     # batch 1, checkpointing already on, no plan: only the sequence length is left to lower
     model = tiny_lora_model()
-    model.hizli_allowed_modes = ("keep", "recompute")
+    state_of(model).allowed_modes = ("keep", "recompute")
     message = str(oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path, per_device_train_batch_size=1),
                               model=model, max_seq_length=512, longest_row=300))
     assert "per_device_train_batch_size" not in message and "use_gradient_checkpointing" not in message

@@ -60,7 +60,7 @@ def test_pickle_adapter_weights_are_refused_unless_allowed(tiny_model_dir, tmp_p
     with pytest.raises(ValueError, match="allow_pickle=True"):
         loader.load(str(tmp_path / "adapter"), load_in_4bit=False)
     model, _ = loader.load(str(tmp_path / "adapter"), load_in_4bit=False, allow_pickle=True)
-    assert model.hizli_info.adapter == str((tmp_path / "adapter").resolve())
+    assert model.hizli.info.adapter == str((tmp_path / "adapter").resolve())
     figures.add(cases=1, refused=1)
 
 

@@ -107,6 +107,7 @@ def test_out_of_memory_plans_again_and_repeats_the_step(tmp_path, monkeypatch, c
     trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows,
                          args=_args(tmp_path / "b"))
     stats = trainer.train()
+    # fp32: a re-planned step splits its rows into other micro-batches, so its sums run in another order
     assert [e["loss"] for e in stats.log_history] == pytest.approx([e["loss"] for e in expected.log_history],
                                                                     rel=1e-5)
     assert trainer.memory_plan["budget_gib"] == pytest.approx(3.0)

@@ -101,4 +101,4 @@ def test_the_recipe_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "lora_model" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "outputs" / "metrics.jsonl").is_file() and (tmp_path / "outputs" / "recipe.yaml").is_file()
     reloaded, _ = FastLanguageModel.from_pretrained("lora_model", max_seq_length=max_seq_length, load_in_4bit=True)
-    assert reloaded.hizli_info.adapter.endswith("lora_model")
+    assert reloaded.hizli.info.adapter.endswith("lora_model")

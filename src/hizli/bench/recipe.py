@@ -103,13 +103,10 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
     levers = bench.levers
     if not levers["kernels"]:
         os.environ["HIZLI_KERNELS"] = "reference"
-    if not levers["cast_cache"]:  # cast the LoRA weights at every use instead of keeping copies
-        from hizli.models import lora_casts
-
-        lora_casts.CACHE = False
     import torch
 
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does
+    from hizli.models.record import state_of
     from hizli.bench.shapes import attention_flops, is_shape, load_tokenizer, matmul_params, random_model_folder
     from hizli.data.load import load_conversations
     from hizli.data.sample import dataset_source
@@ -188,6 +185,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         args=targs,
         callbacks=callbacks,
     )
+    trainer.keep_lora_copies = levers["cast_cache"]  # off: cast the LoRA weights at every use
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()
@@ -219,7 +217,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "startup_s": startup_parts(
             t_process, t_load, marks, first_step[0] if first_step else None, log[0]["step_time_s"] if log else None
         ),
-        "model_load_s": getattr(model.get_base_model(), "hizli_load_seconds", None),
+        "model_load_s": state_of(model).load_seconds or None,
         "train_runtime_s": stats.metrics["train_runtime"],
         "useful_tflops_per_token": flops_per_token / 1e12,
         "measured_bf16_tflops": round(peak, 1) if peak else None,

@@ -135,7 +135,8 @@ def get_chat_template(tokenizer, chat_template: str = "llama-3.1", mapping: Mapp
         warn: say when the template's control tokens are not single tokens of this vocabulary.
 
     Returns:
-        The same tokenizer, with ``chat_template`` set and ``hizli_template`` naming the entry.
+        The same tokenizer, with ``chat_template`` set (its text identifies the entry again:
+        :func:`template_info`).
     """
     if not isinstance(chat_template, str):
         raise ValueError(f"chat_template={chat_template!r}: pass a template name (see `hizli templates`) "
@@ -147,7 +148,6 @@ def get_chat_template(tokenizer, chat_template: str = "llama-3.1", mapping: Mapp
     if mapping is not None:
         _check_mapping(mapping)
     tokenizer.chat_template = info.jinja(mapping)
-    tokenizer.hizli_template = info.name
     eot = info.eot(tokenizer)
     vocab = tokenizer.get_vocab()
     if map_eos_token and eot and eot in vocab and eot != tokenizer.eos_token:
@@ -183,12 +183,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 def template_info(tokenizer) -> TemplateInfo | None:
     """Which registry template this tokenizer renders with, or None when it is not one of ours.
 
-    Set by ``get_chat_template``; after ``save_pretrained``/loading, the template text identifies
-    it (exactly, or by the markers it contains).
+    Known from the template text alone (nothing is written on the tokenizer), also after
+    ``save_pretrained``/loading: exactly, by its body after a key-mapping prelude (templates that
+    share a body, the ChatML family, share the turn markers read from the result), or by the
+    markers it contains.
     """
-    name = getattr(tokenizer, "hizli_template", None)
-    if name in registry():
-        return registry()[name]
     text = getattr(tokenizer, "chat_template", None)
     if not isinstance(text, str):
         return None

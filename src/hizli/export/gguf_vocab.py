@@ -98,8 +98,9 @@ def read_gguf_string(path: str | os.PathLike, key: str) -> str | None:
 def _gguf_source(model) -> Path | None:
     """The .gguf file the base model was loaded from, if hizli loaded it from one."""
     from hizli.export.merge import unwrap
+    from hizli.models.record import load_info
 
-    info = getattr(model, "hizli_info", None) or getattr(unwrap(model), "hizli_info", None)
+    info = load_info(model) or load_info(unwrap(model))
     if info is None:
         return None
     if info.kind == "gguf" and str(info.source).lower().endswith(".gguf"):

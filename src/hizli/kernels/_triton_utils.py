@@ -2,6 +2,9 @@
 
 Nothing here imports triton at module level, so every kernel module (which imports this one) imports
 on a machine without Triton; Triton is imported at the first kernel launch (:class:`LazyJit`).
+Kernel modules import :data:`tl` from here, so that their kernel bodies name a defined module
+(linters and readers see where ``tl`` comes from); the first launch replaces it with
+``triton.language`` in that module.
 """
 
 from __future__ import annotations
@@ -14,14 +17,33 @@ import torch
 from hizli.kernels.dispatch import interpreting
 
 
+class _TritonLanguagePlaceholder:
+    """Stands for ``triton.language`` in a kernel module until its first kernel launch.
+
+    Kernel bodies only run inside Triton, after :meth:`LazyJit.materialize` has bound the real
+    module in their module's globals, so any use of this placeholder is a bug in hizli.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"tl.{name} used before the kernel module's first launch bound triton.language; "
+                           "call kernels through their launchers, not directly")
+
+    def __repr__(self) -> str:
+        return "<triton.language, imported at the first kernel launch>"
+
+
+tl: Any = _TritonLanguagePlaceholder()
+
+
 class LazyJit:
     """A Triton kernel whose ``triton.jit`` happens at its first launch, not at module import.
 
     Kernel files define their kernels at module level (readable, and Triton needs the source and
     module globals of each kernel) but must import without Triton. At the first launch of any lazy
     kernel of a module, every lazy kernel of that module is swapped in place for the real
-    ``JITFunction`` and ``triton``/``tl`` are bound in the module's globals, so kernels that call
-    helper kernels resolve them as Triton expects. The kernels' ``tl.constexpr`` annotations stay
+    ``JITFunction`` and ``triton``/``tl`` are bound in the module's globals (``tl`` replacing the
+    placeholder the module imported from here), so kernels that call helper kernels resolve them as
+    Triton expects. The kernels' ``tl.constexpr`` annotations stay
     unevaluated strings thanks to ``from __future__ import annotations``, which Triton accepts
     (checked with Triton 3.6: the interpreter and a full sm_90 compile to cubin).
     ``TRITON_INTERPRET`` is read by ``triton.jit`` at that moment, so set it before the first launch.
@@ -41,7 +63,8 @@ class LazyJit:
         if interpreting():
             _patch_interpreter_index()
         module_globals.setdefault("triton", triton)
-        module_globals.setdefault("tl", tl)
+        if isinstance(module_globals.get("tl", _TritonLanguagePlaceholder()), _TritonLanguagePlaceholder):
+            module_globals["tl"] = tl
         for name, value in list(module_globals.items()):
             if isinstance(value, LazyJit):
                 assert value.fn.__name__ == name, f"lazy kernel {value.fn.__name__} bound as {name}"

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2
+from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, tl
 from hizli.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------------

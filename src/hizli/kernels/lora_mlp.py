@@ -35,7 +35,7 @@ from hizli.kernels._lora import (
     projection_reference,
 )
 from hizli.kernels.dispatch import use_triton
-from hizli.kernels.lora_casts import compute_copy
+from hizli.kernels.lora_casts import ComputeCopies, compute_copy
 
 # ---------------------------------------------------------------------------------------------
 # autograd
@@ -51,6 +51,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         bases: tuple,
         scalings: tuple,
         dtype: torch.dtype,
+        copies: ComputeCopies | None,
         a_gate,
         b_gate,
         a_up,
@@ -65,9 +66,9 @@ class _LoraMLPFunction(torch.autograd.Function):
         s_gate, s_up, s_down = scalings
         with no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a_cat = torch.cat([compute_copy(a_gate, dtype), compute_copy(a_up, dtype)])
+            a_cat = torch.cat([compute_copy(a_gate, dtype, copies), compute_copy(a_up, dtype, copies)])
             ctx.b_dtypes = (b_gate.dtype, b_up.dtype, b_down.dtype)
-            b_gate, b_up, b_down = (compute_copy(b, dtype) for b in (b_gate, b_up, b_down))
+            b_gate, b_up, b_down = (compute_copy(b, dtype, copies) for b in (b_gate, b_up, b_down))
             # gate and up outputs in one [2, T, I] buffer; one dequantized weight at a time (50 MB at
             # the 3B shape rather than 100: ~450 tokens more per micro-batch under a tight cap)
             gu = torch.empty((2, x2.shape[0], inter), dtype=dtype, device=x.device)
@@ -80,7 +81,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             gu[0].addmm_(xa[:, :r_gate], b_gate.t(), alpha=s_gate)
             gu[1].addmm_(xa[:, r_gate:], b_up.t(), alpha=s_up)
             h = swiglu_forward(gu[0], gu[1])
-            a_d = compute_copy(a_down, dtype)
+            a_d = compute_copy(a_down, dtype, copies)
             ha = h @ a_d.t()
             w = dequantized(bases[2:], (b_down.shape[0],), dtype, x.device)
             y = h @ w.t()
@@ -137,6 +138,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
             d_a_gate.to(a_gate_t),
             d_b_gate.to(b_gate_t),
             d_a_up.to(a_up_t),
@@ -161,7 +163,9 @@ def _check(x: torch.Tensor, parts: Sequence[LoraPart]) -> None:
     check_parts("lora_mlp (down)", inter, [down])
 
 
-def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
+def lora_mlp_reference(
+    x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None
+) -> torch.Tensor:
     """PEFT's maths in plain PyTorch, as the Llama MLP runs it over PEFT layers:
     ``down(silu(gate(x)) * up(x))``, each projection as in
     :func:`hizli.kernels.lora_qkv.lora_qkv_reference`; arguments and result as :func:`lora_mlp`."""
@@ -173,7 +177,7 @@ def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tens
         return projection_reference(h, down)
 
 
-def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` with LoRA on the three projections: the fused function on CUDA
     (its NF4 dequantization and SwiGLU in Triton), the reference elsewhere.
 
@@ -184,6 +188,7 @@ def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
         x: ``[..., H]`` activations.
         parts: three :class:`~hizli.kernels.lora_qkv.LoraPart`, gate and up (``H -> I``) then down
             (``I -> H``); ``hizli.models.fused_lora.group_parts`` makes them from PEFT layers.
+        copies: as in :func:`hizli.kernels.lora_qkv.lora_qkv`.
 
     Returns:
         ``[..., H_out]`` in the compute dtype (autocast's, else ``x``'s).
@@ -200,6 +205,7 @@ def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart]) -> torch.Tensor:
         (g_base, u_base, d_base),
         (float(s_g), float(s_u), float(s_d)),
         compute_dtype(x),
+        copies,
         a_g,
         b_g,
         a_u,

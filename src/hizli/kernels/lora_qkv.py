@@ -31,7 +31,7 @@ import torch
 
 from hizli.kernels._lora import LoraPart, check_parts, compute_dtype, dequantized, no_autocast, projection_reference
 from hizli.kernels.dispatch import use_triton
-from hizli.kernels.lora_casts import compute_copy
+from hizli.kernels.lora_casts import ComputeCopies, compute_copy
 
 __all__ = ["LoraPart", "lora_qkv", "lora_qkv_reference"]
 
@@ -59,7 +59,14 @@ class _LoraQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, bases: tuple, scalings: tuple, dtype: torch.dtype, rope: tuple | None, *ab: torch.Tensor
+        ctx,
+        x: torch.Tensor,
+        bases: tuple,
+        scalings: tuple,
+        dtype: torch.dtype,
+        rope: tuple | None,
+        copies: ComputeCopies | None,
+        *ab: torch.Tensor,
     ):
         a_list, b_list = ab[0::2], ab[1::2]
         sizes = [b.shape[0] for b in b_list]
@@ -67,11 +74,11 @@ class _LoraQKVFunction(torch.autograd.Function):
         with no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             a_cat = (
-                torch.cat([compute_copy(a, dtype) for a in a_list])
+                torch.cat([compute_copy(a, dtype, copies) for a in a_list])
                 if len(a_list) > 1
-                else compute_copy(a_list[0], dtype)
+                else compute_copy(a_list[0], dtype, copies)
             )
-            b_list = [compute_copy(b, dtype) for b in b_list]
+            b_list = [compute_copy(b, dtype, copies) for b in b_list]
             w = dequantized(bases, sizes, dtype, x.device)
             y = x2 @ w.t()
             del w
@@ -125,7 +132,7 @@ class _LoraQKVFunction(torch.autograd.Function):
         ab_grads: list[torch.Tensor] = []
         for da, db, a_dtype in zip(d_a, d_b, ctx.a_dtypes):
             ab_grads += [da.to(a_dtype), db]
-        return (dx, None, None, None, None, *ab_grads)
+        return (dx, None, None, None, None, None, *ab_grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +149,10 @@ def _check(x: torch.Tensor, parts: Sequence[LoraPart], rope: tuple[torch.Tensor,
 
 
 def lora_qkv_reference(
-    x: torch.Tensor, parts: Sequence[LoraPart], rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor,
+    parts: Sequence[LoraPart],
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    copies: ComputeCopies | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """PEFT's maths in plain PyTorch, projection by projection; arguments and result as :func:`lora_qkv`.
 
@@ -167,7 +177,10 @@ def lora_qkv_reference(
 
 
 def lora_qkv(
-    x: torch.Tensor, parts: Sequence[LoraPart], rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor,
+    parts: Sequence[LoraPart],
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    copies: ComputeCopies | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Outputs of LoRA projections sharing the input ``x``: the fused function on CUDA (its NF4
     dequantization and rotation in Triton), the reference elsewhere.
@@ -181,6 +194,8 @@ def lora_qkv(
             ``in`` features (``hizli.models.fused_lora.group_parts`` makes them from PEFT layers).
         rope: ``(cos, sin)``, the rotary module's ``[B, T, head_dim]`` tables without gradient, for a
             q/k/v group: q and k come out rotated, as ``apply_rotary_pos_emb`` would make them.
+        copies: the training run's kept compute-dtype adapter weights (``hizli.kernels.lora_casts``);
+            None casts them at every use. The reference always casts.
 
     Returns:
         One ``[..., out_i]`` tensor per part, in the compute dtype (autocast's, else ``x``'s).
@@ -195,5 +210,5 @@ def lora_qkv(
     if not use_triton("lora_qkv", x, *ab):
         return lora_qkv_reference(x, parts, rope)
     return _LoraQKVFunction.apply(
-        x, tuple(p[0] for p in parts), tuple(float(p[3]) for p in parts), compute_dtype(x), rope, *ab
+        x, tuple(p[0] for p in parts), tuple(float(p[3]) for p in parts), compute_dtype(x), rope, copies, *ab
     )

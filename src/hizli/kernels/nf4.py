@@ -30,17 +30,16 @@ Bytes at a Llama-3.2-3B MLP weight ([8192, 3072], bf16 out, nested absmax): 12.6
 0.4 MB of absmax codes, 50.3 MB written; 63.3 MB, 21 us at 3.0 TB/s. A lookup and a multiply per
 element: bandwidth-bound.
 
-Kernel design: each program takes ``_TILE_BYTES`` (2,048) consecutive packed bytes, as a
-``[BLOCKS, blocksize / 2]`` tile of whole quantization blocks (64 blocks of 64 values by default),
-so that each block's scale is one load (and, nested, one 8-bit decode) broadcast along its row.
-The bytes are contiguous along the tile's rows so that each of the 128 threads can take 16 of them
-in one vector load (sizes the kernel passes as arguments, ``n`` and ``n_bytes``, keep their
-divisibility by 16 visible to the compiler for the masks), and ``tl.interleave`` puts the two
-nibbles of each byte back side by side: 32 contiguous outputs a thread, 64 bytes of bf16. The NF4
-level is a gather from a 16-entry fp32 table (L1-resident). In a profiled capped training run on an
-H200 (2026-11-27, 3B shape) the launches averaged 12.3 us over the seven projection weights; the
-kernel has not been timed alone. bitsandbytes' Python and its CUDA dequantizer were read for the
-layout; this code is written from the format above.
+Kernel design: each program takes ``_TILE_BYTES`` (2,048) consecutive packed bytes, as a ``[BLOCKS,
+blocksize / 2]`` tile of whole quantization blocks (64 blocks of 64 values by default), so that each
+block's scale is one load (and, nested, one 8-bit decode) broadcast along its row. The bytes are
+contiguous along the tile's rows so that each of the 128 threads can take 16 of them in one vector
+load (sizes the kernel passes as arguments, ``n`` and ``n_bytes``, keep their divisibility by 16
+visible to the compiler for the masks), and ``tl.interleave`` puts the two nibbles of each byte back
+side by side: 32 contiguous outputs a thread, 64 bytes of bf16. The NF4 level is a gather from a
+16-entry fp32 table (L1-resident); profiled in training at the 3B shape on an H200, a launch
+averages 12.3 us over the seven projection weights. bitsandbytes' Python and its CUDA dequantizer
+were read for the layout; this code is written from the format above.
 """
 
 from __future__ import annotations
@@ -49,8 +48,9 @@ from dataclasses import dataclass
 from math import prod
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from hizli.kernels._triton_utils import lazy_jit
+from hizli.kernels._triton_utils import lazy_jit, tl
 from hizli.kernels.dispatch import interpreting, use_triton
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023, appendix E), as float32. Code 7 is an
@@ -204,8 +204,13 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
     return spec
 
 
+# Checked specs per bitsandbytes quant state, held weakly (an entry goes with its state) so that
+# nothing is written on bitsandbytes' objects.
+_SPECS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype | None) -> _Spec:
-    """``_resolve``, checked once per weight and dtype: the result is kept on the quant_state.
+    """``_resolve``, checked once per weight and dtype: the result is kept per quant_state.
 
     A training step dequantizes every weight several times (forward, recompute, backward) per
     micro-batch, and checking the state costs more host time than launching the kernel. The cache
@@ -215,17 +220,21 @@ def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.
     state = quant_state if quant_state is not None else getattr(packed, "quant_state", None)
     data = packed.data if isinstance(packed, torch.nn.Parameter) else packed
     want = dtype if dtype is not None else (out.dtype if out is not None else getattr(state, "dtype", None))
-    cache = getattr(state, "_hizli_nf4_specs", None)
+    try:
+        cache = _SPECS.get(state) if state is not None else None
+    except TypeError:  # a state object without weak references: check every call
+        cache = None
     spec = cache.get((data.data_ptr(), data.device, want)) if cache is not None else None
     if spec is None:
         spec = _resolve(packed, quant_state, want)
-        if cache is None:
+        if cache is None and state is not None:
             cache = {}
             try:
-                state._hizli_nf4_specs = cache
-            except AttributeError:  # a state object that takes no attributes: check every call
+                _SPECS[state] = cache
+            except TypeError:
                 pass
-        cache[(data.data_ptr(), data.device, spec.dtype)] = spec
+        if cache is not None:
+            cache[(data.data_ptr(), data.device, spec.dtype)] = spec
     if out is not None:  # the one check every call makes: the buffer differs from call to call
         if out.shape != spec.shape or out.dtype != spec.dtype or out.device != spec.packed.device:
             raise ValueError(f"dequantize_nf4: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "

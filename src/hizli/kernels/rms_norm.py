@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, program_count, row_warps
+from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, program_count, row_warps, tl
 from hizli.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------------

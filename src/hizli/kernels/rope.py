@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2
+from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, tl
 from hizli.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2
+from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, tl
 from hizli.kernels.dispatch import use_triton
 
 # 2,048 bf16 elements (4 KB) per program and 8 per thread with 8 warps: 16-byte vector loads and a

@@ -200,7 +200,9 @@ def apply_layer_modes(model: torch.nn.Module, modes: Sequence[str]) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
-    model.hizli_layer_modes = list(modes)
+    from hizli.models.record import state_of
+
+    state_of(model).layer_modes = list(modes)
 
 
 def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
@@ -216,7 +218,9 @@ def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
                          "pass use_gradient_checkpointing=False")
     uniform = allowed[-1]
     apply_layer_modes(model, [uniform] * len(layers))
-    model.hizli_allowed_modes = allowed
+    from hizli.models.record import state_of
+
+    state_of(model).allowed_modes = allowed
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if mode is not False and hasattr(base, "config"):
         base.config.use_cache = False

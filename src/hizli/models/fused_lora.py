@@ -56,17 +56,3 @@ def group_parts(module: torch.nn.Module, names: Sequence[str]) -> list[LoraPart]
             return None
         parts.append(p)
     return parts
-
-
-def model_uses_fused_lora(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s MLPs were routed through hizli (``use_fused_ops``), their LoRA layers qualify
-    for the fused ops and ``HIZLI_KERNELS`` does not send the ops to their references (the memory
-    plan's activation sizes depend on it; on a CUDA device the ops then run fused)."""
-    from hizli.kernels.dispatch import kernels_mode
-
-    if kernels_mode() == "reference":
-        return False
-    for module in model.modules():
-        if getattr(module, "_hizli_fused", False) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
-            return group_parts(module, ("gate_proj", "up_proj", "down_proj")) is not None
-    return False

@@ -13,11 +13,11 @@ def accept_encodings_in_generate(model) -> None:
     transformers 5 returns a BatchEncoding (a dict) from ``apply_chat_template(tokenize=True)``
     where 4.x returned a tensor; the recipe passes it as ``input_ids``. We unpack it.
     """
-    if getattr(model.generate, "_hizli_wrapped", False):
+    if getattr(model.generate, "__qualname__", None) == _GENERATE_WRAPPER:  # this instance's is ours already
         return
     original = model.generate
 
-    @functools.wraps(original)
+    @functools.wraps(original, assigned=("__name__", "__doc__"))  # keeps its own qualname: see above
     def generate(*args: Any, **kwargs: Any):
         enc = kwargs.get("input_ids")
         if enc is None and args and isinstance(args[0], Mapping):  # BatchEncoding is a Mapping, not a dict
@@ -28,8 +28,10 @@ def accept_encodings_in_generate(model) -> None:
                 kwargs["attention_mask"] = enc["attention_mask"]
         return original(*args, **kwargs)
 
-    generate._hizli_wrapped = True  # type: ignore[attr-defined]
     model.generate = generate
+
+
+_GENERATE_WRAPPER = f"{accept_encodings_in_generate.__qualname__}.<locals>.generate"
 
 
 def for_inference(model):
@@ -47,7 +49,10 @@ def for_training(model):
     """Back to training mode (checkpointing, as chosen in get_peft_model, applies again)."""
     model.train()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(model, "hizli_checkpointing", "off") != "off" and hasattr(base, "config"):
+    from hizli.models.record import find_state
+
+    record = find_state(model)
+    if record is not None and record.checkpointing != "off" and hasattr(base, "config"):
         base.config.use_cache = False
     return model
 

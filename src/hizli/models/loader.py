@@ -2,7 +2,7 @@
 
 ``load(...)`` is what ``FastLanguageModel.from_pretrained`` calls. It resolves where the weights
 come from, picks the dtype, quantizes to NF4 when asked and possible, and fixes the tokenizer's pad
-token. What it did is recorded on the model as ``model.hizli_info`` and shown by the memory report.
+token. What it did is recorded on the model as ``model.hizli.info`` and shown by the memory report.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def load(
             attn_implementation=attn_implementation, trainable=adapter_trainable, fast_path=fast_path,
         )
 
-    seconds = _Stopwatch()  # where loading goes: model.hizli_load_seconds, shown by `hizli bench`
+    seconds = _Stopwatch()  # where loading goes: model.hizli.load_seconds, shown by `hizli bench`
     device = default_device() if device_map is None else _device_of(device_map)
     torch_dtype = resolve_dtype(dtype, device)
     if fast_path:  # first, so that it compiles while transformers and bitsandbytes import
@@ -273,7 +273,10 @@ def load(
     seconds.lap("weights")
     tokenizer = load_tokenizer(src.path, token=token if src.kind == "hub" else None,
                                trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
-    model.hizli_info = LoadInfo(
+    from hizli.models.record import state_of
+
+    record = state_of(model)
+    record.info = LoadInfo(
         source=src.source, kind=src.kind, dtype=_short(torch_dtype), device=device,
         max_seq_length=max_seq_length, load_in_4bit_requested=bool(load_in_4bit), quantization=quantization,
     )
@@ -287,13 +290,13 @@ def load(
         from hizli.models import warmup
         from hizli.models.patch import use_fused_ops
 
-        model.hizli_fused = use_fused_ops(model)
+        record.fused_ops = use_fused_ops(model)
         warmup.prime_in_background(device)
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)
     seconds.lap("fast_path")
-    model.hizli_load_seconds = seconds.laps
+    record.load_seconds = seconds.laps
     return model, tokenizer
 
 
@@ -402,12 +405,14 @@ def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, de
         device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         attn_implementation=attn_implementation, fast_path=fast_path,
     )
-    info: LoadInfo = base.hizli_info
+    from hizli.models.record import state_of
+
+    record = state_of(base)
     model = PeftModel.from_pretrained(base, src.path, is_trainable=trainable)
     if any((Path(src.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
-    info.adapter = src.path
-    model.hizli_info = info
+    assert record.info is not None and state_of(model) is record  # PEFT forwards model.hizli to the base
+    record.info.adapter = src.path
     from hizli.models.lora import attach_methods
 
     attach_methods(model)

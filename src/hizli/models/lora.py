@@ -65,17 +65,18 @@ def add_lora(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(random_state)
         peft_model = get_peft_model(model, config)
-    info = getattr(model, "hizli_info", None)
-    if info is not None:
+    from hizli.models.record import state_of
+
+    record = state_of(peft_model)  # the base model's record (PEFT forwards the attribute), or a new one
+    if record.info is not None:
         # recorded in adapter_config.json: FastLanguageModel.from_pretrained(adapter_dir) finds the base
-        peft_model.peft_config["default"].base_model_name_or_path = info.source
-        peft_model.hizli_info = info
+        peft_model.peft_config["default"].base_model_name_or_path = record.info.source
     if max_seq_length:
         peft_model.max_seq_length = max_seq_length
     from hizli.models.checkpointing import set_checkpointing
 
-    peft_model.hizli_checkpointing = set_checkpointing(peft_model, use_gradient_checkpointing)
-    peft_model.hizli_lora = dict(
+    record.checkpointing = set_checkpointing(peft_model, use_gradient_checkpointing)
+    record.lora = dict(
         r=r, target_modules=list(targets), lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
         use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
         use_rslora=use_rslora,
@@ -122,7 +123,7 @@ def attach_methods(model) -> None:
     """Adapt a LoRA model's own methods (bound per instance, PEFT class untouched): ``save_pretrained``
     keeps the embeddings out of the adapter, ``generate`` accepts a tokenizer's encoding. The recipe's
     export methods are bound above this layer (``hizli.api.attach_export_methods``)."""
-    if hasattr(model, "peft_config") and not getattr(model.save_pretrained, "_hizli_wrapped", False):
+    if hasattr(model, "peft_config") and getattr(model.save_pretrained, "__qualname__", None) != _SAVE_WRAPPER:
         original_save = model.save_pretrained
 
         def save_pretrained(save_directory, **kwargs):
@@ -132,11 +133,13 @@ def attach_methods(model) -> None:
             kwargs.setdefault("save_embedding_layers", False)
             return original_save(save_directory, **kwargs)
 
-        save_pretrained._hizli_wrapped = True  # type: ignore[attr-defined]
         model.save_pretrained = save_pretrained
     from hizli.models.inference import accept_encodings_in_generate
 
     accept_encodings_in_generate(model)
+
+
+_SAVE_WRAPPER = f"{attach_methods.__qualname__}.<locals>.save_pretrained"
 
 
 def lora_parameters(model) -> list:

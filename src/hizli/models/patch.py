@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from hizli.models.record import HizliState
 
 NAME = "hizli"
 _varlen = contextvars.ContextVar("hizli_varlen", default=False)
@@ -103,20 +106,23 @@ _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def _mlp_forward(self, x):
-    if self.training:  # eval and generation keep bitsandbytes' inference kernels (see fused_lora)
-        from hizli.kernels.lora_mlp import lora_mlp
-        from hizli.models.fused_lora import group_parts
+def _make_mlp_forward(record: HizliState):
+    def forward(self, x):
+        if self.training:  # eval and generation keep bitsandbytes' inference kernels (see fused_lora)
+            from hizli.kernels.lora_mlp import lora_mlp
+            from hizli.models.fused_lora import group_parts
 
-        parts = group_parts(self, _MLP_PROJECTIONS)
-        if parts is not None:
-            return lora_mlp(x, parts)
-    from hizli.kernels.swiglu import swiglu
+            parts = group_parts(self, _MLP_PROJECTIONS)
+            if parts is not None:
+                return lora_mlp(x, parts, copies=record.compute_copies)
+        from hizli.kernels.swiglu import swiglu
 
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
 
 
-def _make_attention_forward(original):
+def _make_attention_forward(original, record: HizliState):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -136,7 +142,8 @@ def _make_attention_forward(original):
         cos, sin = position_embeddings
         if qkv_parts is not None and not (cos.requires_grad or sin.requires_grad):
             # q and k come out rotated, in the group's own output buffer
-            q, k, v = (t.view(shape).transpose(1, 2) for t in lora_qkv(hidden_states, qkv_parts, rope=(cos, sin)))
+            q, k, v = (t.view(shape).transpose(1, 2)
+                       for t in lora_qkv(hidden_states, qkv_parts, rope=(cos, sin), copies=record.compute_copies))
         else:
             q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
             k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -146,7 +153,9 @@ def _make_attention_forward(original):
                                                      scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         o_parts = group_parts(self, ("o_proj",))
-        return (lora_qkv(out, o_parts)[0] if o_parts is not None else self.o_proj(out)), weights
+        if o_parts is None:
+            return self.o_proj(out), weights
+        return lora_qkv(out, o_parts, copies=record.compute_copies)[0], weights
 
     return forward
 
@@ -156,21 +165,49 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
     to Triton on CUDA and to their references elsewhere). Returns how many modules of each kind."""
     import types
 
+    from hizli.models.record import state_of
+
+    record = state_of(model)  # the fused LoRA layers read the training run's weight copies there
     counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
     for module in model.modules():
         name = type(module).__name__
-        if getattr(module, "_hizli_fused", False):
+        if routed_through_hizli(module):
             continue
         if name in _NORMS and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_norm_forward, module)
             counts["rms_norm"] += 1
         elif name in _MLPS and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
-            module.forward = types.MethodType(_mlp_forward, module)
+            module.forward = types.MethodType(_make_mlp_forward(record), module)
             counts["swiglu"] += 1
         elif name in _ATTENTIONS and not hasattr(module, "q_norm"):
-            module.forward = types.MethodType(_make_attention_forward(module.forward), module)
+            module.forward = types.MethodType(_make_attention_forward(module.forward, record), module)
             counts["rope"] += 1
         else:
             continue
-        module._hizli_fused = True
     return counts
+
+
+def routed_through_hizli(module: torch.nn.Module) -> bool:
+    """Whether ``use_fused_ops`` replaced ``module``'s forward (known by the forward itself, so
+    nothing is written on the module)."""
+    func = getattr(module.__dict__.get("forward"), "__func__", None)
+    return getattr(func, "__qualname__", None) in _FUSED_FORWARDS
+
+
+_FUSED_FORWARDS = {_norm_forward.__qualname__, f"{_make_mlp_forward.__qualname__}.<locals>.forward",
+                   f"{_make_attention_forward.__qualname__}.<locals>.forward"}
+
+
+def model_uses_fused_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s MLPs were routed through hizli (``use_fused_ops``), their LoRA layers qualify
+    for the fused ops and ``HIZLI_KERNELS`` does not send the ops to their references (the memory
+    plan's activation sizes depend on it; on a CUDA device the ops then run fused)."""
+    from hizli.kernels.dispatch import kernels_mode
+    from hizli.models.fused_lora import group_parts
+
+    if kernels_mode() == "reference":
+        return False
+    for module in model.modules():
+        if routed_through_hizli(module) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
+            return group_parts(module, ("gate_proj", "up_proj", "down_proj")) is not None
+    return False

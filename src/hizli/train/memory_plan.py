@@ -29,14 +29,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 GIB = 1024**3
-# Time model, fractions of a step that keeps everything in one micro-batch. Measured on an H200
-# (2026-11-27, Llama-3.2-3B shape): recomputing 27 of 28 layers ran at 0.70x the speed of keeping them.
+# Time model, fractions of a step that keeps everything in one micro-batch: recomputing 27 of 28 layers
+# runs at 0.70x the speed of keeping them (H200, Llama-3.2-3B shape).
 RECOMPUTE_COST = 0.43  # extra time of a recomputed layer, relative to its forward + backward
 OFFLOAD_COST = 0.50  # recompute plus copies that mostly overlap compute
 # A step takes the longer of its GPU time and its host time (the Python and launch work of every
-# layer, paid again by every micro-batch whatever its size). H200, 2026-11-27, 3B shape: the default
-# plan's matmuls ran at about 450 TFLOP/s; capped runs of 4-6 micro-batches, every layer offloaded,
-# took about 0.41 s of host time per micro-batch, 15 ms per layer (10 ms, plus half for the recompute).
+# layer, paid again by every micro-batch whatever its size). On an H200 at the 3B shape the matmuls run at
+# about 450 TFLOP/s, and an offloaded layer costs about 15 ms of host time (10 ms, plus half to recompute).
 EFFECTIVE_FLOPS = 450e12
 HOST_S_PER_LAYER = 10e-3
 
@@ -92,19 +91,14 @@ class Shape:
     def transient_bytes(self, tokens: int, ce_rows: int) -> int:
         """Alive besides the kept activations: one layer being recomputed and backpropagated (about
         twice its kept activations), the loss's logits chunk and its hidden-state buffers, and a
-        dequantised weight. Calibrated on an H200 (2026-11-27, Llama-3.2-3B shape, 15,310 tokens):
-        all layers kept, 42.5 GiB measured against 44.6 GiB from this model (before slack)."""
+        dequantised weight. Errs high: 44.6 GiB from this model (before slack) against 42.5 GiB measured
+        with all layers kept (H200, Llama-3.2-3B shape, 15,310 tokens)."""
         if self.fused:
             # The recomputed layer's saved tensors plus backward's [T, I] and [T, H] temporaries, and one
-            # weight-sized dequant buffer. Calibrated on an H200 (2026-11-28, 3B shape, capped runs of
-            # 4,086 and 4,389-token micro-batches, every layer offloaded): 132.6 kB/token measured with
-            # the loss's share, 140 kB from 1.1 e (9H + 3KV + 3I) + 3 e H. Then attention came to keep
-            # q, k and v as views of the q/k/v group's output (before: a rotated q and kv heads repeated
-            # to the query heads, 3H), the recomputed output to be freed before its backward (H) and
-            # the layer below's input to be fetched after it (H): 5H less by the count, but 117.3
-            # kB/token measured (H200, 2026-11-28, 5,057-token micro-batches, 2.99 GiB allocated); a
-            # plan that assumed 5H ran out of memory at 5,089 tokens under a 3.094 GiB cap. 3H here
-            # puts the estimate 3.7 % above that measurement.
+            # weight-sized dequant buffer. 3H less than the count (q, k, v kept as views of the group's
+            # output, the recomputed output freed before its backward, the layer below fetched after
+            # it): 3.7 % above the 117.3 kB/token measured at the 3B shape, every layer offloaded
+            # (subtracting the full 5H the count suggests ran out of memory under a 3.094 GiB cap).
             layer = self.elt * (1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate)
                                 - 3 * self.hidden) * tokens
             weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
@@ -246,15 +240,19 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
 
 def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], budget_gib: float | None,
              allocator_capped: bool, amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
-    """The plan for ``model`` on its device within ``budget_gib`` (None: GPU free memory, or 40 % of
-    RAM on a CPU). ``allocator_capped``: the trainer caps PyTorch's allocator while training, which
-    lets the plan count on less allocator slack."""
+    """The plan for ``model`` on its device (GPU: free memory; CPU: 40 % of RAM), within ``budget_gib``
+    when given. ``allocator_capped``: PyTorch's allocator is held to the run's ``max_memory_gib`` (then
+    reserved memory stays close to allocated); a smaller budget alone, as an out-of-memory retry plans
+    for, leaves the allocator as it is."""
     import torch
 
     from hizli.train.step import causal_lm
 
     device = next(model.parameters()).device
-    allowed = tuple(getattr(model, "hizli_allowed_modes", ("keep", "recompute")))
+    from hizli.models.record import find_state
+
+    record = find_state(model)
+    allowed = tuple(record.allowed_modes if record is not None and record.allowed_modes else ("keep", "recompute"))
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         budget = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -267,12 +265,12 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], b
         static = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_bytes
     if budget_gib:
         budget = min(budget, budget_gib * GIB)
-    from hizli.kernels import lora_casts
-    from hizli.models.fused_lora import model_uses_fused_lora
+    from hizli.models.patch import model_uses_fused_lora
 
     fused = device.type == "cuda" and model_uses_fused_lora(model)
-    if fused:  # the adapters' compute-dtype copies, made at the first forward
-        static += lora_casts.pending_bytes(model, amp_elt)
+    copies = record.compute_copies if record is not None else None
+    if fused and copies is not None:  # the adapters' compute-dtype copies, made at the first forward
+        static += copies.pending_bytes(model, amp_elt)
     shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused)
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,

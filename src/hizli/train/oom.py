@@ -154,7 +154,10 @@ def _suggestions(args: TrainingArguments | None, model: Any, max_seq_length: int
     if bs and bs > 1:
         out.append(f"per_device_train_batch_size={max(1, bs // 2)} with gradient_accumulation_steps={(ga or 1) * 2} "
                    f"(now {bs} x {ga or 1}: the same rows per optimizer step, the same result, half the activations)")
-    allowed = getattr(model, "hizli_allowed_modes", None)
+    from hizli.models.record import find_state
+
+    record = find_state(model) if model is not None else None
+    allowed = record.allowed_modes if record is not None else None
     if allowed is not None and allowed == ("keep",):
         out.append("use_gradient_checkpointing='unsloth' (now False: every layer keeps its activations; "
                    "recomputing them costs about a third more time and saves most of that memory)")
@@ -165,7 +168,7 @@ def _suggestions(args: TrainingArguments | None, model: Any, max_seq_length: int
         target = max(8, _pow2_below(longest))
         out.append(f"max_seq_length={target} (now {max_seq_length}, longest row {longest} tokens: activations grow "
                    "with the longest step; longer rows are truncated)")
-    info = getattr(model, "hizli_info", None)
+    info = record.info if record is not None else None
     if info is not None and not getattr(info, "is_4bit", True):
         out.append("load_in_4bit=True (the base weights take a quarter of the memory in NF4)")
     return out

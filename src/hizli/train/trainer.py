@@ -104,6 +104,7 @@ class SFTTrainer:
         self._ce_chunk_rows: int | None = None
         self.ranks = Ranks.current()
         self.stop_signals = StopSignals()
+        self.keep_lora_copies = True  # False: cast the LoRA weights at every use (a benchmark lever)
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -123,9 +124,19 @@ class SFTTrainer:
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Train for ``max_steps`` (or ``num_train_epochs``); see the module docstring."""
+        from hizli.models.record import find_state
+
+        record = find_state(self.model)
+        try:
+            return self._train(resume_from_checkpoint, record)
+        finally:
+            if record is not None:  # the copies follow this run's optimizer only: none outlive it
+                record.compute_copies = None
+
+    def _train(self, resume_from_checkpoint: str | bool | None, record: Any) -> TrainOutput:
         args = self.args
         self._check_data()
-        ctx, plan, total_steps = self._start()
+        ctx, plan, total_steps = self._start(record)
         step_memory = self._plan_memory(ctx, plan, total_steps)
 
         position, start_step = Position(), 0
@@ -227,8 +238,9 @@ class SFTTrainer:
         if self.eval_dataset is not None:
             check_token_ids(self.model, self.eval_dataset, "eval")
 
-    def _start(self) -> tuple[StepContext, BatchPlan, int]:
-        """The step context, the batch plan and the number of steps of this ``train()`` call."""
+    def _start(self, record: Any) -> tuple[StepContext, BatchPlan, int]:
+        """The step context, the batch plan and the number of steps of this ``train()`` call; the
+        model's record (``hizli.models.record``) gets this run's LoRA compute copies."""
         args, model = self.args, self.model
         device = next(model.parameters()).device
         amp_dtype = self._precision(device)
@@ -240,6 +252,11 @@ class SFTTrainer:
         total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.build_optimizer(params, args)
+        if record is not None and self.keep_lora_copies:
+            from hizli.kernels.lora_casts import ComputeCopies
+
+            record.compute_copies = ComputeCopies()
+            optimizer.register_step_post_hook(record.compute_copies.step_taken)
         scheduler = optim.build_scheduler(optimizer, args, total_steps)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         ctx = StepContext(model=model, args=args, dataset=self.train_dataset, optimizer=optimizer,
