@@ -82,3 +82,26 @@ def test_import_hizli_does_not_import_the_server():
 
     code = "import hizli, sys; print(any(m.startswith('hizli.serve') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_adapter_folder_is_served_hot_on_its_4bit_base(two_adapters):
+    from hizli.models import loader
+
+    models = load_models(two_adapters["one"], context=64, max_batch=2)
+    try:
+        served = next(iter(models.values()))
+        model = served.engine.slots.model
+        assert hasattr(model, "peft_config") and model.hizli_info.quantization == "nf4"  # not merged, NF4 base
+        prompt = list(range(30, 40))
+        ref, _ = loader.load(two_adapters["one"], load_in_4bit=True, adapter_trainable=False)
+        with torch.no_grad():
+            want = (
+                ref.eval()
+                .generate(torch.tensor([prompt]), max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)[
+                    0, len(prompt) :
+                ]
+                .tolist()
+            )
+        assert _greedy(served, prompt, 5) == want
+    finally:
+        next(iter(models.values())).engine.close()

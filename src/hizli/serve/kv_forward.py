@@ -103,8 +103,10 @@ class SlotModel:
         shape = (self.max_slots, self.n_kv, new, self.head_dim)
         grown_k, grown_v = [], []
         for i in range(len(self.layers)):
-            k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            # zeros, not empty: the padded decode attention reads past a row's length (masked out),
+            # and uninitialised memory may hold NaN, which a mask does not remove (NaN * 0 = NaN)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if self.capacity:
                 k[:, :, : self.capacity] = self.k_cache[i]
                 v[:, :, : self.capacity] = self.v_cache[i]
