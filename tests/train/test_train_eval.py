@@ -239,7 +239,7 @@ def test_embedded_model_trained_on_the_sample_beats_its_base_on_held_out_rows(tm
     from hizli.data.sample import sample_path
 
     out, adapter, held = tmp_path / "out", tmp_path / "lora_model", tmp_path / "held_out.jsonl"
-    steps, eval_rows, seq = 6, 24, 256
+    steps, eval_rows, seq = 4, 12, 256
     settings = {
         "train.output_dir": out,
         "output.adapter_dir": adapter,
