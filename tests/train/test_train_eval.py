@@ -232,37 +232,32 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, good_file, capsys):
 # ---------------------------------------------------------------- the embedded model (slow)
 @pytest.mark.slow
 def test_embedded_model_trained_on_the_sample_beats_its_base_on_held_out_rows(tmp_path):
-    """Acceptance 6 on the real model: `hizli train` the CPU demo with held-out rows and eval, then
-    `hizli eval` the adapter (same loss as the trainer's eval) and the base (higher perplexity)."""
+    """Acceptance 6 on the real model: `hizli train` the CPU demo briefly (fp32 base, short rows, a
+    higher learning rate without warmup) with held-out rows and eval, then `hizli eval` the adapter
+    (same loss as the trainer's eval) and the base (higher perplexity)."""
     from hizli.data.load import load_conversations
     from hizli.data.sample import sample_path
 
     out, adapter, held = tmp_path / "out", tmp_path / "lora_model", tmp_path / "held_out.jsonl"
-    steps, eval_rows = 10, 40
+    steps, eval_rows, seq = 4, 12, 256
+    settings = {
+        "train.output_dir": out,
+        "output.adapter_dir": adapter,
+        "train.max_steps": steps,
+        "data.eval_rows": eval_rows,
+        "train.eval_strategy": "steps",
+        "train.eval_steps": steps,
+        "train.save_strategy": "'no'",
+        "chat.prompt": "",
+        "model.load_in_4bit": "false",
+        "model.max_seq_length": seq,
+        "train.gradient_accumulation_steps": 2,
+        "train.warmup_steps": 0,
+        "train.learning_rate": "1.0e-3",  # YAML reads a bare 1e-3 as text
+    }
+    overrides = [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]
     train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hizli.cli",
-            "train",
-            str(ROOT / "configs" / "demo-cpu.yaml"),
-            "--set",
-            f"train.output_dir={out}",
-            "--set",
-            f"output.adapter_dir={adapter}",
-            "--set",
-            f"train.max_steps={steps}",
-            "--set",
-            f"data.eval_rows={eval_rows}",
-            "--set",
-            "train.eval_strategy=steps",
-            "--set",
-            f"train.eval_steps={steps}",
-            "--set",
-            "train.save_strategy='no'",
-            "--set",
-            "chat.prompt=",
-        ],
+        [sys.executable, "-m", "hizli.cli", "train", str(ROOT / "configs" / "demo-cpu.yaml"), *overrides],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -275,13 +270,13 @@ def test_embedded_model_trained_on_the_sample_beats_its_base_on_held_out_rows(tm
     _held_out_file(rows[len(rows) - eval_rows :], held)
 
     def ev(*argv):
-        run = _cli(*argv, "--data", str(held), "--max-seq-length", "512", "--load-in-4bit", "--json")
+        run = _cli(*argv, "--data", str(held), "--max-seq-length", str(seq), "--json")
         assert run.returncode == 0, run.stderr[-3000:]
         return json.loads(run.stdout)
 
     tuned = ev(str(adapter))
     base = ev("smollm2-135m-instruct", "--template", "smollm2")
-    assert tuned["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)  # fp32 CPU, same NF4 base
+    assert tuned["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)  # the issue's bound, fp32 CPU
     assert tuned["trained_tokens"] == base["trained_tokens"] == evals[-1]["eval_tokens"]
     print(
         f"held-out perplexity: base {base['perplexity']:.4f}, trained {tuned['perplexity']:.4f} "
