@@ -130,8 +130,10 @@ def test_the_python_example_runs_as_written_offline(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert (tmp_path / "lora_model" / "adapter_model.safetensors").is_file()
-    assert out.stdout.count("RAM =") + out.stdout.count("Max memory =") == 1  # memory_report() said once
+    said = out.stdout + out.stderr
+    assert said.count("CPU (no GPU): memory figures") + said.count("Max memory =") == 1  # memory_report() once
     answer = out.stdout.split("for training % of")[-1].split("\n", 1)[-1].strip()
-    junk = ("Cutting Knowledge", "<|", "start_header_id", "im_start")
+    # the recipe's TextStreamer shows special tokens, so the end-of-turn token may close the answer
+    junk = ("Cutting Knowledge", "start_header_id", "<|im_start|>", "<|begin_of_text|>")
     assert answer and not any(j in answer for j in junk), answer
     assert re.search(r"\d", answer) and len(answer.split()) >= 3, answer  # it continues the numbers in words
