@@ -9,8 +9,10 @@ Both tests read their code from README.md itself, so they fail when the README d
   (it measures a GPU); plain `pytest` has neither.
 - the "The recipe in Python" block runs verbatim as a script, offline, on the embedded model.
 
-Both are ``slow``: each loads and trains the embedded model several times (see the report of issue 16
-for the minutes they took); run them with ``pytest -m slow tests/test_readme.py``.
+Both are ``slow`` (the first loads and trains the embedded model three times and exports it, the
+second trains it for 5 steps of 2 x 4 rows: minutes on a 2-core CPU); run them with
+``pytest -m slow tests/test_readme.py``. ``test_the_cli_block_parses_and_uses_the_demo_paths`` is fast
+and guards the block's shape in every plain ``pytest`` run.
 """
 
 from __future__ import annotations
@@ -130,8 +132,10 @@ def test_the_python_example_runs_as_written_offline(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert (tmp_path / "lora_model" / "adapter_model.safetensors").is_file()
-    assert out.stdout.count("RAM =") + out.stdout.count("Max memory =") == 1  # memory_report() said once
+    said = out.stdout + out.stderr
+    assert said.count("CPU (no GPU): memory figures") + said.count("Max memory =") == 1  # memory_report() once
     answer = out.stdout.split("for training % of")[-1].split("\n", 1)[-1].strip()
-    junk = ("Cutting Knowledge", "<|", "start_header_id", "im_start")
+    # the recipe's TextStreamer shows special tokens, so the end-of-turn token may close the answer
+    junk = ("Cutting Knowledge", "start_header_id", "<|im_start|>", "<|begin_of_text|>")
     assert answer and not any(j in answer for j in junk), answer
     assert re.search(r"\d", answer) and len(answer.split()) >= 3, answer  # it continues the numbers in words
