@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import weakref
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # ollama_sim.py, shared by the export tests
 
 # Five real requests, rendered through the model's own chat template in every test.
 PROMPTS = (

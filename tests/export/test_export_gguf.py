@@ -145,7 +145,7 @@ def test_q8_0_token_embd_is_byte_identical_to_llama_cpp(q8_file, adapter_dir):
 def test_modelfile_has_template_system_and_stops(gguf_dir):
     text = (gguf_dir / "Modelfile").read_text()
     assert "FROM ./smol-ft.Q8_0.gguf" in text
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>" in text
+    assert "<|im_start|>{{.Role}}\n{{.Content}}<|im_end|>" in text  # renders: see test_export_ollama.py
     assert text.rstrip().count('PARAMETER stop "<|im_end|>"') == 1
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert text.count('"""') == 4  # TEMPLATE and SYSTEM blocks closed
