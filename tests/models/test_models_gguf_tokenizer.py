@@ -13,7 +13,7 @@ import json
 import pytest
 
 from hizli.models import gguf_cache, gguf_tokenizer
-from tokenizer_corpus import PROBES, mixed_corpus
+from tokenizer_corpus import PROBES, llama3_gguf, mixed_corpus
 
 _CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -98,3 +98,22 @@ def test_old_conversions_are_not_reused(tmp_path, monkeypatch):
     now = gguf_cache._key(f)
     monkeypatch.setattr(gguf_cache, "CONVERSION_VERSION", gguf_cache.CONVERSION_VERSION - 1)
     assert gguf_cache._key(f) != now
+
+
+@pytest.mark.slow  # the 128k-token vocabulary: export, then transformers' GGUF conversion (minutes on 2 cores)
+def test_llama3_gguf_tokenizer_is_the_original(tmp_path, monkeypatch):
+    """A Llama 3 GGUF (``llama-bpe``) loaded by hizli tokenizes the corpus exactly as the tokenizer.json
+    it was exported from (whose split llama.cpp's llama-bpe regex reproduces)."""
+    from hizli.models.loader import load_tokenizer, resolve_source
+
+    path, original = llama3_gguf(tmp_path)
+    monkeypatch.setenv("HIZLI_CACHE", str(tmp_path / "cache"))
+    from_gguf = load_tokenizer(resolve_source(str(path)).path)
+    pre_json = json.loads(from_gguf.backend_tokenizer.to_str())["pre_tokenizer"]
+    assert gguf_tokenizer.pre_name_of(pre_json) == "llama-bpe"
+    bad = [
+        t
+        for t in mixed_corpus()
+        if from_gguf(t, add_special_tokens=False)["input_ids"] != original(t, add_special_tokens=False)["input_ids"]
+    ]
+    assert bad == [], f"{len(bad)} texts differ, first: {bad[0]!r}"
