@@ -190,3 +190,12 @@ def test_go_text_template_agrees_with_the_simulation(tmp_path):
     assert len(got) == len(want)
     for case, g, w in zip(cases, got, want):
         assert g == w, (case["messages"], case["template"][:80])
+
+
+def test_default_system_that_cannot_go_into_a_modelfile_is_explained():
+    from hizli.data.templates import TemplateInfo
+
+    info = registry()["chatml"]
+    text = TemplateInfo(name="x", body=info.body, default_system='Say """hi""".').jinja()
+    with pytest.raises(ValueError, match="cannot be written into a Modelfile.*modelfile=False"):
+        ollama_template(StubTokenizer(text, "", "<|im_end|>", False))

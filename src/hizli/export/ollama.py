@@ -114,7 +114,7 @@ GO_TEMPLATES = {
                          ">>> Assistant: ", bos=BOS),
 }
 # Chat formats recognised in a model's own template (not one of hizli's) by its marker tokens.
-_FAMILIES = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama-3"), ("<start_of_turn>", "gemma"),
+_FAMILIES = (("<|im_start|>", "chatml"), ("Cutting Knowledge Date", "llama-3.1"), ("<|start_header_id|>", "llama-3"), ("<start_of_turn>", "gemma"),
              ("<|user|>", "phi-3"), ("[INST]", "mistral"))
 
 
@@ -137,8 +137,8 @@ def _body_name(template: str) -> tuple[str | None, object]:
 
 
 def _own_default_system(template: str, tokenizer) -> str | None:
-    """The system message a model's own ChatML template writes when a conversation has none,
-    read off the template's render of a user-only conversation (any quoting or spelling)."""
+    """The system message a ChatML template writes when a conversation has none, read off its
+    render of a user-only conversation (however the template spells or quotes it)."""
     from hizli.data.templates import render
 
     try:
@@ -169,10 +169,13 @@ def ollama_template(tokenizer) -> tuple[str, str | None, list[str]] | None:
     body, info = _body_name(template)
     if body is None:
         return None
-    if info is not None:
-        system = info.default_system
+    if body == "chatml":  # read off the render: also right for a prelude of the user's own
+        system = _own_default_system(template, tokenizer)
     else:
-        system = _own_default_system(template, tokenizer) if body == "chatml" else None
+        system = info.default_system if info is not None else None
+    if "{{" in (system or "") or '"""' in (system or ""):
+        raise ValueError(f"the default system message {system!r} cannot be written into a Modelfile "
+                         "(it holds '{{' or '\"\"\"'); change it with get_chat_template or pass modelfile=False")
     bos_text = getattr(tokenizer, "bos_token", None) or ""
     eos_text = getattr(tokenizer, "eos_token", None) or ""
     auto_bos = adds_bos(tokenizer)
@@ -180,9 +183,6 @@ def ollama_template(tokenizer) -> tuple[str, str | None, list[str]] | None:
     go = go.replace(BOS, "" if auto_bos else bos_text).replace(EOS, eos_text)
     go = go.replace("⟦turn-bos⟧", "{{if $out}}" + bos_text + "{{end}}" if auto_bos else bos_text)
     go = go.replace(DEFAULT, system or "")
-    if "{{" in (system or "") or '"""' in (system or ""):
-        raise ValueError(f"the default system message {system!r} cannot be written into a Modelfile "
-                         "(it holds '{{' or '\"\"\"'); change it with get_chat_template or pass modelfile=False")
     return go, system, _stops(tokenizer, info, body)
 
 
