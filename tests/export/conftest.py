@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import weakref
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # ollama_sim.py, shared by the export tests
 
 # Five real requests, rendered through the model's own chat template in every test.
 PROMPTS = (
@@ -119,6 +122,57 @@ class Chat:
             parted = [i for i, (a, b) in enumerate(zip(own, answer)) if a != b]
             free_run.append(parted[0] if parted else min(len(own), len(answer)))
         return {"agree": agree / total, "confident_misses": misses, "free_run": free_run}
+
+    def teacher_forced(self, reference, model, prompts, n: int = 32) -> dict:
+        """Both models fed the same sequences: each prompt followed by ``reference``'s greedy answer.
+
+        Returns, over every position of those sequences (prompt and answer): ``positions``;
+        ``max_rel``: the largest ratio, over positions, of max |logit difference| to the reference's
+        largest |logit| there; ``max_abs`` and ``mean_abs`` logit differences; ``top1``: the fraction of
+        positions where the argmaxes agree; ``misses``: (prompt, position, reference's top-2 margin) where
+        they differ.
+        """
+        import torch
+
+        rels, abs_max, abs_sum, count, agree, misses = [], 0.0, 0.0, 0, 0, []
+        for p in prompts:
+            ids = self.ids(p)
+            seq = torch.cat([ids, torch.tensor([self.greedy(reference, p, n)])], dim=1)
+            with torch.no_grad(), one_thread():
+                ref = reference(input_ids=seq).logits[0].double()
+                got = model(input_ids=seq).logits[0].double()
+            diff = (got - ref).abs()
+            rels.append((diff.amax(-1) / ref.abs().amax(-1)).max().item())
+            abs_max, abs_sum, count = max(abs_max, diff.max().item()), abs_sum + diff.sum().item(), count + diff.numel()
+            top2 = ref.topk(2, dim=-1).values
+            margin = (top2[:, 0] - top2[:, 1]).tolist()
+            same = (ref.argmax(-1) == got.argmax(-1)).tolist()
+            agree += sum(same)
+            misses += [(p, i, margin[i]) for i, ok in enumerate(same) if not ok]
+        positions = sum(self.ids(p).shape[1] + len(self.greedy(reference, p, n)) for p in prompts)
+        return {"positions": positions, "max_rel": max(rels), "max_abs": abs_max, "mean_abs": abs_sum / count,
+                "top1": agree / positions, "misses": misses}
+
+    def greedy_parts_only_where_unsure(self, reference, model, prompts, n: int = 32, unsure: float = 0.05):
+        """For each prompt, (prompt, first step whose reference top-2 margin is below ``unsure`` or None,
+        first step where the greedy answers differ or None). Answers must be identical up to the first
+        unsure step: after a near-tie either choice is right, and the answers may then part."""
+        import torch
+
+        out = []
+        for p in prompts:
+            ids, ref, got = self.ids(p), self.greedy(reference, p, n), self.greedy(model, p, n)
+            seq = torch.cat([ids, torch.tensor([ref])], dim=1)
+            with torch.no_grad(), one_thread():
+                logits = reference(input_ids=seq).logits[0, ids.shape[1] - 1:-1].double()
+            top2 = logits.topk(2, dim=-1).values
+            low = [i for i, m in enumerate((top2[:, 0] - top2[:, 1]).tolist()) if m < unsure]
+            parted = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+            if not parted and len(ref) != len(got):
+                parted = [min(len(ref), len(got))]
+            out.append((p, low[0] if low else None, parted[0] if parted else None))
+        return out
+
 
 
 def make_adapter(out: Path, *, load_in_4bit: bool = False, seed: int = 0):

@@ -1,17 +1,19 @@
 """GGUF export: files that transformers' GGUF reader and hizli's loader read back as the same model.
 
-Tolerances:
-- f16: logits within 1e-2 of the merged model with its weights rounded to f16 (what an f16 file
-  can hold; measured ~1e-4, fp32 rounding order only). Against the fp32 adapter model itself the
-  f16 rounding of the weights moves logits by up to ~0.05 (measured 0.042), so that comparison
-  uses 0.1, plus greedy-token agreement (>= 95% of positions, none where fp32 leads by > 1 logit).
-- q8_0 against f16: free-running greedy answers do NOT stay equal for 32 tokens on SmolLM2-135M,
-  even without any adapter: the base model's own q8_0 file (bit-identical to llama.cpp's, see
-  the token_embd test) parts from f16 after 6, 28, 23 and 2 tokens on four of these five prompts
-  (the fifth answer, 8 tokens, is identical), because q8_0 moves logits by up to ~1.3 and this small
-  model often has a runner-up within that distance. So the test asserts what does hold: fed the f16 answer, q8_0 picks the
-  same token at >= 90% of positions and at every position where f16's choice leads by more than
-  1 logit; the free-running lengths are printed.
+Acceptance (issue 15, restated), teacher-forced on 5 chat prompts each followed by the reference's
+32-token greedy answer, over every position of those sequences:
+- f16 (read back and dequantized by transformers' GGUF reader, computed in fp32) vs the fp32 adapter
+  model: at every position the max abs logit difference is <= 2% of that position's largest |logit|
+  (the f16 rounding of the weights alone moves logits by about 1%: 0.46 at |logits| up to 39 on a
+  lightly trained adapter), top-1 agreement >= 99%, and the greedy 32-token answers identical up to
+  the first step whose top-2 margin is below 0.05 (a near-tie either way is right; the answers may
+  part after it). Also: the f16 file holds exactly the merged weights rounded to f16 (logits within
+  1e-2 of that model, measured ~1e-4: fp32 rounding order only).
+- q8_0 (through hizli's loader) vs f16: top-1 agreement >= 95%, and 100% where f16's top-2 margin
+  exceeds 1 logit. Free-running greedy answers do NOT stay equal for 32 tokens on SmolLM2-135M,
+  even without any adapter: the base model's own q8_0 file (bit-identical to llama.cpp's, see the
+  token_embd test) parts from f16 after 6, 28, 23 and 2 tokens on four of these five prompts,
+  because q8_0 moves logits by up to ~1.3 and this small model often has a runner-up that close.
 """
 
 from __future__ import annotations
@@ -98,12 +100,15 @@ def test_f16_loads_in_transformers_with_matching_logits(gguf_dir, f16_model, mer
             p.copy_(p.half().float())
     rounded.eval()
     for p in prompts:
-        got = chat.logits(f16_model, p)
-        assert (got - chat.logits(rounded, p)).abs().max().item() <= 1e-2
-        assert (got - chat.logits(model, p)).abs().max().item() <= 0.1
-    stats = chat.agreement(model, f16_model, prompts)
-    print(f"f16 vs fp32 adapter model: {stats}")
-    assert stats["confident_misses"] == [] and stats["agree"] >= 0.95
+        assert (chat.logits(f16_model, p) - chat.logits(rounded, p)).abs().max().item() <= 1e-2
+    stats = chat.teacher_forced(model, f16_model, prompts)
+    print(f"f16 vs fp32 adapter model, teacher-forced: {stats}")
+    assert stats["max_rel"] <= 0.02
+    assert stats["top1"] >= 0.99
+    parts = chat.greedy_parts_only_where_unsure(model, f16_model, prompts)
+    print(f"f16 vs fp32 greedy (prompt, first step with margin < 0.05, first differing step): {parts}")
+    for p, unsure, parted in parts:
+        assert parted is None or (unsure is not None and parted >= unsure), p
 
     gguf_tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file="smol-ft.F16.gguf")
     for p in prompts:
@@ -119,10 +124,10 @@ def test_q8_0_through_hizli_loader_answers_like_f16(gguf_dir, f16_model, chat, p
     q8.eval()
     assert q8.hizli.info.kind == "gguf"
     assert q8_tok.chat_template == chat.tokenizer.chat_template
-    stats = chat.agreement(f16_model, q8, prompts)
-    print(f"q8_0 vs f16: {stats}")
-    assert stats["confident_misses"] == []
-    assert stats["agree"] >= 0.9
+    stats = chat.teacher_forced(f16_model, q8, prompts)
+    print(f"q8_0 vs f16, teacher-forced: {stats}")
+    assert stats["top1"] >= 0.95
+    assert [m for m in stats["misses"] if m[2] > 1.0] == []
 
 
 def test_q8_0_token_embd_is_byte_identical_to_llama_cpp(q8_file, adapter_dir):
@@ -145,7 +150,7 @@ def test_q8_0_token_embd_is_byte_identical_to_llama_cpp(q8_file, adapter_dir):
 def test_modelfile_has_template_system_and_stops(gguf_dir):
     text = (gguf_dir / "Modelfile").read_text()
     assert "FROM ./smol-ft.Q8_0.gguf" in text
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>" in text
+    assert "<|im_start|>{{.Role}}\n{{.Content}}<|im_end|>" in text  # renders: see test_export_ollama.py
     assert text.rstrip().count('PARAMETER stop "<|im_end|>"') == 1
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert text.count('"""') == 4  # TEMPLATE and SYSTEM blocks closed

@@ -1,17 +1,18 @@
 """Merged exports: the saved model computes what the adapter model computed, on real chat prompts.
 
-Tolerances (logits, max abs difference over every position and vocabulary entry):
-- full-precision base, merged weights saved in fp32: 1e-4 (acceptance) with both models computing
-  in fp64, so that only the merged weights are compared (measured 1.9e-5: the rounding of
-  ``W + s B A`` to fp32). Computing in fp32, the adapter model's ``W x + s B (A x)`` and the merged
-  ``(W + s B A) x`` round differently; SmolLM2's large activations carry that to 1.1e-4 on logits
-  of magnitude ~25, while the adapter model itself moves by 6.3e-5 when the same prompt is run with
-  more text after it (measured). So the fp32 comparison uses 2e-4, and greedy answers must be equal.
+Acceptance (issue 15, restated for a 135M model):
+- float64: both models evaluated in fp64 (the merged one from its weights as saved in fp32), max abs
+  logit difference <= 1e-4 over every position and vocabulary entry of 5 chat prompts. What is left
+  is the fp32 rounding of the saved ``W + s B A`` (measured 1.9e-5).
+- fp32: teacher-forced on each prompt plus the adapter model's 32-token greedy answer, the argmax
+  agrees at every position where the adapter model's top-2 margin is above 1e-3. A logits bound is
+  not used in fp32: ``W x + s B (A x)`` and ``(W + s B A) x`` round differently and SmolLM2's large
+  activations carry that to ~1.1e-4 on logits of magnitude ~25 (the adapter model itself moves by
+  6.3e-5 when the same prompt is run with more text after it), so a margin below ~1e-3 is a tie.
 - NF4 base: against the same adapter on the dequantized NF4 weights (an fp32 model holding
-  bitsandbytes' own dequantization), 1e-4 computing in fp64 and 3e-4 in fp32: the same
-  rounding-order effect, measured up to 1.5e-4 in fp32 on these prompts. The eval-mode CPU
-  kernel of bitsandbytes (AVX512-BF16) computes in bf16 instead, ~1 logit away from either; that
-  path is covered by the packed-layout test below, not by a logits tolerance.
+  bitsandbytes' own dequantization), the same two checks. The eval-mode CPU kernel of bitsandbytes
+  (AVX512-BF16) computes in bf16 instead, ~1 logit away from either; that path is covered by the
+  packed-layout test below, not by a logits tolerance.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from hizli.api import FastLanguageModel, attach_export_methods
 from hizli.export import merge
 from hizli.models import loader
+
+TIE = 1e-3  # fp32: a top-2 margin below this is a rounding tie (see the module docstring)
 
 
 def _max_diff(chat, model_a, model_b, prompts) -> float:
@@ -52,12 +55,14 @@ def test_merged_16bit_matches_adapter_model(adapter_model, merged_dir, chat, pro
     merged, merged_tok = loader.load(str(merged_dir), load_in_4bit=False)
     merged.eval()
     assert merged_tok.chat_template == tokenizer.chat_template
-    assert _max_diff(chat, model, merged, prompts) <= 2e-4
-    for p in prompts:
-        assert chat.greedy(merged, p) == chat.greedy(model, p)
+    fp32 = chat.teacher_forced(model, merged, prompts)
+    print(f"merged vs adapter, fp32 teacher-forced: {fp32}")
+    assert [m for m in fp32["misses"] if m[2] > TIE] == []
     try:  # fp32 -> fp64 -> fp32 is exact, so the shared fixture model comes back unchanged
         model.double(), merged.double()
-        assert _max_diff(chat, model, merged, prompts) <= 1e-4
+        fp64 = _max_diff(chat, model, merged, prompts)
+        print(f"merged vs adapter, fp64: max abs logit difference {fp64:.2e} over {len(prompts)} prompts")
+        assert fp64 <= 1e-4
     finally:
         model.float(), merged.float()
 
@@ -101,9 +106,9 @@ def test_merged_16bit_from_nf4_base(adapter_dir, chat, prompts, tmp_path):
     assert "quantization_config" not in config and config["dtype"] == "float32"
     merged, _ = loader.load(str(tmp_path / "merged-nf4"), load_in_4bit=False)
     merged.eval()
-    assert _max_diff(chat, reference, merged, prompts) <= 3e-4
-    for p in prompts:
-        assert chat.greedy(merged, p) == chat.greedy(reference, p)
+    fp32 = chat.teacher_forced(reference, merged, prompts)
+    print(f"merged (NF4 base) vs adapter, fp32 teacher-forced: {fp32}")
+    assert [m for m in fp32["misses"] if m[2] > TIE] == []
     reference.double(), merged.double()  # fp64 on two prompts: the merge's own error (slow on a CPU)
     assert _max_diff(chat, reference, merged, prompts[:2]) <= 1e-4
 

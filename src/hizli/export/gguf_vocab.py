@@ -5,10 +5,10 @@ llama.cpp's src/llama-vocab.cpp and its converter; the code is ours)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from hizli import _log
+from hizli.models.gguf_tokenizer import pre_name_of, read_gguf_string  # noqa: F401  (read_gguf_string: re-exported)
 
 
 def _pre_tokenizer_name(tok_json: dict, model) -> str:
@@ -25,6 +25,9 @@ def _pre_tokenizer_name(tok_json: dict, model) -> str:
         if name:
             return name
     pre = tok_json.get("pre_tokenizer") or {}
+    built = pre_name_of(pre)  # one hizli built from a GGUF name (models/gguf_tokenizer.py)
+    if built is not None:
+        return built
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     patterns = [p.get("pattern", {}).get("Regex", "") for p in parts if p.get("type") == "Split"]
@@ -44,55 +47,6 @@ def _pre_tokenizer_name(tok_json: dict, model) -> str:
         "'default', so llama.cpp may split some text differently from transformers",
     )
     return "default"
-
-
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
-
-
-def read_gguf_string(path: str | os.PathLike, key: str) -> str | None:
-    """One string value from a GGUF file's metadata, reading only as far as that key.
-
-    gguf.GGUFReader parses every field (about 5 s for a 49k-token vocabulary on a busy 2-core
-    machine); the tokenizer keys we need come before the token arrays in llama.cpp's files.
-    """
-    import struct
-
-    with open(path, "rb") as f:
-        def read(fmt: str):
-            size = struct.calcsize(fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError(f"{path}: truncated GGUF header")
-            return struct.unpack(fmt, data)
-
-        def read_str() -> bytes:
-            (n,) = read("<Q")
-            return f.read(n)
-
-        def skip(vtype: int) -> None:
-            if vtype == 8:
-                (n,) = read("<Q")
-                f.seek(n, 1)
-            elif vtype == 9:
-                etype, count = read("<IQ")
-                if etype in _SCALAR_SIZES:
-                    f.seek(_SCALAR_SIZES[etype] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(etype)
-            else:
-                f.seek(_SCALAR_SIZES[vtype], 1)
-
-        magic, _version, _n_tensors, n_kv = read("<4sIQQ")
-        if magic != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        for _ in range(n_kv):
-            name = read_str().decode("utf-8", "replace")
-            (vtype,) = read("<I")
-            if name == key and vtype == 8:
-                return read_str().decode("utf-8")
-            skip(vtype)
-    return None
 
 
 def _gguf_source(model) -> Path | None:

@@ -19,6 +19,9 @@ from typing import Iterator
 from hizli import _log
 
 CACHE_ENV = "HIZLI_CACHE"
+# What a cached folder holds depends on hizli's conversion as well as on the file: raising this
+# rebuilds every folder converted before (2: the tokenizer splits text as llama.cpp does).
+CONVERSION_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -33,8 +36,9 @@ def _key(gguf: Path) -> str:
 
     st = gguf.stat()
     # path + size + mtime identify the file without reading 100s of MB; the transformers major
-    # version is part of the key because the conversion code belongs to it
-    raw = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__.split('.')[0]}"
+    # version and hizli's conversion version are part of the key because the conversion belongs to them
+    raw = (f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__.split('.')[0]}"
+           f"|v{CONVERSION_VERSION}")
     return f"{gguf.stem[:60]}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
 
@@ -97,10 +101,14 @@ def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from hizli.models.gguf_tokenizer import PRE_KEY, apply_gguf_pre_tokenizer, read_gguf_string
+
     folder, name = str(gguf.parent), gguf.name
     with _parse_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if read_gguf_string(gguf, "tokenizer.ggml.model") == "gpt2":  # byte-level BPE: split as llama.cpp does
+        apply_gguf_pre_tokenizer(tokenizer, read_gguf_string(gguf, PRE_KEY))
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
