@@ -288,3 +288,24 @@ def test_the_checks_see_function_level_relative_and_from_imports(tmp_path, monke
     assert len(_namespace_problems("hizli.data.d")) == 3 and not _namespace_problems("hizli.train.t")
     with pytest.raises(AssertionError, match="no layer"):
         layer("hizli.eval.x")
+
+
+def test_no_function_takes_more_than_six_positional_arguments():
+    """Past six, arguments go by keyword. Exempt: Triton kernels (``lazy_jit``: their launcher passes
+    every argument positionally) and ``autograd.Function`` forward/backward (``apply`` takes no keywords)."""
+    many = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        functions = [n for cls in ast.walk(tree) if isinstance(cls, ast.ClassDef)
+                     and any("Function" in ast.unparse(b) for b in cls.bases) for n in cls.body
+                     if isinstance(n, ast.FunctionDef) and n.name in ("forward", "backward")]
+        autograd = {id(n) for n in functions}
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or id(fn) in autograd:
+                continue
+            if any("jit" in ast.unparse(d) for d in fn.decorator_list):
+                continue
+            positional = [a.arg for a in fn.args.posonlyargs + fn.args.args if a.arg not in ("self", "cls")]
+            if len(positional) > 6:
+                many.append(f"{path.relative_to(SRC.parent)}:{fn.lineno}: {fn.name}() takes {len(positional)}")
+    assert not many, "make the arguments past the sixth keyword-only:\n" + "\n".join(many)

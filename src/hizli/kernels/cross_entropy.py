@@ -105,7 +105,7 @@ def _ce_chunk_kernel(logits_ptr, targets_ptr, loss_ptr, n_cols, row_stride, igno
 # ---------------------------------------------------------------------------------------------
 # Per-chunk steps: (logits [C, V], targets [C], loss out [C]) -> loss rows, grad over logits in place
 
-ChunkStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float, "float | None", bool], None]
+ChunkStep = Callable[..., None]  # (logits, targets, loss, *, ignore_index, logit_scale, softcap, write_grad)
 
 # 4,096 fp32 values per block iteration, 16 per thread with 8 warps: 8 KB of bf16 in flight per
 # program, and a 128,256-wide row in 32 iterations per pass.
@@ -113,7 +113,7 @@ _CE_BLOCK = 4096
 _CE_WARPS = 8
 
 
-def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
+def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, *,
                        ignore_index: int, logit_scale: float, softcap: float | None, write_grad: bool) -> None:
     n_rows, n_cols = logits.shape
     if n_rows == 0:
@@ -126,7 +126,7 @@ def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, loss: torch.
                                 BLOCK=block, num_warps=_CE_WARPS)
 
 
-def _chunk_step_reference(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
+def _chunk_step_reference(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, *,
                           ignore_index: int, logit_scale: float, softcap: float | None, write_grad: bool) -> None:
     n_cols = logits.shape[1]
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale  # fp64 stays fp64
@@ -211,7 +211,8 @@ class _FusedLinearCE(torch.autograd.Function):
             end = min(start + chunk_size, n_rows)
             h = hidden[start:end]
             logits = h @ weight.t()
-            step(logits, targets[start:end], row_loss[start:end], ignore_index, logit_scale, softcap, write_grad)
+            step(logits, targets[start:end], row_loss[start:end], ignore_index=ignore_index, logit_scale=logit_scale,
+                 softcap=softcap, write_grad=write_grad)
             if grad_hidden is not None:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
@@ -265,7 +266,7 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     return int(chunk_size)
 
 
-def _run(step: ChunkStep, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+def _run(step: ChunkStep, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int,
          chunk_size: int | None, reduction: str, logit_scale: float, softcap: float | None) -> torch.Tensor:
     chunk = _prepare(hidden, weight, targets, chunk_size, reduction, softcap)
     grad_on = torch.is_grad_enabled()
@@ -285,8 +286,8 @@ def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Ten
 
     Arguments and result as :func:`fused_linear_cross_entropy`.
     """
-    return _run(_chunk_step_reference, hidden, weight, targets, ignore_index, chunk_size, reduction,
-                logit_scale, softcap)
+    return _run(_chunk_step_reference, hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size,
+                reduction=reduction, logit_scale=logit_scale, softcap=softcap)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -315,4 +316,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """
     step = _chunk_step_triton if use_triton("fused_linear_cross_entropy", hidden, weight, targets) \
         else _chunk_step_reference
-    return _run(step, hidden, weight, targets, ignore_index, chunk_size, reduction, logit_scale, softcap)
+    return _run(step, hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size, reduction=reduction,
+                logit_scale=logit_scale, softcap=softcap)

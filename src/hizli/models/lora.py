@@ -16,6 +16,7 @@ def add_lora(
     r: int = 16,
     target_modules: Sequence[str] | str | None = RECIPE_TARGETS,
     lora_alpha: float = 16,
+    *,
     lora_dropout: float = 0.0,
     bias: str = "none",
     use_gradient_checkpointing: bool | str = "unsloth",

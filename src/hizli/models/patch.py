@@ -33,7 +33,7 @@ def padding_free() -> Iterator[None]:
         _varlen.reset(token)
 
 
-def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
                **kwargs: Any):
     """query ``[B, Hq, T, D]``, key/value ``[B, Hkv, T, D]`` -> ``([B, T, Hq, D], None)``."""
     cu = kwargs.get("cu_seq_lens_q")

@@ -149,6 +149,7 @@ def run_load(
     model: str,
     clients: int,
     requests: int = 2,
+    *,
     max_tokens: int = 64,
     temperature: float = 0.0,
     timeout: float = 600.0,
@@ -193,7 +194,7 @@ def measure(url: str, *, model: str = "smollm2-135m-instruct", levels: list[int]
              "ttft_p95_s", "wall_s", "load_average_before")
     for n in levels:
         before = _load_average()
-        run = run_load(url, model, n, requests, max_tokens, temperature)
+        run = run_load(url, model, n, requests, max_tokens=max_tokens, temperature=temperature)
         row = dict(run.summary(), label=label, url=url, model=model, max_tokens=max_tokens,
                    load_average_before=before, load_average_after=_load_average(),
                    date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -181,6 +181,7 @@ def to_record(
     r: dict[str, Any],
     max_len: int,
     source: dict[str, Any],
+    *,
     command: str,
     call: str,
     device: dict[str, Any],
@@ -278,7 +279,7 @@ def bench_longest(bench: LongestBench, results_dir: str | None = None) -> int:
     records = []
     for system, by_cap in found.items():
         for r in by_cap.values():
-            record = to_record(bench, r, max_len, source, command, call or "", device)
+            record = to_record(bench, r, max_len, source, command=command, call=call or "", device=device)
             call = call or record["call"]
             record["call"] = call
             records.append(record)
