@@ -115,3 +115,12 @@ def test_quoted_text_stays_text_and_a_resolved_recipe_reads_back_the_same(tmp_pa
     loaded.dump(tmp_path / "resolved.yaml")  # the recipe saved beside every output
     again = load_recipe(tmp_path / "resolved.yaml")
     assert again.to_dict() == loaded.to_dict() and again.train.save_strategy == "no" and again.train.fp16 is False
+
+
+@pytest.mark.parametrize("written", ["1e-3", "1E-3", "+1e-3", "1.0e-3", "0.001"])
+def test_a_learning_rate_in_exponent_form_is_a_number(written, tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as text; a recipe means the number, in --set and in a file."""
+    assert load_recipe(None, [f"train.learning_rate={written}"]).train.learning_rate == pytest.approx(1e-3)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"train:\n  learning_rate: {written}\n")
+    assert load_recipe(path).train.learning_rate == pytest.approx(1e-3)

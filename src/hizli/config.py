@@ -135,6 +135,9 @@ _RecipeLoader.yaml_implicit_resolvers = {
 _RecipeLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _RecipeLoader.add_implicit_resolver(_WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"),
                                     list("yYnNoO"))
+# YAML 1.1 wants a dot in a float, so 1e-3 (how learning rates are written) would stay a string
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 _RecipeLoader.add_constructor(_WORD_TAG, lambda loader, node: _Word(loader.construct_scalar(node)))
 _BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 
