@@ -17,6 +17,7 @@ source (about half an hour on 2 cores). Where it is installed, this checks what 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -25,6 +26,8 @@ from tokenizer_corpus import llama3_gguf as make_llama3_gguf
 from tokenizer_corpus import mixed_corpus
 
 pytestmark = pytest.mark.llamacpp
+if importlib.util.find_spec("llama_cpp") is None:  # before any (session-scoped) export fixture is built
+    pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
 
 FIBONACCI = "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,"
 CONVERSATIONS = (
