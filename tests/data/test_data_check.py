@@ -77,15 +77,20 @@ def test_check_flags_empty_files_missing_turns_and_conversations_in_the_wrong_or
     assert code == 1 and sorted(found) == [3, 4, 5]
 
 
-def test_training_refuses_the_same_rows(tmp_path):
+def test_training_keeps_those_rows_with_a_warning_and_check_refuses_them(tmp_path):
+    """Real ShareGPT rows often open with the assistant: training still learns from their answers (a
+    third of a 600-row ShareGPT file would be lost otherwise); the checker lists them as unusable."""
     from hizli.data.load import load_conversations
 
     rows = [{"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": "4."}]},
             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
                           {"role": "user", "content": "Thanks"}]}]
-    loaded = load_conversations(rows, bad_rows="skip")
-    assert [p.kind for p in loaded.problems] == ["assistant-first", "ends-with-user"] and len(loaded) == 0
+    loaded = load_conversations(rows, bad_rows="error")
+    assert len(loaded) == 2 and not loaded.problems
+    assert [p.kind for p in loaded.warnings] == ["assistant-first", "ends-with-user"]
+    strict = load_conversations(rows, bad_rows="skip", turn_order="error")
+    assert [p.kind for p in strict.problems] == ["assistant-first", "ends-with-user"] and len(strict) == 0
 
 
 def test_check_exits_0_on_a_clean_file(tmp_path):

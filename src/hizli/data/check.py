@@ -65,7 +65,7 @@ def check_rows(data: Any, tokenizer=None, *, template: str | None = None, max_se
         # A shallow copy: the caller's tokenizer keeps its template; EOS is not touched.
         tokenizer = get_chat_template(copy.copy(tokenizer), template, map_eos_token=False, warn=False)
     rows = data if isinstance(data, Conversations) else load_conversations(
-        data, schema=schema, unknown_roles=unknown_roles, aliases=aliases, bad_rows="skip")
+        data, schema=schema, unknown_roles=unknown_roles, aliases=aliases, bad_rows="skip", turn_order="error")
     ds = tokenize_dataset(rows, tokenizer, max_seq_length=max_seq_length, messages_field="messages",
                           train_on=train_on, num_proc=num_proc, bad_rows="skip", show_progress=show_progress)
     return ds.report

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hizli import _log
-from hizli.data.problems import DataError, DataReport, Problem, validate_messages
+from hizli.data.problems import DataError, DataReport, Problem, order_problem, validate_messages
 from hizli.data.sharegpt import convert_messages
 
 SCHEMAS = ("auto", "sharegpt", "messages", "alpaca")
@@ -91,7 +91,7 @@ class Conversations(Sequence):
 
 def load_conversations(source: Any, *, split: str = "train", schema: str = "auto", max_rows: int | None = None,
                        unknown_roles: str = "assistant", aliases: dict[str, str] | None = None,
-                       bad_rows: str = "error") -> Conversations:
+                       bad_rows: str = "error", turn_order: str = "warn") -> Conversations:
     """Read conversations from ``source`` and normalise them to role/content messages.
 
     Args:
@@ -104,6 +104,9 @@ def load_conversations(source: Any, *, split: str = "train", schema: str = "auto
         aliases: extra role names, e.g. ``{"chatgpt": "assistant"}``.
         bad_rows: ``"error"`` raises ``DataError`` listing every unusable row; ``"skip"`` keeps them
             in ``.problems`` (counted in the data report).
+        turn_order: a conversation whose turns are out of a chat's order (no user turn, the assistant
+            first, an unanswered user turn last): ``"warn"`` keeps it with a warning (training: its
+            assistant turns still teach), ``"error"`` makes it unusable (``hizli data check``).
 
     Returns:
         A ``Conversations`` sequence of ``{"messages": [...]}`` rows.
@@ -129,10 +132,14 @@ def load_conversations(source: Any, *, split: str = "train", schema: str = "auto
             problems.append(Problem(e.kind, e.reason, row=index, line=line))
             continue
         detected.add(kind)
-        bad = validate_messages(messages)
-        if bad is not None:
-            problems.append(Problem(bad[0], bad[1], row=index, line=line))
+        bad = validate_messages(messages, check_order=False)
+        order = order_problem(messages) if bad is None else None
+        if bad is not None or (order is not None and turn_order == "error"):
+            kind, reason = bad or order
+            problems.append(Problem(kind, reason, row=index, line=line))
             continue
+        if order is not None:
+            warnings.append(Problem(order[0], order[1] + " (trained as it is)", row=index, line=line))
         if unknown:
             names = ", ".join(f"{r!r}" for r in unknown)
             what = "dropped" if unknown_roles == "drop" else f"mapped to {unknown_roles}"
@@ -145,9 +152,12 @@ def load_conversations(source: Any, *, split: str = "train", schema: str = "auto
     msg = f"read {name}: {out.rows_in} rows ({out.schema}), {len(rows)} usable"
     if problems:
         msg += f", {len(problems)} unusable"
-    if warnings:
+    mapped = sum(w.kind == "unknown-role-mapped" for w in warnings)
+    if mapped:
         what = "dropped" if unknown_roles == "drop" else f"mapped to {unknown_roles}"
-        msg += f", {len(warnings)} with unknown roles {what}"
+        msg += f", {mapped} with unknown roles {what}"
+    if len(warnings) > mapped:
+        msg += f", {len(warnings) - mapped} with turns out of a chat's order (kept; `hizli data check` lists them)"
     _log.info(msg)
     if problems and bad_rows == "error":
         raise DataError(out.report(), what=name)

@@ -118,13 +118,13 @@ class DataError(ValueError):
               "(--set train.bad_rows=skip); skipped rows are counted in the data report.")
 
 
-def validate_messages(messages: Any, *, need_assistant: bool = True) -> tuple[str, str] | None:
+def validate_messages(messages: Any, *, need_assistant: bool = True, check_order: bool = True) -> tuple[str, str] | None:
     """The first problem that makes a role/content conversation unusable, as (kind, reason), or None.
 
     Checks: a non-empty list; every message a dict with a known role and a string content; no
     empty (whitespace-only) turn; and, when ``need_assistant`` (a conversation to train on), an
-    assistant turn, a user turn, no assistant turn before the first user turn, and no unanswered
-    user turn at the end.
+    assistant turn; with ``check_order`` also a user turn, no assistant turn before the first user
+    turn, and no unanswered user turn at the end (``order_problem``).
     """
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         what = "empty" if isinstance(messages, (list, tuple)) else ("missing" if messages is None else
@@ -146,11 +146,14 @@ def validate_messages(messages: Any, *, need_assistant: bool = True) -> tuple[st
         return None
     if not has_assistant:
         return "no-assistant", "no assistant turn: nothing to learn from this conversation"
-    return _order_problem([m["role"] for m in messages])
+    return order_problem(messages) if check_order else None
 
 
-def _order_problem(roles: list[str]) -> tuple[str, str] | None:
-    """Whether the turns of a conversation that has an assistant turn come in a trainable order."""
+def order_problem(messages: Any) -> tuple[str, str] | None:
+    """Whether the turns of a valid conversation with an assistant turn come in the order a chat has:
+    a user turn, none of the assistant's before it, no unanswered user turn at the end. Training keeps
+    such rows (their assistant turns still teach) and warns; ``hizli data check`` calls them unusable."""
+    roles = [m["role"] for m in messages]
     if "user" not in roles:
         return "no-user", ("no user turn: the assistant answers nothing (after role mapping the roles are "
                            f"{', '.join(dict.fromkeys(roles))}; map the asking role to user)")

@@ -31,7 +31,7 @@ import numpy as np
 
 from hizli import _log
 from hizli.data.labels import LabelError, Renderer, span_mask
-from hizli.data.problems import NOT_UNICODE, DataError, DataReport, Problem, is_unicode, validate_messages
+from hizli.data.problems import NOT_UNICODE, DataError, DataReport, Problem, is_unicode, order_problem, validate_messages
 from hizli.data.sharegpt import convert_messages
 
 IGNORE = -100
@@ -354,7 +354,9 @@ def _process(job: _Job, source: _Source, start: int, stop: int) -> _Chunk:
                 if unknown:
                     warnings.append(Problem("unknown-role-mapped", f"unknown role {', '.join(map(repr, unknown))} "
                                             "mapped to assistant", row=row, line=line))
-                bad = validate_messages(messages)
+                bad = validate_messages(messages, check_order=False)
+                if bad is None and (order := order_problem(messages)) is not None:
+                    warnings.append(Problem(order[0], order[1] + " (trained as it is)", row=row, line=line))
                 if bad is not None:
                     skipped.append(Problem(bad[0], bad[1], row=row, line=line))
                     continue
