@@ -21,8 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--reliability-doc", action="store_true",
-                     help="rewrite docs/RELIABILITY.md from this session's reliability tests (scripts/reliability-report)")
+    parser.addoption(
+        "--reliability-doc",
+        action="store_true",
+        help="rewrite docs/RELIABILITY.md from this session's reliability tests (scripts/reliability-report)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,17 +11,26 @@ def tiny_llama_config(vocab_size: int = 49152, **overrides):
     from transformers import LlamaConfig
 
     values = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     values.update(overrides)
     return LlamaConfig(**values)
 
 
-def tiny_lora_model(dtype=torch.float32, seed: int = 0, checkpointing=False, vocab: int = 512,
-                    lora_seed: int = 3407):
+def tiny_lora_model(dtype=torch.float32, seed: int = 0, checkpointing=False, vocab: int = 512, lora_seed: int = 3407):
     """A 2-layer Llama (base weights from ``seed``) with LoRA r=8 whose B is random (``lora_seed``)."""
     from transformers import LlamaForCausalLM
 
@@ -31,8 +40,14 @@ def tiny_lora_model(dtype=torch.float32, seed: int = 0, checkpointing=False, voc
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=vocab)).to(dtype)
     use_hizli_attention(model)
-    model = lora.add_lora(model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing,
-                          init_lora_weights=False, random_state=lora_seed)  # random B: the adapter matters from step 0
+    model = lora.add_lora(
+        model,
+        r=8,
+        lora_alpha=16,
+        use_gradient_checkpointing=checkpointing,
+        init_lora_weights=False,
+        random_state=lora_seed,
+    )  # random B: the adapter matters from step 0
     return model
 
 
@@ -63,8 +78,9 @@ class FakeTokenizer:
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def one_layer_lora_model(tmp_path, *, hidden, inter, heads, kv_heads, head_dim, dtype, device, seed=0,
-                         use_rslora=False, lora_dropout=0.0):
+def one_layer_lora_model(
+    tmp_path, *, hidden, inter, heads, kv_heads, head_dim, dtype, device, seed=0, use_rslora=False, lora_dropout=0.0
+):
     """A 1-layer Llama of this shape loaded in NF4 + double quant (as the loader does), LoRA r=16 on all
     seven projections with random B (so the adapters matter), in train mode."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
@@ -72,23 +88,41 @@ def one_layer_lora_model(tmp_path, *, hidden, inter, heads, kv_heads, head_dim, 
     from hizli.models import lora
 
     torch.manual_seed(seed)
-    config = tiny_llama_config(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
-                               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    config = tiny_llama_config(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+    )
     folder = tmp_path / f"m{hidden}x{inter}"
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device})
-    model = lora.add_lora(model, r=16, lora_alpha=16, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                          target_modules=list(LORA_PROJECTIONS), use_gradient_checkpointing=False,
-                          init_lora_weights=False, random_state=seed + 1)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=quant, device_map={"": device}
+    )
+    model = lora.add_lora(
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
+        target_modules=list(LORA_PROJECTIONS),
+        use_gradient_checkpointing=False,
+        init_lora_weights=False,
+        random_state=seed + 1,
+    )
     model.train()
     return model
 
 
-def random_lora_part(out_features: int, in_features: int, *, nf4: bool, rank: int = 8, scaling: float = 2.0,
-                     device="cpu", seed: int = 0):
+def random_lora_part(
+    out_features: int, in_features: int, *, nf4: bool, rank: int = 8, scaling: float = 2.0, device="cpu", seed: int = 0
+):
     """A ``hizli.kernels.lora_qkv.LoraPart`` with random weights: a frozen base (NF4 with double
     quantization as the loader makes it, or a plain ``nn.Linear``) and fp32 ``lora_A`` / ``lora_B``
     that require grad, as PEFT keeps them."""
@@ -97,7 +131,7 @@ def random_lora_part(out_features: int, in_features: int, *, nf4: bool, rank: in
     from hizli.kernels.lora_qkv import LoraPart
 
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=g) * in_features ** -0.5
+    w = torch.randn(out_features, in_features, generator=g) * in_features**-0.5
     if nf4:
         import bitsandbytes.functional as bnbf
 
@@ -109,6 +143,6 @@ def random_lora_part(out_features: int, in_features: int, *, nf4: bool, rank: in
         with torch.no_grad():
             base.weight.copy_(w)
         base.weight.requires_grad_(False)
-    a = (torch.randn(rank, in_features, generator=g) * in_features ** -0.5).to(device).requires_grad_()
+    a = (torch.randn(rank, in_features, generator=g) * in_features**-0.5).to(device).requires_grad_()
     b = (torch.randn(out_features, rank, generator=g) * 0.5).to(device).requires_grad_()
     return LoraPart(base, a, b, scaling)

@@ -29,8 +29,14 @@ def test_each_subcommand_explains_its_arguments(name):
 
 
 def test_chat_answers_the_fibonacci_prompt_through_the_template(smol_folder):
-    run = _hizli("chat", "smollm2-135m-instruct", "--prompt", "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,",
-                 "--max-new-tokens", "40")
+    run = _hizli(
+        "chat",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,",
+        "--max-new-tokens",
+        "40",
+    )
     answer = run.stdout.strip()
     assert len(answer.split()) >= 10
     assert "fibonacci" in answer.lower() or "13" in answer

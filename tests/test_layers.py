@@ -97,9 +97,12 @@ def imports_of(module: str) -> list[Import]:
     (``from p import m`` counts as the module ``p.m`` when there is one, else as ``p``)."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
     # ``if TYPE_CHECKING:`` imports never run: annotations only
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
-                   for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -296,9 +299,13 @@ def test_no_function_takes_more_than_six_positional_arguments():
     many = []
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text())
-        functions = [n for cls in ast.walk(tree) if isinstance(cls, ast.ClassDef)
-                     and any("Function" in ast.unparse(b) for b in cls.bases) for n in cls.body
-                     if isinstance(n, ast.FunctionDef) and n.name in ("forward", "backward")]
+        functions = [
+            n
+            for cls in ast.walk(tree)
+            if isinstance(cls, ast.ClassDef) and any("Function" in ast.unparse(b) for b in cls.bases)
+            for n in cls.body
+            if isinstance(n, ast.FunctionDef) and n.name in ("forward", "backward")
+        ]
         autograd = {id(n) for n in functions}
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or id(fn) in autograd:

@@ -1,8 +1,8 @@
 """The recipe's names. Code written for Unsloth runs with only its imports changed:
 
-    from hizli import FastLanguageModel, get_chat_template, standardize_sharegpt
-    from hizli import SFTTrainer, TrainingArguments, DataCollatorForSeq2Seq, is_bfloat16_supported
-    from hizli import unsloth_train
+from hizli import FastLanguageModel, get_chat_template, standardize_sharegpt
+from hizli import SFTTrainer, TrainingArguments, DataCollatorForSeq2Seq, is_bfloat16_supported
+from hizli import unsloth_train
 """
 
 from __future__ import annotations
@@ -58,9 +58,17 @@ class FastLanguageModel:
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(sorted(kwargs))}")
         model, tokenizer = loader.load(
-            model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
-            token=token, device_map=device_map, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, revision=revision, attn_implementation=attn, fast_path=fast_path,
+            model_name,
+            max_seq_length=max_seq_length,
+            dtype=dtype,
+            load_in_4bit=load_in_4bit,
+            token=token,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            revision=revision,
+            attn_implementation=attn,
+            fast_path=fast_path,
         )
         if hasattr(model, "peft_config"):  # a saved adapter folder: exportable like a fresh LoRA model
             attach_export_methods(model)
@@ -85,9 +93,17 @@ class FastLanguageModel:
         layer in backward, "unsloth" also keeps the layer inputs in CPU memory on a GPU, False keeps
         every activation (fastest, most memory)."""
         peft_model = lora.add_lora(
-            model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
-            use_rslora=use_rslora, loftq_config=loftq_config, **kwargs,
+            model,
+            r=r,
+            target_modules=target_modules,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            use_gradient_checkpointing=use_gradient_checkpointing,
+            random_state=random_state,
+            use_rslora=use_rslora,
+            loftq_config=loftq_config,
+            **kwargs,
         )
         attach_export_methods(peft_model)
         return peft_model
@@ -101,8 +117,13 @@ class FastLanguageModel:
         return inference.for_training(model)
 
 
-EXPORT_METHODS = ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf",
-                  "push_to_hub")
+EXPORT_METHODS = (
+    "save_pretrained_merged",
+    "save_pretrained_gguf",
+    "push_to_hub_merged",
+    "push_to_hub_gguf",
+    "push_to_hub",
+)
 
 
 def attach_export_methods(model) -> None:
@@ -140,7 +161,14 @@ def unsloth_train(trainer: SFTTrainer):
 
 
 __all__ = [
-    "FastLanguageModel", "get_chat_template", "standardize_sharegpt", "train_on_responses_only",
-    "SFTTrainer", "TrainingArguments", "DataCollatorForSeq2Seq", "is_bfloat16_supported",
-    "unsloth_train", "memory_report",
+    "FastLanguageModel",
+    "get_chat_template",
+    "standardize_sharegpt",
+    "train_on_responses_only",
+    "SFTTrainer",
+    "TrainingArguments",
+    "DataCollatorForSeq2Seq",
+    "is_bfloat16_supported",
+    "unsloth_train",
+    "memory_report",
 ]

@@ -90,14 +90,30 @@ class ChatSettings:
 
 
 def _reference_train() -> dict[str, Any]:
-    return dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5, max_steps=60,
-                learning_rate=2e-4, logging_steps=1, optim="adamw_8bit", weight_decay=0.01,
-                lr_scheduler_type="linear", seed=3407, output_dir="outputs", report_to="none",
-                save_strategy="no")
+    return dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        warmup_steps=5,
+        max_steps=60,
+        learning_rate=2e-4,
+        logging_steps=1,
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        seed=3407,
+        output_dir="outputs",
+        report_to="none",
+        save_strategy="no",
+    )
 
 
-SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "data": DataSettings, "output": OutputSettings,
-            "chat": ChatSettings}
+SECTIONS = {
+    "model": ModelSettings,
+    "lora": LoraSettings,
+    "data": DataSettings,
+    "output": OutputSettings,
+    "chat": ChatSettings,
+}
 
 
 @dataclass
@@ -131,13 +147,16 @@ class _Word(str):
 _BOOL_TAG, _WORD_TAG = "tag:yaml.org,2002:bool", "tag:hizli,2024:word"
 _RecipeLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _RecipeLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_RecipeLoader.add_implicit_resolver(_WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"),
-                                    list("yYnNoO"))
+_RecipeLoader.add_implicit_resolver(
+    _WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"), list("yYnNoO")
+)
 # YAML 1.1 wants a dot in a float, so 1e-3 (how learning rates are written) would stay a string
-_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 _RecipeLoader.add_constructor(_WORD_TAG, lambda loader, node: _Word(loader.construct_scalar(node)))
 _BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 
@@ -228,8 +247,10 @@ def _train_section(values: dict[str, Any], problems: list[str]) -> TrainingArgum
         merged.pop(key)
     merged = {key: _word_value(value, annotations[key]) for key, value in merged.items()}
     args = TrainingArguments.__new__(TrainingArguments)  # filled below without raising: problems are collected
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-                for f in dataclasses.fields(TrainingArguments)}
+    defaults = {
+        f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        for f in dataclasses.fields(TrainingArguments)
+    }
     for name, value in defaults.items():
         setattr(args, name, merged.get(name, value))
     problems.extend(f"train.{p}" for p in validate_fields(args))
@@ -274,8 +295,9 @@ def _cross_checks(r: Recipe) -> list[str]:
     if not 0 <= lo.lora_dropout < 1:
         problems.append(f"lora.lora_dropout={lo.lora_dropout} must be in [0, 1)")
     if lo.use_gradient_checkpointing not in (True, False, "unsloth"):
-        problems.append(f"lora.use_gradient_checkpointing={lo.use_gradient_checkpointing!r}: use true, false "
-                        "or \"unsloth\"")
+        problems.append(
+            f'lora.use_gradient_checkpointing={lo.use_gradient_checkpointing!r}: use true, false or "unsloth"'
+        )
     if lo.loftq_config:
         problems.append("lora.loftq_config: LoftQ is not supported yet; leave it null")
     if d.schema not in ("auto", "sharegpt", "messages", "alpaca"):
@@ -306,8 +328,10 @@ def _checks_before_loading(r: Recipe) -> list[str]:
     if m.dtype not in (None, "auto") and str(m.dtype).lower() not in _DTYPE_NAMES:
         problems.append(f"model.dtype={m.dtype!r}: use null (auto), bfloat16, float16 or float32")
     if not lo.target_modules or not all(isinstance(x, str) and x for x in lo.target_modules):
-        problems.append(f"lora.target_modules={lo.target_modules!r}: give a list of module names, e.g. "
-                        f"[{', '.join(RECIPE_TARGETS)}]")
+        problems.append(
+            f"lora.target_modules={lo.target_modules!r}: give a list of module names, e.g. "
+            f"[{', '.join(RECIPE_TARGETS)}]"
+        )
     if lo.bias not in ("none", "all", "lora_only"):
         problems.append(f"lora.bias={lo.bias!r}: use none, all or lora_only")
     if not lo.lora_alpha > 0:
@@ -322,11 +346,14 @@ def _checks_before_loading(r: Recipe) -> list[str]:
         from hizli.data.sample import FILES
 
         if d.dataset.split(":", 1)[1].replace("_", "-") not in FILES:
-            problems.append(f"data.dataset={d.dataset!r}: hizli's packaged samples are "
-                            f"{', '.join('hizli:' + k for k in FILES)}")
+            problems.append(
+                f"data.dataset={d.dataset!r}: hizli's packaged samples are {', '.join('hizli:' + k for k in FILES)}"
+            )
     if t.eval_strategy != "no" and not d.eval_rows:
-        problems.append(f"train.eval_strategy={t.eval_strategy!r} needs rows to evaluate on: set data.eval_rows "
-                        "(e.g. 100) or train.eval_strategy=no")
+        problems.append(
+            f"train.eval_strategy={t.eval_strategy!r} needs rows to evaluate on: set data.eval_rows "
+            "(e.g. 100) or train.eval_strategy=no"
+        )
     resume = t.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() not in ("", "true", "false") and not Path(resume).is_dir():
         problems.append(f"train.resume_from_checkpoint={resume!r}: no such checkpoint folder")
@@ -334,8 +361,10 @@ def _checks_before_loading(r: Recipe) -> list[str]:
     # from (an absolute path says plainly where it writes, and stays allowed).
     for what, value in (("train.output_dir", t.output_dir), ("output.adapter_dir", r.output.adapter_dir)):
         if isinstance(value, str) and ".." in Path(value).parts:
-            problems.append(f"{what}={value!r} climbs out of the working folder with '..'; write the path "
-                            "without '..' (an absolute path if you mean a folder elsewhere)")
+            problems.append(
+                f"{what}={value!r} climbs out of the working folder with '..'; write the path "
+                "without '..' (an absolute path if you mean a folder elsewhere)"
+            )
     if not isinstance(c.max_new_tokens, int) or c.max_new_tokens < 1:
         problems.append(f"chat.max_new_tokens={c.max_new_tokens!r} must be an integer >= 1")
     if c.temperature < 0:

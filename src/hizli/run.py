@@ -76,35 +76,69 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
     if resume in (None, False) and not recipe.output.overwrite:
         found = _existing_run(recipe)
         if found:
-            raise ValueError(f"{recipe.train.output_dir} / {recipe.output.adapter_dir} already hold an earlier run "
-                             f"({', '.join(found[:4])}). Continue it with --resume, or replace it with "
-                             "--set output.overwrite=true")
+            raise ValueError(
+                f"{recipe.train.output_dir} / {recipe.output.adapter_dir} already hold an earlier run "
+                f"({', '.join(found[:4])}). Continue it with --resume, or replace it with "
+                "--set output.overwrite=true"
+            )
     if resume not in (None, False):
         left = _check_resume(recipe, resume)
         if left is not None:  # nothing left to train: the adapter folder stays as it is
             print(f"{left}\n{recipe.output.adapter_dir}/ is left as it was", file=out)
-            return {"metrics": None, "memory_before": None, "memory": None, "adapter_dir": None, "answer": None,
-                    "timings": {}}
+            return {
+                "metrics": None,
+                "memory_before": None,
+                "memory": None,
+                "adapter_dir": None,
+                "answer": None,
+                "timings": {},
+            }
     timings = Timings()
     m, lo, d = recipe.model, recipe.lora, recipe.data
     with timings.part("load model"):
         model, tokenizer = FastLanguageModel.from_pretrained(
-            m.name, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
-            trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+            m.name,
+            max_seq_length=m.max_seq_length,
+            dtype=m.dtype,
+            load_in_4bit=m.load_in_4bit,
+            trust_remote_code=m.trust_remote_code,
+            allow_pickle=m.allow_pickle,
+        )
         model = FastLanguageModel.get_peft_model(
-            model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.lora_alpha,
-            lora_dropout=lo.lora_dropout, bias=lo.bias, use_gradient_checkpointing=lo.use_gradient_checkpointing,
-            random_state=lo.random_state, use_rslora=lo.use_rslora, loftq_config=lo.loftq_config)
+            model,
+            r=lo.r,
+            target_modules=lo.target_modules,
+            lora_alpha=lo.lora_alpha,
+            lora_dropout=lo.lora_dropout,
+            bias=lo.bias,
+            use_gradient_checkpointing=lo.use_gradient_checkpointing,
+            random_state=lo.random_state,
+            use_rslora=lo.use_rslora,
+            loftq_config=lo.loftq_config,
+        )
         tokenizer = get_chat_template(tokenizer, chat_template=d.chat_template)
     with timings.part("prepare data"):
-        rows = load_conversations(dataset_source(d.dataset), split=d.split, schema=d.schema, max_rows=d.max_rows,
-                                  unknown_roles=d.unknown_roles, bad_rows=recipe.train.bad_rows)
-        eval_rows = rows[len(rows) - d.eval_rows:] if d.eval_rows else None
+        rows = load_conversations(
+            dataset_source(d.dataset),
+            split=d.split,
+            schema=d.schema,
+            max_rows=d.max_rows,
+            unknown_roles=d.unknown_roles,
+            bad_rows=recipe.train.bad_rows,
+        )
+        eval_rows = rows[len(rows) - d.eval_rows :] if d.eval_rows else None
         train_rows = rows[: len(rows) - d.eval_rows] if d.eval_rows else rows
-        trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
-                             max_seq_length=m.max_seq_length, dataset_num_proc=d.dataset_num_proc,
-                             packing=d.packing, args=recipe.train,
-                             train_on="assistant" if d.train_on_responses_only else "all")
+        trainer = SFTTrainer(
+            model=model,
+            tokenizer=tokenizer,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            max_seq_length=m.max_seq_length,
+            dataset_num_proc=d.dataset_num_proc,
+            packing=d.packing,
+            args=recipe.train,
+            train_on="assistant" if d.train_on_responses_only else "all",
+        )
         trainer.recipe = recipe.to_dict()  # the data summary was logged by the tokenizer step
     before = memory_report(printed=False)
     print("\n".join(MemorySnapshot(**before).lines()), file=out)
@@ -116,14 +150,23 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
         stats = trainer.train(resume_from_checkpoint=resume)
     if stats.global_step == stats.start_step and resume not in (None, False):
         print(f"nothing was trained (see above): {recipe.output.adapter_dir}/ is left as it was", file=out)
-        return {"metrics": stats.metrics, "memory_before": before, "memory": None, "adapter_dir": None,
-                "answer": None, "timings": dict(timings.parts)}
+        return {
+            "metrics": stats.metrics,
+            "memory_before": before,
+            "memory": None,
+            "adapter_dir": None,
+            "answer": None,
+            "timings": dict(timings.parts),
+        }
     print("\n".join(stats.memory.lines()), file=out)
     with timings.part("save adapter"):
         model.save_pretrained(recipe.output.adapter_dir)
         tokenizer.save_pretrained(recipe.output.adapter_dir)
-        print(f"adapter saved to {recipe.output.adapter_dir}/ (load it with FastLanguageModel.from_pretrained"
-              f"('{recipe.output.adapter_dir}') or peft.PeftModel.from_pretrained)", file=out)
+        print(
+            f"adapter saved to {recipe.output.adapter_dir}/ (load it with FastLanguageModel.from_pretrained"
+            f"('{recipe.output.adapter_dir}') or peft.PeftModel.from_pretrained)",
+            file=out,
+        )
         if recipe.output.push_to_hub:
             from hizli.export import hub
 
@@ -132,14 +175,27 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
     if recipe.chat.prompt:
         with timings.part("chat answer"):
             print(f"\n>>> {recipe.chat.prompt}", file=out)
-            answer = generate_reply(model, tokenizer, [{"role": "user", "content": recipe.chat.prompt}],
-                                    max_new_tokens=recipe.chat.max_new_tokens,
-                                    temperature=recipe.chat.temperature, min_p=recipe.chat.min_p, stream=True,
-                                    seed=recipe.train.seed, stop_ids=stop_token_ids(tokenizer))
+            answer = generate_reply(
+                model,
+                tokenizer,
+                [{"role": "user", "content": recipe.chat.prompt}],
+                max_new_tokens=recipe.chat.max_new_tokens,
+                temperature=recipe.chat.temperature,
+                min_p=recipe.chat.min_p,
+                stream=True,
+                seed=recipe.train.seed,
+                stop_ids=stop_token_ids(tokenizer),
+            )
     print("\n" + "\n".join(timings.lines()), file=out)
     print("\n" + outputs_note(recipe), file=out)
-    return {"metrics": stats.metrics, "memory_before": before, "memory": stats.memory.figures(),
-            "adapter_dir": recipe.output.adapter_dir, "answer": answer, "timings": dict(timings.parts)}
+    return {
+        "metrics": stats.metrics,
+        "memory_before": before,
+        "memory": stats.memory.figures(),
+        "adapter_dir": recipe.output.adapter_dir,
+        "answer": answer,
+        "timings": dict(timings.parts),
+    }
 
 
 def outputs_note(recipe: Recipe) -> str:
@@ -148,9 +204,11 @@ def outputs_note(recipe: Recipe) -> str:
 
     out = Path(recipe.train.output_dir)
     lines = [f"in {out}/:"]
-    for name, what in (("metrics.jsonl", "one JSON line per optimizer step (loss, lr, tokens/s, ...)"),
-                       ("loss.png", "the loss curve"),
-                       ("recipe.yaml", "the resolved recipe: every setting this run used")):
+    for name, what in (
+        ("metrics.jsonl", "one JSON line per optimizer step (loss, lr, tokens/s, ...)"),
+        ("loss.png", "the loss curve"),
+        ("recipe.yaml", "the resolved recipe: every setting this run used"),
+    ):
         if (out / name).is_file():
             lines.append(f"  {name:<14} {what}")
     last = latest(out)
@@ -164,8 +222,10 @@ def run_recipe_cli(path: str | None, overrides: list[str], resume: str | None = 
     from hizli.train.signals import TrainingInterrupted
 
     if path is None:
-        raise ValueError("pass a recipe file, e.g. `hizli train configs/demo-cpu.yaml` (CPU demo) or "
-                         "`hizli train configs/reference.yaml` (the reference recipe, needs a GPU and the hub)")
+        raise ValueError(
+            "pass a recipe file, e.g. `hizli train configs/demo-cpu.yaml` (CPU demo) or "
+            "`hizli train configs/reference.yaml` (the reference recipe, needs a GPU and the hub)"
+        )
     recipe = load_recipe(path, overrides)
     if dry_run:
         import yaml

@@ -36,19 +36,33 @@ def llama_tokenizer():
             token["content"] = LLAMA31_RENAMES[token["id"]]
     # Meta's tokenizer.json prepends <|begin_of_text|> to every encoding (add_special_tokens=True);
     # this package's copy does not, so restore that: the no-double-BOS tests depend on it.
-    spec["post_processor"] = {"type": "Sequence", "processors": [
-        spec["post_processor"],
-        {"type": "TemplateProcessing",
-         "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
-                    {"Sequence": {"id": "A", "type_id": 0}}],
-         "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
-                  {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-         "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
-                                                  "tokens": ["<|begin_of_text|>"]}}},
-    ]}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  pad_token="<|finetune_right_pad_id|>")
+    spec["post_processor"] = {
+        "type": "Sequence",
+        "processors": [
+            spec["post_processor"],
+            {
+                "type": "TemplateProcessing",
+                "single": [
+                    {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                ],
+                "pair": [
+                    {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                    {"Sequence": {"id": "B", "type_id": 1}},
+                ],
+                "special_tokens": {
+                    "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000], "tokens": ["<|begin_of_text|>"]}
+                },
+            },
+        ],
+    }
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+    )
     return tok
 
 

@@ -13,27 +13,34 @@ GOOD = {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "
 
 
 def hizli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hizli.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hizli.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_check_lists_every_problem_with_its_line_and_exits_1(tmp_path):
     lines = [
-        json.dumps(GOOD),                                                                  # 1 fine
-        json.dumps({"conversations": []}),                                                 # 2 empty conversation
-        '{"conversations": [{"from": "human", "value": "Hi"} {"from": "gpt"}]}',           # 3 invalid JSON
+        json.dumps(GOOD),  # 1 fine
+        json.dumps({"conversations": []}),  # 2 empty conversation
+        '{"conversations": [{"from": "human", "value": "Hi"} {"from": "gpt"}]}',  # 3 invalid JSON
         json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bing", "value": "Hey"}]}),  # 4
         json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]}),  # 5 empty
-        json.dumps({"conversations": [{"from": "human", "value": "Only a question"}]}),    # 6 no answer
-        json.dumps(GOOD)[:30],                                                             # 7 cut off
+        json.dumps({"conversations": [{"from": "human", "value": "Only a question"}]}),  # 6 no answer
+        json.dumps(GOOD)[:30],  # 7 cut off
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines), encoding="utf-8")
     out = hizli("data", "check", path)
     assert out.returncode == 1, out.stderr
     text = out.stdout
-    expect = {2: "no conversation", 3: "invalid JSON", 4: "unknown role 'bing'", 5: "is empty",
-              6: "no assistant turn", 7: "ends in the middle of this record"}
+    expect = {
+        2: "no conversation",
+        3: "invalid JSON",
+        4: "unknown role 'bing'",
+        5: "is empty",
+        6: "no assistant turn",
+        7: "ends in the middle of this record",
+    }
     for line, words in expect.items():
         (hit,) = [x for x in text.splitlines() if x.startswith(f"{path}:{line}: ")]
         assert words in hit, text
@@ -52,18 +59,18 @@ def test_check_flags_empty_files_missing_turns_and_conversations_in_the_wrong_or
     assert out.returncode == 1 and "holds no rows" in out.stdout and "OK" not in out.stdout
 
     lines = [
-        turns(("human", "What is 2+2?"), ("gpt", "4.")),                                  # 1 fine
-        turns(("humn", "What is 2+2?"), ("robot", "4.")),                                 # 2 typos: unknown roles
-        turns(("gpt", "Hello! How can I help?"), ("human", "2+2?"), ("gpt", "4.")),       # 3 starts with the assistant
-        turns(("human", "2+2?"), ("gpt", "4."), ("human", "And 3+3?")),                   # 4 ends with the user
-        turns(("system", "Be brief."), ("gpt", "4.")),                                    # 5 no user turn
+        turns(("human", "What is 2+2?"), ("gpt", "4.")),  # 1 fine
+        turns(("humn", "What is 2+2?"), ("robot", "4.")),  # 2 typos: unknown roles
+        turns(("gpt", "Hello! How can I help?"), ("human", "2+2?"), ("gpt", "4.")),  # 3 starts with the assistant
+        turns(("human", "2+2?"), ("gpt", "4."), ("human", "And 3+3?")),  # 4 ends with the user
+        turns(("system", "Be brief."), ("gpt", "4.")),  # 5 no user turn
     ]
     path = tmp_path / "order.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def problems(*flags):
         out = hizli("data", "check", path, *flags)
-        lines = [x[len(f"{path}:"):] for x in out.stdout.splitlines() if x.startswith(f"{path}:")]
+        lines = [x[len(f"{path}:") :] for x in out.stdout.splitlines() if x.startswith(f"{path}:")]
         found = {int(x.split(":")[0]): x for x in lines if x.split(":")[0].isdigit()}
         return out.returncode, found
 
@@ -82,10 +89,22 @@ def test_training_keeps_those_rows_with_a_warning_and_check_refuses_them(tmp_pat
     third of a 600-row ShareGPT file would be lost otherwise); the checker lists them as unusable."""
     from hizli.data.load import load_conversations
 
-    rows = [{"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2?"},
-                          {"role": "assistant", "content": "4."}]},
-            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
-                          {"role": "user", "content": "Thanks"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4."},
+                {"role": "user", "content": "Thanks"},
+            ]
+        },
+    ]
     loaded = load_conversations(rows, bad_rows="error")
     assert len(loaded) == 2 and not loaded.problems
     assert [p.kind for p in loaded.warnings] == ["assistant-first", "ends-with-user"]
@@ -113,8 +132,10 @@ def test_check_rows_reports_truncation_and_rows_left_without_trained_tokens(smol
     before = smol_tok.chat_template
     report = check_rows(path, smol_tok, template="chatml", max_seq_length=64, train_on="assistant")
     assert smol_tok.chat_template == before  # the caller's tokenizer is left alone
-    assert [(p.kind, p.line) for p in report.skipped] == [("no-trained-token", starts[1]),
-                                                          ("truncated-file", starts[2])]
+    assert [(p.kind, p.line) for p in report.skipped] == [
+        ("no-trained-token", starts[1]),
+        ("truncated-file", starts[2]),
+    ]
     assert [p.kind for p in report.warnings] == ["over-long"] and report.truncated == 1
     assert report.rows_in == 3 == report.rows_used + len(report.skipped) and not report.ok
     whole = check_rows(path, smol_tok, template="chatml", max_seq_length=64)  # everything trained: usable
@@ -123,8 +144,12 @@ def test_check_rows_reports_truncation_and_rows_left_without_trained_tokens(smol
 
 def test_extract_sample_script_reproduces_the_packaged_files(tmp_path):
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(root / "scripts" / "extract_sample.py"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "extract_sample.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     packaged = root / "src" / "hizli" / "data" / "sample"
     for name in ("sharegpt_sample.jsonl", "sharegpt_odd.jsonl"):

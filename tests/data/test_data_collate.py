@@ -23,8 +23,9 @@ def _rows(smol_tokenizer, n=10):
 
     tok = get_chat_template(smol_tokenizer, "smollm2", warn=False)
     conv = load_conversations(sample_path("sharegpt"), max_rows=n)
-    ds = tokenize_dataset(conv, tok, max_seq_length=256, messages_field="messages", train_on="assistant",
-                          show_progress=False)
+    ds = tokenize_dataset(
+        conv, tok, max_seq_length=256, messages_field="messages", train_on="assistant", show_progress=False
+    )
     return [ds[i] for i in range(len(ds))]
 
 
@@ -41,13 +42,18 @@ def _token_losses(model, batch) -> dict[tuple[int, int], float]:
     """{(row, position): loss} for every trained target, from one forward over ``batch``."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "cu_seqlens" in batch:
-        inputs.update(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                      max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+        inputs.update(
+            cu_seq_lens_q=batch["cu_seqlens"],
+            cu_seq_lens_k=batch["cu_seqlens"],
+            max_length_q=batch["max_seqlen"],
+            max_length_k=batch["max_seqlen"],
+        )
     with torch.no_grad(), padding_free() if "cu_seqlens" in batch else torch.no_grad():
         logits = model(**inputs).logits.float()
     targets = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",
-                                               ignore_index=IGNORE)
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, reduction="none", ignore_index=IGNORE
+    )
     return logits, targets, losses
 
 

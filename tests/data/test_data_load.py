@@ -11,19 +11,33 @@ from hizli.data.problems import DataError
 
 EXPECTED = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
-    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ],
 ]
 RECORDS = {
     "sharegpt": [
         {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}], "id": "a"},
-        {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
-                           {"from": "gpt", "value": "Hello!"}], "id": "b"},
+        {
+            "conversations": [
+                {"from": "system", "value": "Be kind."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello!"},
+            ],
+            "id": "b",
+        },
     ],
     "messages": [
         {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]},
-        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        },
     ],
     "alpaca": [
         {"instruction": "What is 2+2?", "input": "", "output": "4.", "system": None},
@@ -61,8 +75,12 @@ def test_json_file_holding_json_lines(tmp_path):
 
 
 def test_openai_content_parts_are_joined():
-    rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "you"}]},
-                        {"role": "assistant", "content": "Hello!"}]}
+    rec = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "you"}]},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    }
     assert load_conversations([rec])[0]["messages"][0]["content"] == "Hi you"
 
 
@@ -85,14 +103,27 @@ def test_json_list_cut_off_mid_record_keeps_the_complete_records(tmp_path):
 
 def test_jsonl_problems_name_their_lines(tmp_path):
     good = json.dumps(RECORDS["sharegpt"][0])
-    lines = [good, "", '{"conversations": [}', json.dumps([1, 2]), json.dumps({"text": "hi"}), good,
-             json.dumps({"conversations": [{"from": "human", "value": 3}]}), good[:25]]
+    lines = [
+        good,
+        "",
+        '{"conversations": [}',
+        json.dumps([1, 2]),
+        json.dumps({"text": "hi"}),
+        good,
+        json.dumps({"conversations": [{"from": "human", "value": 3}]}),
+        good[:25],
+    ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines), encoding="utf-8")
     rows = load_conversations(path, bad_rows="skip")
     assert rows.lines == [1, 6]
     assert [(p.line, p.kind) for p in rows.problems] == [
-        (3, "invalid-json"), (4, "not-an-object"), (5, "no-conversation"), (7, "bad-message"), (8, "truncated-file")]
+        (3, "invalid-json"),
+        (4, "not-an-object"),
+        (5, "no-conversation"),
+        (7, "bad-message"),
+        (8, "truncated-file"),
+    ]
     assert rows.rows_in == 7  # the blank line is not a row
     with pytest.raises(DataError) as e:
         load_conversations(path)
@@ -117,8 +148,14 @@ def test_unknown_role_policies(tmp_path):
 
 
 def test_slices_partition_rows_and_problems():
-    recs = [RECORDS["sharegpt"][0], {"conversations": []}, RECORDS["sharegpt"][1], {"conversations": []},
-            RECORDS["sharegpt"][0], "junk"]
+    recs = [
+        RECORDS["sharegpt"][0],
+        {"conversations": []},
+        RECORDS["sharegpt"][1],
+        {"conversations": []},
+        RECORDS["sharegpt"][0],
+        "junk",
+    ]
     rows = load_conversations(recs, bad_rows="skip")
     assert len(rows) == 3 and rows.rows_in == 6
     for k in range(4):

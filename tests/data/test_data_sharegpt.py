@@ -9,18 +9,42 @@ import pytest
 from hizli.data.sharegpt import standardize_sharegpt
 
 ROWS = [
-    {"id": "a", "score": 4.5, "conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-        {"from": "gpt", "value": "Hello!"}]},
-    {"id": "b", "score": 3.0, "conversations": [
-        {"from": "user", "value": "Q"}, {"from": "chatgpt", "value": "A"}, {"from": "human", "value": "Q2"},
-        {"from": "bing", "value": "A2"}, {"from": "human", "value": "Q3"}, {"from": "chatgpt", "value": "A3"}]},
+    {
+        "id": "a",
+        "score": 4.5,
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+        ],
+    },
+    {
+        "id": "b",
+        "score": 3.0,
+        "conversations": [
+            {"from": "user", "value": "Q"},
+            {"from": "chatgpt", "value": "A"},
+            {"from": "human", "value": "Q2"},
+            {"from": "bing", "value": "A2"},
+            {"from": "human", "value": "Q3"},
+            {"from": "chatgpt", "value": "A3"},
+        ],
+    },
 ]
 EXPECTED = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}],
-    [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"},
-     {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q3"}, {"role": "assistant", "content": "A3"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ],
+    [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+        {"role": "user", "content": "Q3"},
+        {"role": "assistant", "content": "A3"},
+    ],
 ]
 
 

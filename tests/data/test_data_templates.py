@@ -9,8 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hizli.data.templates import (SAMPLE_CONVERSATION, get_chat_template, lookup, registry, render,
-                                  stop_token_ids, template_info)
+from hizli.data.templates import (
+    SAMPLE_CONVERSATION,
+    get_chat_template,
+    lookup,
+    registry,
+    render,
+    stop_token_ids,
+    template_info,
+)
 
 THREE_TURNS = [
     {"role": "system", "content": "You are terse."},
@@ -26,166 +33,160 @@ PROMPT = [
 # Each template's exact output, written from the model's published format (the spec; rendered
 # with the family's own BOS/EOS from the registry's `tokens`).
 GOLDEN_3TURN = {
-    'llama-3.1': (
-        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
-        'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are terse.<|eot_id|>'
-        '<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>'
-        'assistant<|end_header_id|>\n\n4.<|eot_id|>'
+    "llama-3.1": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>"
+        "assistant<|end_header_id|>\n\n4.<|eot_id|>"
     ),
-    'llama-3': (
-        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>'
-        '<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>'
-        'assistant<|end_header_id|>\n\n4.<|eot_id|>'
+    "llama-3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>"
+        "assistant<|end_header_id|>\n\n4.<|eot_id|>"
     ),
-    'llama-4': (
-        '<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|>'
-        '<|header_start|>user<|header_end|>\n\nWhat is 2+2?<|eot|><|header_start|>'
-        'assistant<|header_end|>\n\n4.<|eot|>'
+    "llama-4": (
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|>"
+        "<|header_start|>user<|header_end|>\n\nWhat is 2+2?<|eot|><|header_start|>"
+        "assistant<|header_end|>\n\n4.<|eot|>"
     ),
-    'llama-2': '<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>',
-    'chatml': (
-        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
-        '<|im_start|>assistant\n4.<|im_end|>\n'
+    "llama-2": "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>",
+    "chatml": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4.<|im_end|>\n"
     ),
-    'qwen-2': (
-        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
-        '<|im_start|>assistant\n4.<|im_end|>\n'
+    "qwen-2": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4.<|im_end|>\n"
     ),
-    'qwen-2.5': (
-        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
-        '<|im_start|>assistant\n4.<|im_end|>\n'
+    "qwen-2.5": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4.<|im_end|>\n"
     ),
-    'qwen-3': (
-        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
-        '<|im_start|>assistant\n4.<|im_end|>\n'
+    "qwen-3": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4.<|im_end|>\n"
     ),
-    'smollm2': (
-        '<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
-        '<|im_start|>assistant\n4.<|im_end|>\n'
+    "smollm2": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4.<|im_end|>\n"
     ),
-    'mistral': '<s>[INST] You are terse.\n\nWhat is 2+2? [/INST]4.</s>',
-    'mistral-v7': '<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT][INST]What is 2+2?[/INST]4.</s>',
-    'zephyr': '<|system|>\nYou are terse.</s>\n<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4.</s>\n',
-    'alpaca': 'You are terse.\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>\n\n',
-    'vicuna': 'You are terse. USER: What is 2+2? ASSISTANT: 4.</s>',
-    'gemma': (
-        '<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>'
-        'model\n4.<end_of_turn>\n'
+    "mistral": "<s>[INST] You are terse.\n\nWhat is 2+2? [/INST]4.</s>",
+    "mistral-v7": "<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT][INST]What is 2+2?[/INST]4.</s>",
+    "zephyr": "<|system|>\nYou are terse.</s>\n<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4.</s>\n",
+    "alpaca": "You are terse.\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>\n\n",
+    "vicuna": "You are terse. USER: What is 2+2? ASSISTANT: 4.</s>",
+    "gemma": (
+        "<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4.<end_of_turn>\n"
     ),
-    'phi-3': (
-        '<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4.<|end|>'
-        '\n'
+    "phi-3": ("<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4.<|end|>\n"),
+    "phi-4": (
+        "<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>"
+        "What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>4.<|im_end|>"
     ),
-    'phi-4': (
-        '<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>'
-        'What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>4.<|im_end|>'
+    "deepseek-v3": "<｜begin▁of▁sentence｜>You are terse.<｜User｜>What is 2+2?<｜Assistant｜>4.<｜end▁of▁sentence｜>",
+    "granite": (
+        "<|start_of_role|>system<|end_of_role|>You are terse.<|end_of_text|>\n<|start_of_role|>"
+        "user<|end_of_role|>What is 2+2?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
+        "4.<|end_of_text|>\n"
     ),
-    'deepseek-v3': '<｜begin▁of▁sentence｜>You are terse.<｜User｜>What is 2+2?<｜Assistant｜>4.<｜end▁of▁sentence｜>',
-    'granite': (
-        '<|start_of_role|>system<|end_of_role|>You are terse.<|end_of_text|>\n<|start_of_role|>'
-        'user<|end_of_role|>What is 2+2?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>'
-        '4.<|end_of_text|>\n'
+    "command-r": (
+        "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are terse.<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>What is 2+2?<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4.<|END_OF_TURN_TOKEN|>"
     ),
-    'command-r': (
-        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are terse.<|END_OF_TURN_TOKEN|>'
-        '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>What is 2+2?<|END_OF_TURN_TOKEN|>'
-        '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4.<|END_OF_TURN_TOKEN|>'
-    ),
-    'unsloth': (
-        '<|begin_of_text|>You are terse.\n>>> User: What is 2+2?\n>>> Assistant: 4.<|end_of_text|>'
-        '\n'
-    ),
+    "unsloth": ("<|begin_of_text|>You are terse.\n>>> User: What is 2+2?\n>>> Assistant: 4.<|end_of_text|>\n"),
 }
 
 GOLDEN_PROMPT = {
-    'llama-3.1': (
-        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
-        'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>'
-        '<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>'
-        'assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
-        'Bye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    "llama-3.1": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>"
+        "assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "Bye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
-    'llama-3': (
-        '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>'
-        '<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>'
-        'user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    "llama-3": (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>"
+        "user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
-    'llama-4': (
-        '<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>'
-        'assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\nBye<|eot|>'
-        '<|header_start|>assistant<|header_end|>\n\n'
+    "llama-4": (
+        "<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>"
+        "assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\nBye<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\n"
     ),
-    'llama-2': '<s>[INST] Hi [/INST] Hello! </s><s>[INST] Bye [/INST]',
-    'chatml': (
-        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
-        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    "llama-2": "<s>[INST] Hi [/INST] Hello! </s><s>[INST] Bye [/INST]",
+    "chatml": (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>"
+        "user\nBye<|im_end|>\n<|im_start|>assistant\n"
     ),
-    'qwen-2': (
-        '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>'
-        '\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>'
-        'assistant\n'
+    "qwen-2": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>"
+        "\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>"
+        "assistant\n"
     ),
-    'qwen-2.5': (
-        '<|im_start|>system\n'
-        'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n'
-        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
-        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    "qwen-2.5": (
+        "<|im_start|>system\n"
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>"
+        "user\nBye<|im_end|>\n<|im_start|>assistant\n"
     ),
-    'qwen-3': (
-        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
-        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    "qwen-3": (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>"
+        "user\nBye<|im_end|>\n<|im_start|>assistant\n"
     ),
-    'smollm2': (
-        '<|im_start|>system\n'
-        'You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n'
-        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>'
-        'user\nBye<|im_end|>\n<|im_start|>assistant\n'
+    "smollm2": (
+        "<|im_start|>system\n"
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>"
+        "user\nBye<|im_end|>\n<|im_start|>assistant\n"
     ),
-    'mistral': '<s>[INST] Hi [/INST]Hello!</s>[INST] Bye [/INST]',
-    'mistral-v7': '<s>[INST]Hi[/INST]Hello!</s>[INST]Bye[/INST]',
-    'zephyr': '<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nBye</s>\n<|assistant|>\n',
-    'alpaca': (
-        'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n'
-        '\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nBye\n\n'
-        '### Response:\n'
+    "mistral": "<s>[INST] Hi [/INST]Hello!</s>[INST] Bye [/INST]",
+    "mistral-v7": "<s>[INST]Hi[/INST]Hello!</s>[INST]Bye[/INST]",
+    "zephyr": "<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nBye</s>\n<|assistant|>\n",
+    "alpaca": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
+        "\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nBye\n\n"
+        "### Response:\n"
     ),
-    'vicuna': (
+    "vicuna": (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello!</s>"
-        'USER: Bye ASSISTANT:'
+        "USER: Bye ASSISTANT:"
     ),
-    'gemma': (
-        '<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n'
-        '<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n'
+    "gemma": (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
     ),
-    'phi-3': '<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n',
-    'phi-4': (
-        '<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>'
-        '<|im_start|>user<|im_sep|>Bye<|im_end|><|im_start|>assistant<|im_sep|>'
+    "phi-3": "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n",
+    "phi-4": (
+        "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>"
+        "<|im_start|>user<|im_sep|>Bye<|im_end|><|im_start|>assistant<|im_sep|>"
     ),
-    'deepseek-v3': (
-        '<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>'
-        'Bye<｜Assistant｜>'
+    "deepseek-v3": (
+        "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>"
     ),
-    'granite': (
-        '<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>'
-        'assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>'
-        'Bye<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>'
+    "granite": (
+        "<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>"
+        "assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>"
+        "Bye<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
     ),
-    'command-r': (
-        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|>'
-        '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>'
-        '<|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'
+    "command-r": (
+        "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
+        "<|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
     ),
-    'unsloth': (
-        '<|begin_of_text|>You are a helpful assistant to the user\n>>> User: Hi\n>>>'
-        ' Assistant: Hello!<|end_of_text|>\n>>> User: Bye\n>>> Assistant: '
+    "unsloth": (
+        "<|begin_of_text|>You are a helpful assistant to the user\n>>> User: Hi\n>>>"
+        " Assistant: Hello!<|end_of_text|>\n>>> User: Bye\n>>> Assistant: "
     ),
 }
 
-LLAMA31_HI = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-              "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+LLAMA31_HI = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+)
 
 
 def test_registry_has_at_least_20_templates_and_every_one_has_a_golden():
@@ -211,9 +212,11 @@ def test_llama31_hi_hello_is_metas_format_byte_for_byte(llama31):
 def test_llama31_user_system_message_follows_the_date_lines(llama31):
     messages = [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "Hi"}]
     text = llama31.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-                    "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user"
-                    "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user"
+        "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def metas_llama31(messages, add_generation_prompt=False, date="26 Jul 2024"):
@@ -221,8 +224,10 @@ def metas_llama31(messages, add_generation_prompt=False, date="26 Jul 2024"):
     system = ""
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"].strip(), messages[1:]
-    out = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-           f"Today Date: {date}\n\n{system}<|eot_id|>")
+    out = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        f"Today Date: {date}\n\n{system}<|eot_id|>"
+    )
     for m in messages:
         out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
     if add_generation_prompt:
@@ -295,8 +300,9 @@ def test_eos_becomes_the_end_of_turn_token(llama_tok, smol_tok):
     tok.eos_token = "<|end_of_text|>"  # a base model's EOS
     get_chat_template(tok, "llama-3.1")
     assert tok.eos_token == "<|eot_id|>"
-    assert set(stop_token_ids(tok)) >= {tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>",
-                                                                               "<|end_of_text|>")}
+    assert set(stop_token_ids(tok)) >= {
+        tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+    }
     tok.eos_token = "<|end_of_text|>"
     get_chat_template(tok, "llama-3.1", map_eos_token=False)
     assert tok.eos_token == "<|end_of_text|>"

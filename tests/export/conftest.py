@@ -60,8 +60,9 @@ class Chat:
         self._answers: dict[tuple[int, str, int], list[int]] = {}
 
     def ids(self, prompt: str):
-        enc = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 return_tensors="pt", return_dict=True)
+        enc = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         return enc["input_ids"]
 
     def logits(self, model, prompt: str):
@@ -82,10 +83,17 @@ class Chat:
         if key not in self._answers:
             ids = self.ids(prompt)
             with torch.no_grad(), one_thread():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                     do_sample=False, temperature=None, top_p=None, top_k=None,
-                                     pad_token_id=self.tokenizer.pad_token_id)
-            self._answers[key] = out[0, ids.shape[1]:].tolist()
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            self._answers[key] = out[0, ids.shape[1] :].tolist()
         return self._answers[key]
 
     def _forget(self, model_id: int) -> None:
@@ -110,8 +118,8 @@ class Chat:
             answer = self.greedy(reference, p, n)
             seq = torch.cat([ids, torch.tensor([answer])], dim=1)
             with torch.no_grad(), one_thread():
-                ref = reference(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float()
-                got = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float()
+                ref = reference(input_ids=seq).logits[0, ids.shape[1] - 1 : -1].float()
+                got = model(input_ids=seq).logits[0, ids.shape[1] - 1 : -1].float()
             top2 = ref.topk(2, dim=-1).values
             lead = top2[:, 0] - top2[:, 1]
             pick = got.argmax(-1).tolist()
@@ -150,8 +158,14 @@ class Chat:
             agree += sum(same)
             misses += [(p, i, margin[i]) for i, ok in enumerate(same) if not ok]
         positions = sum(self.ids(p).shape[1] + len(self.greedy(reference, p, n)) for p in prompts)
-        return {"positions": positions, "max_rel": max(rels), "max_abs": abs_max, "mean_abs": abs_sum / count,
-                "top1": agree / positions, "misses": misses}
+        return {
+            "positions": positions,
+            "max_rel": max(rels),
+            "max_abs": abs_max,
+            "mean_abs": abs_sum / count,
+            "top1": agree / positions,
+            "misses": misses,
+        }
 
     def greedy_parts_only_where_unsure(self, reference, model, prompts, n: int = 32, unsure: float = 0.05):
         """For each prompt, (prompt, first step whose reference top-2 margin is below ``unsure`` or None,
@@ -164,7 +178,7 @@ class Chat:
             ids, ref, got = self.ids(p), self.greedy(reference, p, n), self.greedy(model, p, n)
             seq = torch.cat([ids, torch.tensor([ref])], dim=1)
             with torch.no_grad(), one_thread():
-                logits = reference(input_ids=seq).logits[0, ids.shape[1] - 1:-1].double()
+                logits = reference(input_ids=seq).logits[0, ids.shape[1] - 1 : -1].double()
             top2 = logits.topk(2, dim=-1).values
             low = [i for i, m in enumerate((top2[:, 0] - top2[:, 1]).tolist()) if m < unsure]
             parted = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
@@ -172,7 +186,6 @@ class Chat:
                 parted = [min(len(ref), len(got))]
             out.append((p, low[0] if low else None, parted[0] if parted else None))
         return out
-
 
 
 def make_adapter(out: Path, *, load_in_4bit: bool = False, seed: int = 0):
@@ -267,5 +280,4 @@ def gguf_dir(adapter_model, tmp_path_factory) -> Path:
 
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
-        terminalreporter.write_line(
-            "export timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
+        terminalreporter.write_line("export timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))

@@ -63,7 +63,8 @@ def test_merged_export_loads_back(tiny_adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["export", str(tiny_adapter), "--to", "merged", "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     model, tokenizer = loader.load(str(out), load_in_4bit=False)
     assert model.hizli.info.kind == "folder" and tokenizer.chat_template
 
@@ -162,10 +163,17 @@ def test_push_uploads_privately(tiny_adapter, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     out = tmp_path / "out"
-    assert main(["export", str(tiny_adapter), "--to", "gguf", "--quant", "f16", "--out", str(out),
-                 "--push", "me/tiny-gguf"]) == 0
-    assert calls == [("init", "hf_from_env"), ("create_repo", "me/tiny-gguf", "model", True, True),
-                     ("upload_folder", ["Modelfile", "out.F16.gguf"], "me/tiny-gguf")]
+    assert (
+        main(
+            ["export", str(tiny_adapter), "--to", "gguf", "--quant", "f16", "--out", str(out), "--push", "me/tiny-gguf"]
+        )
+        == 0
+    )
+    assert calls == [
+        ("init", "hf_from_env"),
+        ("create_repo", "me/tiny-gguf", "model", True, True),
+        ("upload_folder", ["Modelfile", "out.F16.gguf"], "me/tiny-gguf"),
+    ]
     assert "uploaded: https://huggingface.co/me/tiny-gguf" in capsys.readouterr().out
 
     calls.clear()  # the Python API: token argument wins over the environment, private unless asked
@@ -181,9 +189,21 @@ def test_push_uploads_privately(tiny_adapter, tmp_path, monkeypatch, capsys):
 def _chat(path: Path, env_extra: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "hizli.cli", "chat", str(path), "--prompt", "What is the capital of France?",
-         "--max-new-tokens", "12"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "hizli.cli",
+            "chat",
+            str(path),
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
 
 

@@ -88,8 +88,7 @@ def test_metadata_carries_architecture_tokenizer_and_chat_template(gguf_dir, q8_
     assert f16_kinds["output_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
-def test_f16_loads_in_transformers_with_matching_logits(gguf_dir, f16_model, merged_dir, adapter_model, chat,
-                                                         prompts):
+def test_f16_loads_in_transformers_with_matching_logits(gguf_dir, f16_model, merged_dir, adapter_model, chat, prompts):
     from transformers import AutoTokenizer
 
     model, tokenizer = adapter_model
@@ -113,8 +112,9 @@ def test_f16_loads_in_transformers_with_matching_logits(gguf_dir, f16_model, mer
     gguf_tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file="smol-ft.F16.gguf")
     for p in prompts:
         messages = [{"role": "user", "content": p}]
-        assert gguf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert gguf_tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        ) == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert gguf_tok(p)["input_ids"] == tokenizer(p)["input_ids"]
 
 
@@ -142,7 +142,8 @@ def test_q8_0_token_embd_is_byte_identical_to_llama_cpp(q8_file, adapter_dir):
         pytest.skip("this adapter changes the embeddings")
     ours = {t.name: t for t in q8_file[0].tensors}["token_embd.weight"]
     theirs = {t.name: t for t in gguf.GGUFReader(str(embedded_path("smollm2-135m-instruct"))).tensors}[
-        "token_embd.weight"]
+        "token_embd.weight"
+    ]
     assert theirs.tensor_type == ours.tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert bytes(ours.data) == bytes(theirs.data)
 
@@ -186,10 +187,20 @@ def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192})
+    config = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     factors = hizli_gguf.llama3_rope_factors(config)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     plain = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
@@ -203,11 +214,21 @@ def test_llama3_rope_factors_match_transformers():
 @pytest.mark.slow  # 17 s: architectures beyond the recipe's; run with -m slow
 @pytest.mark.parametrize("arch,tie,method", [("qwen2", False, "bf16"), ("qwen3", True, "f32")])
 def test_tiny_architectures_round_trip(arch, tie, method, smol_folder, tmp_path):
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-                  bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     # transformers' GGUF reader takes Qwen3's head_dim from the config class default (128)
     head_dim = 128 if arch == "qwen3" else 16
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common, head_dim=head_dim)
@@ -228,8 +249,9 @@ def test_tiny_architectures_round_trip(arch, tie, method, smol_folder, tmp_path)
     assert ("output.weight" in names) is (not tie)
     assert ("blk.0.attn_q.bias" in names) is (arch == "qwen2")
     assert ("blk.0.attn_q_norm.weight" in names) is (arch == "qwen3")
-    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file=paths[0].name,
-                                                dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out"), gguf_file=paths[0].name, dtype=torch.float32
+    ).eval()
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = model(input_ids=ids).logits, back(input_ids=ids).logits

@@ -33,8 +33,11 @@ FIBONACCI = "Continue the Fibonacci sequence: 1, 1, 2, 3, 5, 8,"
 CONVERSATIONS = (
     [{"role": "user", "content": "What is 2 + 2?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-     {"role": "user", "content": "Count: 1, 2, ½, ③."}],
+    [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Count: 1, 2, ½, ③."},
+    ],
 )
 
 
@@ -78,8 +81,7 @@ def llama3_gguf(tmp_path_factory, llama_cpp):
     return make_llama3_gguf(tmp_path_factory.mktemp("llama3"))
 
 
-def test_llama3_gguf_tokenizes_the_corpus_like_the_tokenizer_and_hizli(llama_cpp, llama3_gguf, tmp_path,
-                                                                       monkeypatch):
+def test_llama3_gguf_tokenizes_the_corpus_like_the_tokenizer_and_hizli(llama_cpp, llama3_gguf, tmp_path, monkeypatch):
     from hizli.models.loader import load_tokenizer, resolve_source
 
     path, original = llama3_gguf
@@ -117,8 +119,9 @@ def test_stored_chat_template_renders_like_the_tokenizer(llama_cpp, gguf_dir, ch
 
 @pytest.fixture(scope="module")
 def f16_llama(llama_cpp, gguf_dir):
-    return llama_cpp.Llama(model_path=str(gguf_dir / "smol-ft.F16.gguf"), n_ctx=512, n_threads=1, seed=0,
-                           logits_all=True, verbose=False)
+    return llama_cpp.Llama(
+        model_path=str(gguf_dir / "smol-ft.F16.gguf"), n_ctx=512, n_threads=1, seed=0, logits_all=True, verbose=False
+    )
 
 
 def _llama_logits(llama, ids):
@@ -162,16 +165,20 @@ def test_f16_greedy_answers_and_logits_match_transformers(f16_llama, adapter_mod
         worst = max(worst, diff.max().item())
         agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
         total += seq.shape[1]
-    print(f"llama.cpp f16 vs fp32 adapter model, teacher-forced over {total} positions: max |diff| {worst:.3f}, "
-          f"largest diff / max |logit| {rel:.4f}, top-1 {agree / total:.2%}")
+    print(
+        f"llama.cpp f16 vs fp32 adapter model, teacher-forced over {total} positions: max |diff| {worst:.3f}, "
+        f"largest diff / max |logit| {rel:.4f}, top-1 {agree / total:.2%}"
+    )
     assert rel <= 0.02 and agree / total >= 0.99
 
 
 def test_llama_cpp_answers_the_fibonacci_prompt_coherently(llama_cpp, gguf_dir):
-    llama = llama_cpp.Llama(model_path=str(gguf_dir / "smol-ft.Q8_0.gguf"), n_ctx=512, n_threads=1, seed=0,
-                            verbose=False)
-    result = llama.create_chat_completion(messages=[{"role": "user", "content": FIBONACCI}], temperature=0.0,
-                                          max_tokens=64)
+    llama = llama_cpp.Llama(
+        model_path=str(gguf_dir / "smol-ft.Q8_0.gguf"), n_ctx=512, n_threads=1, seed=0, verbose=False
+    )
+    result = llama.create_chat_completion(
+        messages=[{"role": "user", "content": FIBONACCI}], temperature=0.0, max_tokens=64
+    )
     answer = result["choices"][0]["message"]["content"]
     print(f"llama.cpp answer: {answer!r}")
     words = re.findall(r"[A-Za-z]+", answer)

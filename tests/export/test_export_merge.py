@@ -140,7 +140,7 @@ def test_dequantize_reads_bitsandbytes_cpu_packed_layout():
     assert torch.equal(decoded, expected)
     # and it is the NF4 weight up to bf16 rounding of absmax (relative 2^-8)
     reference = F.dequantize_4bit(qweight, qs)
-    assert torch.allclose(decoded, reference, rtol=2 ** -8, atol=1e-7)
+    assert torch.allclose(decoded, reference, rtol=2**-8, atol=1e-7)
 
 
 def test_sharded_and_bf16_outputs_load_back(tiny_model_dir, tmp_path):

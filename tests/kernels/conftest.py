@@ -20,14 +20,19 @@ import torch
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "interpret: runs Triton kernels on CPU through TRITON_INTERPRET=1 "
-                                       "(run with TRITON_INTERPRET=1 pytest -m interpret)")
+    config.addinivalue_line(
+        "markers",
+        "interpret: runs Triton kernels on CPU through TRITON_INTERPRET=1 "
+        "(run with TRITON_INTERPRET=1 pytest -m interpret)",
+    )
 
 
-@pytest.fixture(params=[
-    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
-    pytest.param("cpu", marks=[pytest.mark.interpret, pytest.mark.slow], id="interpret"),
-])
+@pytest.fixture(
+    params=[
+        pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+        pytest.param("cpu", marks=[pytest.mark.interpret, pytest.mark.slow], id="interpret"),
+    ]
+)
 def kernel_device(request, monkeypatch) -> torch.device:
     """The device the Triton kernels run on, with ``HIZLI_KERNELS=triton`` set for the test."""
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

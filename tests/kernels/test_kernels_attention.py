@@ -7,8 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hizli.kernels.attention import (attention_candidates, document_block_mask, varlen_attention,
-                                     varlen_attention_reference)
+from hizli.kernels.attention import (
+    attention_candidates,
+    document_block_mask,
+    varlen_attention,
+    varlen_attention_reference,
+)
 
 # Relative error of each GPU candidate against the reference evaluated in fp32 on the same inputs.
 # bf16: the fused kernels round the softmax probabilities to bf16 before the PV product and the output
@@ -29,8 +33,7 @@ def _cu(lengths, device="cpu"):
 def _qkv(lengths, hq, hkv, d, dtype, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     t = sum(lengths)
-    return [torch.randn(t, h, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
-            for h in (hq, hkv, hkv)]
+    return [torch.randn(t, h, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for h in (hq, hkv, hkv)]
 
 
 def _block_diagonal_sdpa(q, k, v, lengths, scale=None):
@@ -39,8 +42,14 @@ def _block_diagonal_sdpa(q, k, v, lengths, scale=None):
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     pos = torch.arange(t)
     mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
     return out.transpose(0, 1)
 
 
@@ -84,10 +93,15 @@ def test_dispatch_on_cpu(monkeypatch):
     assert list(attention_candidates("cpu")) == ["sdpa_loop"]
     q, k, v = (x.detach() for x in _qkv([3, 2], 2, 2, 8, torch.float32))
     monkeypatch.delenv("HIZLI_ATTENTION", raising=False)
-    torch.testing.assert_close(varlen_attention(q, k, v, _cu([3, 2]), 3),
-                               varlen_attention_reference(q, k, v, _cu([3, 2]), 3), rtol=0, atol=0)
-    torch.testing.assert_close(varlen_attention(q, k, v, _cu([3, 2]), 0),  # max_seqlen computed
-                               varlen_attention_reference(q, k, v, _cu([3, 2]), 3), rtol=0, atol=0)
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, _cu([3, 2]), 3), varlen_attention_reference(q, k, v, _cu([3, 2]), 3), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, _cu([3, 2]), 0),  # max_seqlen computed
+        varlen_attention_reference(q, k, v, _cu([3, 2]), 3),
+        rtol=0,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="unknown implementation"):
         varlen_attention(q, k, v, _cu([3, 2]), 3, impl="nope")
     with pytest.raises(ValueError, match="cannot run here"):

@@ -20,8 +20,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     out = tmp_path / "compile.json"
     cmd = [sys.executable, "-m", "hizli.cli", "bench", "kernels", "--compile", "--json", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert len(rows) >= 8

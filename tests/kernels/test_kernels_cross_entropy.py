@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hizli.kernels.cross_entropy import (default_chunk_size, fused_linear_cross_entropy,
-                                         fused_linear_cross_entropy_reference)
+from hizli.kernels.cross_entropy import (
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
 
 # Relative error against F.cross_entropy in float64 over full logits made from the same inputs.
 # fp32: products and log-sum-exp in fp32 (cuBLAS fp32 without TF32, torch's default): ~1e-7 for the
@@ -22,8 +25,10 @@ from hizli.kernels.cross_entropy import (default_chunk_size, fused_linear_cross_
 # bf16 in the interpreter: its fp32 -> bf16 conversion truncates (Triton 3.6): grads measured 3.8e-3 to
 #   4.5e-3, same 1e-2 bound.
 TOL = {  # (device, dtype) -> (loss, grads)
-    ("cuda", torch.float32): (1e-5, 1e-5), ("cuda", torch.bfloat16): (1e-3, 1e-2),
-    ("cpu", torch.float32): (1e-5, 1e-5), ("cpu", torch.bfloat16): (1e-3, 1e-2),
+    ("cuda", torch.float32): (1e-5, 1e-5),
+    ("cuda", torch.bfloat16): (1e-3, 1e-2),
+    ("cpu", torch.float32): (1e-5, 1e-5),
+    ("cpu", torch.bfloat16): (1e-3, 1e-2),
 }
 OPTIONS = [  # keyword arguments beyond the defaults
     {},
@@ -83,8 +88,7 @@ def test_reference_matches_full_cross_entropy(rel, dtype, options, chunk_size):
 
 def test_reference_frozen_head_and_no_grad(rel):
     hidden, weight, targets = _data(37, 72, 1001, torch.float64, "cpu")
-    loss, gh, gw = _run(fused_linear_cross_entropy_reference, hidden, weight, targets, weight_grad=False,
-                        chunk_size=10)
+    loss, gh, gw = _run(fused_linear_cross_entropy_reference, hidden, weight, targets, weight_grad=False, chunk_size=10)
     want = _truth(hidden, weight, targets, weight_grad=False)
     assert gw is None and rel(loss, want[0]) < 1e-12 and rel(gh, want[1]) < 1e-12
     with torch.no_grad():

@@ -56,6 +56,10 @@ def test_importing_and_running_references_never_imports_triton():
         "cross_entropy.fused_linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, 4]))\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**__import__("os").environ, "HIZLI_KERNELS": "auto"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HIZLI_KERNELS": "auto"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -64,9 +64,13 @@ def test_without_copies_and_for_tensors_that_are_not_parameters_every_use_casts(
 
 def test_the_memory_plan_is_told_what_the_copies_will_take():
     copies = ComputeCopies()
-    model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(64, 16, bias=False),
-                                 "lora_B": torch.nn.Linear(16, 64, bias=False),
-                                 "head": torch.nn.Linear(64, 8)})  # trainable, but never copied
+    model = torch.nn.ModuleDict(
+        {
+            "lora_A": torch.nn.Linear(64, 16, bias=False),
+            "lora_B": torch.nn.Linear(16, 64, bias=False),
+            "head": torch.nn.Linear(64, 8),
+        }
+    )  # trainable, but never copied
     model.lora_B.weight.requires_grad_(False)
     assert copies.pending_bytes(model, 2) == 64 * 16 * 2  # lora_A only: B is frozen, head not LoRA
     compute_copy(model.lora_A.weight, torch.bfloat16, copies)
@@ -83,10 +87,23 @@ def test_the_trainer_keeps_copies_for_its_run_only(tmp_path):
 
     model = tiny_lora_model()
     seen = []
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                             optim="adamw_torch", save_strategy="no", disable_tqdm=True, report_to="none")
-    trainer = SFTTrainer(model=model, tokenizer=FakeTokenizer(), train_dataset=token_rows(8), args=args,
-                         max_seq_length=64, callbacks=[lambda e: seen.append(find_state(model).compute_copies)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        optim="adamw_torch",
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        tokenizer=FakeTokenizer(),
+        train_dataset=token_rows(8),
+        args=args,
+        max_seq_length=64,
+        callbacks=[lambda e: seen.append(find_state(model).compute_copies)],
+    )
     trainer.train()
     assert len(seen) == 2 and isinstance(seen[0], ComputeCopies) and seen[0] is seen[1]
     assert seen[0].steps == 2  # told of each optimizer step

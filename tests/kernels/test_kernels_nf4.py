@@ -34,10 +34,10 @@ CPU_CASES = [
     ((48, 64), 64),
     ((64, 128), 128),
     ((24, 256), 128),
-    ((40, 136), 64),      # 136 = 2 x 64 + 8: blocks straddle rows
-    ((3, 40), 32),        # 120 values: 3 full blocks + a partial one of 24
-    ((7, 33), 64),        # odd n = 231: a padding nibble and a partial last block
-    ((6, 1024), 4096),    # blocks of 4 rows, the last one half full
+    ((40, 136), 64),  # 136 = 2 x 64 + 8: blocks straddle rows
+    ((3, 40), 32),  # 120 values: 3 full blocks + a partial one of 24
+    ((7, 33), 64),  # odd n = 231: a padding nibble and a partial last block
+    ((6, 1024), 4096),  # blocks of 4 rows, the last one half full
 ]
 # Blocks straddling rows where bitsandbytes' CPU kernel indexes scales per row.
 STRADDLE_CASES = [((48, 64), 128), ((96, 96), 64), ((4, 64), 128)]
@@ -63,8 +63,14 @@ def _flat_block_truth(packed, qs):
     absmax = qs.absmax
     if qs.nested:
         absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    return compute(packed.reshape(-1), absmax.float(), F.get_4bit_type("nf4", device=packed.device),
-                   qs.blocksize, qs.shape, qs.dtype)
+    return compute(
+        packed.reshape(-1),
+        absmax.float(),
+        F.get_4bit_type("nf4", device=packed.device),
+        qs.blocksize,
+        qs.shape,
+        qs.dtype,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,8 +108,11 @@ def test_reference_matches_bitsandbytes_flat_blocks(case, dtype, nested):
 def test_params4bit_weight_and_other_storage():
     """A Linear4bit's weight object (its quant_state read from it), and a bf16 quant_storage view."""
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
-                              quant_type="nf4").to(torch.bfloat16).to("cpu")  # .to(device) quantizes
+    layer = (
+        bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+        .to(torch.bfloat16)
+        .to("cpu")
+    )  # .to(device) quantizes
     weight = layer.weight
     assert weight.dtype == torch.uint8 and weight.quant_state is not None
     want = F.dequantize_4bit(weight.data, weight.quant_state)
@@ -127,8 +136,16 @@ def test_out_and_dtype():
     assert buffer[:16].isnan().all() and buffer[64:].isnan().all()
 
     # fp32 out of a bf16 state: the fp32 products themselves, which bitsandbytes gives for an fp32 state.
-    qs32 = F.QuantState(absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
-                        quant_type="nf4", dtype=torch.float32, offset=qs.offset, state2=qs.state2)
+    qs32 = F.QuantState(
+        absmax=qs.absmax,
+        shape=qs.shape,
+        code=qs.code,
+        blocksize=qs.blocksize,
+        quant_type="nf4",
+        dtype=torch.float32,
+        offset=qs.offset,
+        state2=qs.state2,
+    )
     want32 = F.dequantize_4bit(packed, qs32)
     assert torch.equal(dequantize_nf4(packed, qs, out=torch.empty(48, 64)), want32)
     assert torch.equal(dequantize_nf4(packed, qs, dtype=torch.float32), want32)
@@ -200,11 +217,11 @@ def test_errors_on_out():
 
 KERNEL_CASES = [
     ((48, 64), 64),
-    ((96, 96), 64),        # blocks straddle rows
+    ((96, 96), 64),  # blocks straddle rows
     ((40, 136), 128),
-    ((5, 7), 64),          # odd n: the last byte's low nibble is padding
+    ((5, 7), 64),  # odd n: the last byte's low nibble is padding
     ((7, 33), 32),
-    ((3, 2048), 4096),     # one block spans rows, one tile row per program
+    ((3, 2048), 4096),  # one block spans rows, one tile row per program
 ]
 
 
@@ -275,8 +292,12 @@ def test_kernel_out_reuse_cuda(monkeypatch, dtype):
     twice over a buffer filled with NaN in between; and the Linear4bit weight object passed directly."""
     device = _cuda_triton(monkeypatch)
     torch.manual_seed(0)
-    layers = [bnb.nn.Linear4bit(3072, rows, bias=False, compute_dtype=dtype, compress_statistics=True,
-                                quant_type="nf4").to(dtype).to(device) for rows in (3072, 1024, 1024)]
+    layers = [
+        bnb.nn.Linear4bit(3072, rows, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+        .to(dtype)
+        .to(device)
+        for rows in (3072, 1024, 1024)
+    ]
     want = torch.cat([F.dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in layers])
     buffer = torch.empty((5120, 3072), dtype=dtype, device=device)
     for _ in range(2):
@@ -284,7 +305,7 @@ def test_kernel_out_reuse_cuda(monkeypatch, dtype):
         row = 0
         for layer in layers:
             rows = layer.out_features
-            got = dequantize_nf4(layer.weight, out=buffer[row:row + rows])
-            assert got.data_ptr() == buffer[row:row + rows].data_ptr()
+            got = dequantize_nf4(layer.weight, out=buffer[row : row + rows])
+            assert got.data_ptr() == buffer[row : row + rows].data_ptr()
             row += rows
         assert torch.equal(buffer, want)

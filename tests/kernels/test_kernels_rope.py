@@ -15,8 +15,10 @@ from hizli.kernels.rope import apply_rotary_pos_emb, rope, rope_in_place, rope_r
 # bf16 in the interpreter: its fp32 -> bf16 conversion truncates (Triton 3.6), about twice the error
 #   (measured 3.1e-3 to 3.6e-3): 1e-2.
 TOL = {
-    ("cuda", torch.float32): 1e-5, ("cuda", torch.bfloat16): 4e-3,
-    ("cpu", torch.float32): 1e-5, ("cpu", torch.bfloat16): 1e-2,
+    ("cuda", torch.float32): 1e-5,
+    ("cuda", torch.bfloat16): 4e-3,
+    ("cpu", torch.float32): 1e-5,
+    ("cpu", torch.bfloat16): 1e-2,
 }
 # (batch, tokens, q heads, kv heads, head dim): odd token counts, heads that are not powers of two,
 # a head dim whose half (12) is not a power of two either.
@@ -28,8 +30,9 @@ def _rotary(dim: int, positions: torch.Tensor, dtype: torch.dtype):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=dim * 4, num_attention_heads=4, head_dim=dim, rope_theta=500000.0,
-                         max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=dim * 4, num_attention_heads=4, head_dim=dim, rope_theta=500000.0, max_position_embeddings=4096
+    )
     module = LlamaRotaryEmbedding(config)
     probe = torch.empty(1, dtype=dtype, device=positions.device)
     return module.to(positions.device)(probe, positions)
@@ -86,9 +89,9 @@ def test_restarting_positions_equal_separate_sequences():
     start = 0
     for n in lengths:
         c, s = _rotary(d, torch.arange(n)[None], torch.float64)
-        sq, sk = rope_reference(q[:, :, start:start + n], k[:, :, start:start + n], c, s)
-        torch.testing.assert_close(row_q[:, :, start:start + n], sq, rtol=0, atol=0)
-        torch.testing.assert_close(row_k[:, :, start:start + n], sk, rtol=0, atol=0)
+        sq, sk = rope_reference(q[:, :, start : start + n], k[:, :, start : start + n], c, s)
+        torch.testing.assert_close(row_q[:, :, start : start + n], sq, rtol=0, atol=0)
+        torch.testing.assert_close(row_k[:, :, start : start + n], sk, rtol=0, atol=0)
         start += n
 
 
@@ -136,7 +139,7 @@ def test_kernel_strided_inputs_and_broadcast_cos(kernel_device, rel):
     b, t, hq, hk, d = 2, 11, 6, 2, 32
     qkv = torch.randn(b, t, (hq + 2 * hk) * d, device=kernel_device)
     q = qkv[..., : hq * d].view(b, t, hq, d).transpose(1, 2).requires_grad_()
-    k = qkv[..., hq * d:(hq + hk) * d].view(b, t, hk, d).transpose(1, 2).requires_grad_()
+    k = qkv[..., hq * d : (hq + hk) * d].view(b, t, hk, d).transpose(1, 2).requires_grad_()
     cos, sin = _rotary(d, torch.arange(t, device=kernel_device)[None], torch.float32)
     qe, ke = rope(q, k, cos, sin)
     gq, gk = torch.randn_like(qe), torch.randn_like(ke)
@@ -165,8 +168,8 @@ def test_kernel_only_q_used(kernel_device, rel):
 def _qkv_slices(b, t, hq, hk, d, device, dtype, seed):
     torch.manual_seed(seed)
     qkv = torch.randn(b * t, (hq + 2 * hk) * d, device=device).to(dtype)
-    q = qkv[:, :hq * d].view(b, t, hq, d)
-    k = qkv[:, hq * d:(hq + hk) * d].view(b, t, hk, d)
+    q = qkv[:, : hq * d].view(b, t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(b, t, hk, d)
     return qkv, q, k
 
 
@@ -179,7 +182,7 @@ def _check_in_place(device, dtype, tol, rel):
     want_q, want_k = rope_reference(q.double(), k.double(), cos.double(), sin.double(), unsqueeze_dim=2)
     rope_in_place(q, k, cos, sin)
     assert rel(q, want_q) < tol and rel(k, want_k) < tol
-    assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])  # v untouched
+    assert torch.equal(qkv[:, (hq + hk) * d :], before[:, (hq + hk) * d :])  # v untouched
     # backward=True is the transpose: <rope(x), g> == <x, rope^T(g)> for any x, g
     x_q, x_k = torch.randn(b, t, hq, d, dtype=torch.float64), torch.randn(b, t, hk, d, dtype=torch.float64)
     rx_q, rx_k = rope_reference(x_q, x_k, cos.double().cpu(), sin.double().cpu(), unsqueeze_dim=2)

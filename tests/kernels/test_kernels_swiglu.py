@@ -13,8 +13,10 @@ from hizli.kernels.swiglu import swiglu, swiglu_reference
 # bf16 in the interpreter: fp32 -> bf16 truncates there (Triton 3.6), about twice the error
 #   (measured 3.1e-3 to 3.7e-3): 1e-2.
 TOL = {
-    ("cuda", torch.float32): 1e-5, ("cuda", torch.bfloat16): 4e-3,
-    ("cpu", torch.float32): 1e-5, ("cpu", torch.bfloat16): 1e-2,
+    ("cuda", torch.float32): 1e-5,
+    ("cuda", torch.bfloat16): 4e-3,
+    ("cpu", torch.float32): 1e-5,
+    ("cpu", torch.bfloat16): 1e-2,
 }
 SHAPES = [(37, 96), (2, 7, 101), (3, 2049)]  # 2,049 columns: one full 2,048 block and a 1-wide tail
 
@@ -23,8 +25,9 @@ def _llama_act(dtype):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
-                         hidden_act="silu")
+    config = LlamaConfig(
+        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu"
+    )
     return LlamaMLP(config).to(dtype).act_fn
 
 

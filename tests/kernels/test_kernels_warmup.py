@@ -28,9 +28,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_shapes_come_from_a_llama_like_config_and_nothing_else(tiny_config):
     shapes = warmup.KernelShapes.from_config(tiny_config, torch.bfloat16, nf4=True)
     assert shapes == warmup.KernelShapes(
-        hidden=tiny_config.hidden_size, intermediate=tiny_config.intermediate_size,
-        heads=tiny_config.num_attention_heads, kv_heads=tiny_config.num_key_value_heads,
-        head_dim=tiny_config.head_dim, vocab=tiny_config.vocab_size, dtype="bfloat16", nf4=True)
+        hidden=tiny_config.hidden_size,
+        intermediate=tiny_config.intermediate_size,
+        heads=tiny_config.num_attention_heads,
+        kv_heads=tiny_config.num_key_value_heads,
+        head_dim=tiny_config.head_dim,
+        vocab=tiny_config.vocab_size,
+        dtype="bfloat16",
+        nf4=True,
+    )
     assert warmup.KernelShapes.from_config(SimpleNamespace(vocab_size=10), torch.bfloat16, True) is None
     assert warmup.KernelShapes.from_config(tiny_config, torch.float32, True) is None  # no fp32 fast path
 
@@ -43,8 +49,12 @@ def test_the_kernel_list_names_every_triton_kernel_of_the_fast_path():
     names = set()
     for module in pkgutil.iter_modules(hizli.kernels.__path__):
         mod = importlib.import_module(f"hizli.kernels.{module.name}")
-        names |= {name for name, value in vars(mod).items() if name.endswith("_kernel") and (
-            isinstance(value, LazyJit) or type(value).__name__ in ("JITFunction", "InterpretedFunction"))}
+        names |= {
+            name
+            for name, value in vars(mod).items()
+            if name.endswith("_kernel")
+            and (isinstance(value, LazyJit) or type(value).__name__ in ("JITFunction", "InterpretedFunction"))
+        }
     assert names == set(warmup.KERNELS)
 
 
@@ -149,18 +159,40 @@ def test_after_the_warm_up_the_first_training_steps_compile_nothing(tmp_path):
     from hizli.bench.shapes import config_for
 
     cache = tmp_path / "triton"
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "HIZLI_BENCH_CACHE": str(tmp_path / "models"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "TRITON_CACHE_DIR": str(cache),
+        "HIZLI_BENCH_CACHE": str(tmp_path / "models"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("HIZLI_KERNELS", None)
     # bf16: what hizli bench trains in on a GPU that has it (fp16 variants differ only in dtype)
     shapes = warmup.KernelShapes.from_config(config_for("tiny"), torch.bfloat16, nf4=True)
-    subprocess.run([sys.executable, "-m", "hizli.models.warmup", json.dumps(asdict(shapes)), "cuda"],
-                   env=env, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "hizli.models.warmup", json.dumps(asdict(shapes)), "cuda"],
+        env=env,
+        check=True,
+        timeout=300,
+    )
     compiled = _cubins(cache)
     assert {Path(c).stem for c in compiled} == set(warmup.KERNELS)
 
-    bench = [sys.executable, "-m", "hizli.cli", "bench", "--model", "tiny", "--tokenizer", str(tok),
-             "--steps", "3", "--seq-len", "512", "--json", str(tmp_path / "bench.json")]
+    bench = [
+        sys.executable,
+        "-m",
+        "hizli.cli",
+        "bench",
+        "--model",
+        "tiny",
+        "--tokenizer",
+        str(tok),
+        "--steps",
+        "3",
+        "--seq-len",
+        "512",
+        "--json",
+        str(tmp_path / "bench.json"),
+    ]
     subprocess.run(bench, env={**env, warmup.ENV: "0"}, check=True, timeout=600, cwd=tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["metrics"]["losses"]
     assert _cubins(cache) - compiled == set()

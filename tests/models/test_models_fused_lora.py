@@ -80,12 +80,18 @@ def _cases(layer, copies=None):
     fused_qkv_rope.head_dim = d  # for the float64 reference
 
     return {
-        "qkv": ([attn.q_proj, attn.k_proj, attn.v_proj], lambda x: lora_qkv(x, qkv, copies=copies),
-                lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))),
+        "qkv": (
+            [attn.q_proj, attn.k_proj, attn.v_proj],
+            lambda x: lora_qkv(x, qkv, copies=copies),
+            lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)),
+        ),
         "qkv_rope": ([attn.q_proj, attn.k_proj, attn.v_proj], fused_qkv_rope, plain_qkv_rope),
         "o": ([attn.o_proj], lambda x: lora_qkv(x, o, copies=copies), lambda x: attn.o_proj(x)),
-        "mlp": ([mlp.gate_proj, mlp.up_proj, mlp.down_proj], lambda x: lora_mlp(x, gud, copies),
-                lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))),
+        "mlp": (
+            [mlp.gate_proj, mlp.up_proj, mlp.down_proj],
+            lambda x: lora_mlp(x, gud, copies),
+            lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x)),
+        ),
     }
 
 
@@ -117,8 +123,9 @@ def _float64_reference(module, name, x, head_dim=None):
         w = dense_weight(base.weight).double()
         return inp @ w.t() + s * (inp @ a.double().t()) @ b.double().t()
 
-    names = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkv_rope": ("q_proj", "k_proj", "v_proj"),
-             "o": ("o_proj",)}.get(name)
+    names = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkv_rope": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}.get(
+        name
+    )
     params = _lora_params(module)
     saved = {n: p.data for n, p in params.items()}
 
@@ -176,8 +183,9 @@ def _compare(module, fused_fn, plain_fn, x, name, exact):
 
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_fused_matches_peft_fp32_cpu(tmp_path, tokens, fused):
-    model = one_layer_lora_model(tmp_path, hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32,
-                                 dtype=torch.float32, device="cpu")
+    model = one_layer_lora_model(
+        tmp_path, hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32, dtype=torch.float32, device="cpu"
+    )
     layer = _layer(model)
     for name, (module, fused_fn, plain_fn) in _cases(layer).items():
         _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, torch.float32, "cpu"), name, exact=True)
@@ -185,20 +193,39 @@ def test_fused_matches_peft_fp32_cpu(tmp_path, tokens, fused):
 
 def test_fused_matches_peft_bf16_cpu_with_rslora(tmp_path, fused):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model = one_layer_lora_model(tmp_path, hidden=128, inter=256, heads=2, kv_heads=1, head_dim=64,
-                                     dtype=torch.bfloat16, device="cpu", use_rslora=True)
+        model = one_layer_lora_model(
+            tmp_path,
+            hidden=128,
+            inter=256,
+            heads=2,
+            kv_heads=1,
+            head_dim=64,
+            dtype=torch.bfloat16,
+            device="cpu",
+            use_rslora=True,
+        )
         layer = _layer(model)
         for name, (module, fused_fn, plain_fn) in _cases(layer).items():
             _compare(module, fused_fn, plain_fn, _input(name, layer, 29, torch.bfloat16, "cpu"), name, exact=False)
 
 
 def test_layers_fused_maths_cannot_reproduce_take_peft_path(tmp_path):
-    model = one_layer_lora_model(tmp_path, hidden=64, inter=128, heads=2, kv_heads=1, head_dim=32,
-                                 dtype=torch.float32, device="cpu", lora_dropout=0.1)
+    model = one_layer_lora_model(
+        tmp_path,
+        hidden=64,
+        inter=128,
+        heads=2,
+        kv_heads=1,
+        head_dim=32,
+        dtype=torch.float32,
+        device="cpu",
+        lora_dropout=0.1,
+    )
     attn = _layer(model).self_attn
     assert fused_lora.group_parts(attn, ("q_proj", "k_proj", "v_proj")) is None  # dropout > 0
-    model2 = one_layer_lora_model(tmp_path / "b", hidden=64, inter=128, heads=2, kv_heads=1, head_dim=32,
-                                  dtype=torch.float32, device="cpu")
+    model2 = one_layer_lora_model(
+        tmp_path / "b", hidden=64, inter=128, heads=2, kv_heads=1, head_dim=32, dtype=torch.float32, device="cpu"
+    )
     attn2 = _layer(model2).self_attn
     assert fused_lora.lora_parts(attn2.q_proj) is not None
     with model2.disable_adapter():
@@ -252,15 +279,30 @@ def test_patched_model_trains_like_peft(tmp_path, request, path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape,tokens", [((3072, 8192, 24, 8, 128), 1), ((3072, 8192, 24, 8, 128), 1000),
-                                          ((2048, 5632, 16, 4, 128), 333), ((1024, 2816, 8, 8, 128), 4096)],
-                         ids=["3b-1tok", "3b-1000tok", "mid-333tok", "small-4096tok"])
+@pytest.mark.parametrize(
+    "shape,tokens",
+    [
+        ((3072, 8192, 24, 8, 128), 1),
+        ((3072, 8192, 24, 8, 128), 1000),
+        ((2048, 5632, 16, 4, 128), 333),
+        ((1024, 2816, 8, 8, 128), 4096),
+    ],
+    ids=["3b-1tok", "3b-1000tok", "mid-333tok", "small-4096tok"],
+)
 def test_fused_matches_peft_gpu(tmp_path, dtype, shape, tokens):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     hidden, inter, heads, kv_heads, head_dim = shape
-    model = one_layer_lora_model(tmp_path, hidden=hidden, inter=inter, heads=heads, kv_heads=kv_heads,
-                                 head_dim=head_dim, dtype=dtype, device="cuda")
+    model = one_layer_lora_model(
+        tmp_path,
+        hidden=hidden,
+        inter=inter,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        device="cuda",
+    )
     layer = _layer(model)
     with torch.autocast("cuda", dtype=dtype):
         for name, (module, fused_fn, plain_fn) in _cases(layer).items():
@@ -277,8 +319,16 @@ def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, f
     for keep in (True, False):
         copies = ComputeCopies() if keep else None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model = one_layer_lora_model(tmp_path / str(keep), hidden=128, inter=256, heads=2, kv_heads=1,
-                                         head_dim=64, dtype=torch.bfloat16, device="cpu")
+            model = one_layer_lora_model(
+                tmp_path / str(keep),
+                hidden=128,
+                inter=256,
+                heads=2,
+                kv_heads=1,
+                head_dim=64,
+                dtype=torch.bfloat16,
+                device="cpu",
+            )
             layer = _layer(model)
             params = [p for n, p in model.named_parameters() if "lora_" in n]
             assert params and all(p.dtype == torch.float32 for p in params)

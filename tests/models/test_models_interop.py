@@ -18,10 +18,21 @@ def test_transformers_trainer_trains_a_hizli_model(tiny_model_dir, tmp_path):
     rows = token_rows(8, seed=4, vocab=1000)
     for r in rows:
         r["attention_mask"] = [1] * len(r["input_ids"])
-    trainer = Trainer(model=model, train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tok),
-                      args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
-                                             learning_rate=1e-2, report_to="none", save_strategy="no",
-                                             use_cpu=True, logging_steps=1))
+    trainer = Trainer(
+        model=model,
+        train_dataset=rows,
+        data_collator=DataCollatorForSeq2Seq(tok),
+        args=TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            logging_steps=1,
+        ),
+    )
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     after = dict(model.named_parameters())

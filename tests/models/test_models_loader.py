@@ -17,9 +17,11 @@ from hizli.models import embedded, loader, lora
 def test_embedded_model_loads_offline_from_the_cache_the_second_time(smol_folder):
     """The README's one-liner works offline, and a second process reuses the converted folder
     instead of converting the GGUF file again (how long that takes is measured by benchmarks)."""
-    code = ("from hizli import FastLanguageModel; "
-            "m,t2 = FastLanguageModel.from_pretrained('smollm2-135m-instruct', load_in_4bit=False); "
-            "print('PAD', t2.pad_token, t2.eos_token); print('FROM', m.config._name_or_path)")
+    code = (
+        "from hizli import FastLanguageModel; "
+        "m,t2 = FastLanguageModel.from_pretrained('smollm2-135m-instruct', load_in_4bit=False); "
+        "print('PAD', t2.pad_token, t2.eos_token); print('FROM', m.config._name_or_path)"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)  # warm the cache
     cache = Path(smol_folder).parent
@@ -35,8 +37,12 @@ def test_embedded_model_loads_offline_from_the_cache_the_second_time(smol_folder
 def test_embedded_model_is_a_real_instruct_model(smol_folder):
     model, tok = loader.load("smollm2-135m-instruct", load_in_4bit=False)
     info = model.hizli.info
-    assert (info.kind, info.dtype, info.device, info.quantization) == ("embedded", "float32", "cpu",
-                                                                       "none (load_in_4bit=False)")
+    assert (info.kind, info.dtype, info.device, info.quantization) == (
+        "embedded",
+        "float32",
+        "cpu",
+        "none (load_in_4bit=False)",
+    )
     assert model.config.model_type == "llama" and model.config.vocab_size == 49152
     assert tok.chat_template and tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
 
@@ -53,10 +59,13 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
         loader.load("smollm2-135m-instruct")
 
 
-@pytest.mark.parametrize("name, error, match", [
-    ("./no/such/folder", FileNotFoundError, "no such file"),
-    ("", ValueError, "hub id"),
-])
+@pytest.mark.parametrize(
+    "name, error, match",
+    [
+        ("./no/such/folder", FileNotFoundError, "no such file"),
+        ("", ValueError, "hub id"),
+    ],
+)
 def test_bad_model_names(name, error, match):
     with pytest.raises(error, match=match):
         loader.load(name)
@@ -129,8 +138,9 @@ def test_llama3_tokenizer_pads_with_finetune_right_pad_id(tmp_path):
     for a in raw["added_tokens"]:
         a["content"] = renamed.get(a["content"], a["content"])
     (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|eot_id|>",
-                                  bos_token="<|begin_of_text|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|eot_id|>", bos_token="<|begin_of_text|>"
+    )
     loader.set_pad_token(tok)
     assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.pad_token_id == 128004
 

@@ -10,9 +10,17 @@ import torch
 
 from hizli.models import loader, lora
 
-RECIPE = dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-              lora_alpha=16, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth",
-              random_state=3407, use_rslora=False, loftq_config=None)
+RECIPE = dict(
+    r=16,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    lora_alpha=16,
+    lora_dropout=0,
+    bias="none",
+    use_gradient_checkpointing="unsloth",
+    random_state=3407,
+    use_rslora=False,
+    loftq_config=None,
+)
 
 
 def _perturb(model, seed=1):
@@ -84,14 +92,17 @@ def test_random_state_makes_init_reproducible_and_leaves_user_rng_alone(tiny_mod
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"loftq_config": {"loftq_bits": 4}}, "loftq_config is not supported"),
-    ({"target_modules": ["q_proj", "qkv_proj"]}, "qkv_proj"),
-    ({"r": 0}, "r=0"),
-    ({"bias": "some"}, "bias='some'"),
-    ({"lora_dropout": 1.5}, "lora_dropout"),
-    ({"use_gradient_checkpointing": "yes"}, "use_gradient_checkpointing='yes'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"loftq_config": {"loftq_bits": 4}}, "loftq_config is not supported"),
+        ({"target_modules": ["q_proj", "qkv_proj"]}, "qkv_proj"),
+        ({"r": 0}, "r=0"),
+        ({"bias": "some"}, "bias='some'"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"use_gradient_checkpointing": "yes"}, "use_gradient_checkpointing='yes'"),
+    ],
+)
 def test_bad_lora_arguments_get_clear_errors(tiny_model_dir, kwargs, message):
     model, _ = loader.load(tiny_model_dir, load_in_4bit=False)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -108,6 +119,7 @@ def test_get_peft_model_twice_is_refused(tiny_model_dir):
 @pytest.mark.parametrize("mode", [True, "unsloth", False])
 def test_checkpointing_modes_give_the_same_gradients(tiny_model_dir, mode):
     """Recompute (and offload, which is recompute on a CPU) must not change the math."""
+
     def grads(m):
         model, _ = loader.load(tiny_model_dir, load_in_4bit=False)
         model = lora.add_lora(model, **{**RECIPE, "use_gradient_checkpointing": m})

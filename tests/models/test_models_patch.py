@@ -63,6 +63,7 @@ def test_padding_free_attention_never_crosses_sequences():
     def hidden(rs):
         b = step_mod.to_device(PaddingFreeCollator()(rs), torch.device("cpu"))
         from hizli.models.patch import padding_free
+
         with torch.no_grad(), padding_free():
             return model.model(**b.inputs).last_hidden_state[0]
 

@@ -39,77 +39,138 @@ class Section:
 
 
 SECTIONS = (
-    Section("data", "Bad data, fuzzed",
-            "Random and mutated ShareGPT / messages / Alpaca / text / pre-tokenized rows and files (wrong types, "
-            "missing keys, huge values, control characters, lone surrogates, invalid UTF-8 bytes, BOMs, empty "
-            "files, files cut at every byte, a 1 MB turn) go through loading, standardisation, rendering and "
-            "tokenisation. Every input ends in a clear per-row problem or a counted skip, never an uncaught "
-            "exception, and rows in = rows used + rows reported.",
-            (("inputs", "inputs generated (row lists and files)"), ("rows", "rows in those inputs"),
-             ("files", "files written and read (mutated bytes)"),
-             ("cut_points", "cut points of a file cut mid-record (every byte)"),
-             ("problems", "per-row problems reported"), ("problem_kinds", "problem kinds seen"),
-             ("api_errors", "whole-call ValueErrors naming the row (standardize_sharegpt)"),
-             ("uncaught", "uncaught exceptions"), ("accounting_errors", "inputs where rows in != used + reported"),
-             ("big_turn_chars", "characters in one turn of the 1 MB rows"),
-             ("big_turn_s", "seconds to load and tokenize two such rows"))),
-    Section("recipes", "Bad recipes",
-            "Recipe files with unknown keys, wrong types, out-of-range values, missing files, paths escaping the "
-            "working folder and incompatible settings report every problem together, before any model is loaded "
-            "(the loader is replaced by one that fails the test if called).",
-            (("recipes", "bad recipes tried"), ("problems", "problems expected and reported"),
-             ("max_per_recipe", "most problems reported by one recipe"), ("model_loads", "model loads attempted"))),
-    Section("numerics", "Numerical faults",
-            "A NaN/inf loss or gradient stops the optimizer step before the weights change (weights and optimizer "
-            "state compared bit for bit), the error names the step and the rows; nan_policy='skip' skips and goes "
-            "on; a run whose every label is masked refuses to start.",
-            (("faults", "faults injected"), ("stopped_unchanged", "stops with weights and optimizer state unchanged"),
-             ("skipped_continued", "skips that continued to the last step"),
-             ("all_masked_refused", "all-masked runs refused"))),
-    Section("oom", "Out of GPU memory, explained (CPU, synthetic errors)",
-            "torch.OutOfMemoryError becomes GPUOutOfMemoryError: how much was asked, what was free of the card's "
-            "total, and which setting to lower, in the order that saves the most.",
-            (("messages", "OOM messages parsed"), ("trainer_steps", "trainer steps that raised it with grads freed"))),
-    Section("oom-gpu", "Out of GPU memory, real (GPU)",
-            "An allocation past the card's memory and a training step too large for it raise the explained "
-            "error with the requested and free figures of the real card.",
-            (("device", "GPU"), ("requested_gib", "requested (GiB)"), ("free_gib", "free (GiB)"),
-             ("total_gib", "total (GiB)"), ("trainer_oom", "training steps that ran out and were explained"))),
-    Section("signals", "Ctrl-C and SIGTERM",
-            "SIGINT or SIGTERM during data preparation, a training step or a checkpoint write stops the run "
-            "cleanly: before the first step nothing is written and no checkpoint is touched; from the first step "
-            "on, the run finishes the step (and any write in progress), saves a checkpoint and stops. A second "
-            "signal stops at once: a write it cuts short is removed (unless already renamed into place), leaving "
-            "the previous checkpoint. Every run resumed from these checkpoints logs the uninterrupted run's losses.",
-            (("signals", "signals sent"), ("during_prep", "during data preparation"),
-             ("during_step", "during a step"), ("during_write", "during a checkpoint write"),
-             ("resumed_matched", "resumed runs whose losses matched (<= 1e-6)"))),
-    Section("kill9", "kill -9 at random moments",
-            "The training process is killed with SIGKILL at random moments, including inside checkpoint writes, "
-            "again and again; each time the next run resumes from the last complete checkpoint and logs the same "
-            "losses as an uninterrupted run (CPU, fp32, <= 1e-6); at most the steps since that checkpoint are lost.",
-            (("kills", "kills injected"), ("kills_in_write", "kills inside a checkpoint write"),
-             ("kills_before_first_checkpoint", "kills before any checkpoint existed"),
-             ("resumes_matched", "resumed runs that logged steps, all matching"),
-             ("max_loss_diff", "largest loss difference"),
-             ("max_steps_lost", "most steps lost to one kill"), ("save_steps", "checkpoint interval (steps)"))),
-    Section("disk-full", "Disk full during a save",
-            "A write failing with ENOSPC in the middle of a checkpoint leaves the previous checkpoint intact and "
-            "verified, removes the partial one, and says so; training resumes from it.",
-            (("write_points", "write points failed with ENOSPC"), ("previous_intact", "previous checkpoint intact"))),
-    Section("safe-loading", "Safe loading",
-            "Pickle weights are refused unless allow_pickle=True; trust_remote_code stays off unless asked; paths "
-            "with '..' from recipes or checksum indexes cannot leave their folder; a corrupted checkpoint is found "
-            "by its checksum and refused.",
-            (("cases", "cases checked"), ("refused", "unsafe inputs refused"))),
-    Section("soak", "Long run (soak)",
-            "A tiny model trains for thousands of steps with checkpoints and rotation: memory stays flat and "
-            "exactly save_total_limit checkpoints remain.",
-            (("steps", "steps"), ("checkpoints_written", "checkpoints written"), ("kept", "checkpoints kept"),
-             ("save_total_limit", "save_total_limit"), ("rss_warm_mib", "RSS after warm-up (MiB)"),
-             ("rss_end_mib", "RSS at the end (MiB)"), ("rss_growth_pct", "largest RSS growth after warm-up (%)"),
-             ("rss_growth_mib", "largest RSS growth after warm-up (MiB)"),
-             ("seconds", "wall time (s)"))),
+    Section(
+        "data",
+        "Bad data, fuzzed",
+        "Random and mutated ShareGPT / messages / Alpaca / text / pre-tokenized rows and files (wrong types, "
+        "missing keys, huge values, control characters, lone surrogates, invalid UTF-8 bytes, BOMs, empty "
+        "files, files cut at every byte, a 1 MB turn) go through loading, standardisation, rendering and "
+        "tokenisation. Every input ends in a clear per-row problem or a counted skip, never an uncaught "
+        "exception, and rows in = rows used + rows reported.",
+        (
+            ("inputs", "inputs generated (row lists and files)"),
+            ("rows", "rows in those inputs"),
+            ("files", "files written and read (mutated bytes)"),
+            ("cut_points", "cut points of a file cut mid-record (every byte)"),
+            ("problems", "per-row problems reported"),
+            ("problem_kinds", "problem kinds seen"),
+            ("api_errors", "whole-call ValueErrors naming the row (standardize_sharegpt)"),
+            ("uncaught", "uncaught exceptions"),
+            ("accounting_errors", "inputs where rows in != used + reported"),
+            ("big_turn_chars", "characters in one turn of the 1 MB rows"),
+            ("big_turn_s", "seconds to load and tokenize two such rows"),
+        ),
+    ),
+    Section(
+        "recipes",
+        "Bad recipes",
+        "Recipe files with unknown keys, wrong types, out-of-range values, missing files, paths escaping the "
+        "working folder and incompatible settings report every problem together, before any model is loaded "
+        "(the loader is replaced by one that fails the test if called).",
+        (
+            ("recipes", "bad recipes tried"),
+            ("problems", "problems expected and reported"),
+            ("max_per_recipe", "most problems reported by one recipe"),
+            ("model_loads", "model loads attempted"),
+        ),
+    ),
+    Section(
+        "numerics",
+        "Numerical faults",
+        "A NaN/inf loss or gradient stops the optimizer step before the weights change (weights and optimizer "
+        "state compared bit for bit), the error names the step and the rows; nan_policy='skip' skips and goes "
+        "on; a run whose every label is masked refuses to start.",
+        (
+            ("faults", "faults injected"),
+            ("stopped_unchanged", "stops with weights and optimizer state unchanged"),
+            ("skipped_continued", "skips that continued to the last step"),
+            ("all_masked_refused", "all-masked runs refused"),
+        ),
+    ),
+    Section(
+        "oom",
+        "Out of GPU memory, explained (CPU, synthetic errors)",
+        "torch.OutOfMemoryError becomes GPUOutOfMemoryError: how much was asked, what was free of the card's "
+        "total, and which setting to lower, in the order that saves the most.",
+        (("messages", "OOM messages parsed"), ("trainer_steps", "trainer steps that raised it with grads freed")),
+    ),
+    Section(
+        "oom-gpu",
+        "Out of GPU memory, real (GPU)",
+        "An allocation past the card's memory and a training step too large for it raise the explained "
+        "error with the requested and free figures of the real card.",
+        (
+            ("device", "GPU"),
+            ("requested_gib", "requested (GiB)"),
+            ("free_gib", "free (GiB)"),
+            ("total_gib", "total (GiB)"),
+            ("trainer_oom", "training steps that ran out and were explained"),
+        ),
+    ),
+    Section(
+        "signals",
+        "Ctrl-C and SIGTERM",
+        "SIGINT or SIGTERM during data preparation, a training step or a checkpoint write stops the run "
+        "cleanly: before the first step nothing is written and no checkpoint is touched; from the first step "
+        "on, the run finishes the step (and any write in progress), saves a checkpoint and stops. A second "
+        "signal stops at once: a write it cuts short is removed (unless already renamed into place), leaving "
+        "the previous checkpoint. Every run resumed from these checkpoints logs the uninterrupted run's losses.",
+        (
+            ("signals", "signals sent"),
+            ("during_prep", "during data preparation"),
+            ("during_step", "during a step"),
+            ("during_write", "during a checkpoint write"),
+            ("resumed_matched", "resumed runs whose losses matched (<= 1e-6)"),
+        ),
+    ),
+    Section(
+        "kill9",
+        "kill -9 at random moments",
+        "The training process is killed with SIGKILL at random moments, including inside checkpoint writes, "
+        "again and again; each time the next run resumes from the last complete checkpoint and logs the same "
+        "losses as an uninterrupted run (CPU, fp32, <= 1e-6); at most the steps since that checkpoint are lost.",
+        (
+            ("kills", "kills injected"),
+            ("kills_in_write", "kills inside a checkpoint write"),
+            ("kills_before_first_checkpoint", "kills before any checkpoint existed"),
+            ("resumes_matched", "resumed runs that logged steps, all matching"),
+            ("max_loss_diff", "largest loss difference"),
+            ("max_steps_lost", "most steps lost to one kill"),
+            ("save_steps", "checkpoint interval (steps)"),
+        ),
+    ),
+    Section(
+        "disk-full",
+        "Disk full during a save",
+        "A write failing with ENOSPC in the middle of a checkpoint leaves the previous checkpoint intact and "
+        "verified, removes the partial one, and says so; training resumes from it.",
+        (("write_points", "write points failed with ENOSPC"), ("previous_intact", "previous checkpoint intact")),
+    ),
+    Section(
+        "safe-loading",
+        "Safe loading",
+        "Pickle weights are refused unless allow_pickle=True; trust_remote_code stays off unless asked; paths "
+        "with '..' from recipes or checksum indexes cannot leave their folder; a corrupted checkpoint is found "
+        "by its checksum and refused.",
+        (("cases", "cases checked"), ("refused", "unsafe inputs refused")),
+    ),
+    Section(
+        "soak",
+        "Long run (soak)",
+        "A tiny model trains for thousands of steps with checkpoints and rotation: memory stays flat and "
+        "exactly save_total_limit checkpoints remain.",
+        (
+            ("steps", "steps"),
+            ("checkpoints_written", "checkpoints written"),
+            ("kept", "checkpoints kept"),
+            ("save_total_limit", "save_total_limit"),
+            ("rss_warm_mib", "RSS after warm-up (MiB)"),
+            ("rss_end_mib", "RSS at the end (MiB)"),
+            ("rss_growth_pct", "largest RSS growth after warm-up (%)"),
+            ("rss_growth_mib", "largest RSS growth after warm-up (MiB)"),
+            ("seconds", "wall time (s)"),
+        ),
+    ),
 )
 BY_ID = {s.id: s for s in SECTIONS}
 _STORE = pytest.StashKey[dict]()
@@ -120,8 +181,15 @@ _active_store: dict | None = None  # test reports carry no config; this conftest
 
 def pytest_configure(config):
     global _active_store
-    config.stash[_STORE] = _active_store = {"figures": {}, "items": {}, "deselected": set(), "outcomes": {},
-                                            "errors": {}, "gaps": {}, "result": None}
+    config.stash[_STORE] = _active_store = {
+        "figures": {},
+        "items": {},
+        "deselected": set(),
+        "outcomes": {},
+        "errors": {},
+        "gaps": {},
+        "result": None,
+    }
 
 
 class Figures:
@@ -203,7 +271,6 @@ def pytest_runtest_logreport(report):
     store["outcomes"][report.nodeid] = outcome
 
 
-
 def pytest_sessionfinish(session, exitstatus):
     store = session.config.stash[_STORE]
     if not store["items"] or session.config.option.collectonly:
@@ -248,8 +315,13 @@ def _run_info() -> dict[str, str]:
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " + local changes"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-            "device": device, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _read_data() -> dict[str, Any]:
@@ -276,19 +348,25 @@ def _update_document(store: dict) -> str:
             continue
         outcomes = [store["outcomes"].get(nodeid, "not run") for nodeid, _ in items]
         values = store["figures"].get(section.id, {})
-        entry = {"figures": values, "run": info, "tests": [n for n, _ in items],
-                 "files": sorted({os.path.relpath(p, DOC.parent.parent) for _, p in items}),
-                 "hash": _file_hash([p for _, p in items])}
+        entry = {
+            "figures": values,
+            "run": info,
+            "tests": [n for n, _ in items],
+            "files": sorted({os.path.relpath(p, DOC.parent.parent) for _, p in items}),
+            "hash": _file_hash([p for _, p in items]),
+        }
         if "failed" in outcomes:
             entry["status"] = "failed"
-            entry["errors"] = {n: store["errors"].get(n, ["failed"]) for n, _ in items
-                               if store["outcomes"].get(n) == "failed"}
+            entry["errors"] = {
+                n: store["errors"].get(n, ["failed"]) for n, _ in items if store["outcomes"].get(n) == "failed"
+            }
             new[section.id] = entry
             failed.append(section.id)
             continue
         missing = [k for k, _ in section.figures if k not in values]
-        complete = (section.id not in store["deselected"] and all(o in ("passed", "xfailed") for o in outcomes)
-                    and not missing)
+        complete = (
+            section.id not in store["deselected"] and all(o in ("passed", "xfailed") for o in outcomes) and not missing
+        )
         if complete:
             entry["status"] = "passed"
             entry["gaps"] = {n: store["gaps"][n] for n, _ in items if n in store["gaps"]}
@@ -297,8 +375,10 @@ def _update_document(store: dict) -> str:
         else:
             kept.append(section.id)
     if not refreshed and not failed:
-        return ("docs/RELIABILITY.md not updated: no section ran completely in this session "
-                f"({', '.join(kept)} ran only in part or were skipped)")
+        return (
+            "docs/RELIABILITY.md not updated: no section ran completely in this session "
+            f"({', '.join(kept)} ran only in part or were skipped)"
+        )
     text = _render(new)
     tmp = DOC.with_suffix(".md.tmp")
     DOC.parent.mkdir(parents=True, exist_ok=True)
@@ -325,13 +405,18 @@ def _fmt(value: Any) -> str:
 
 def _render(data: dict[str, Any]) -> str:
     root = DOC.parent.parent
-    out = ["# Reliability: what was tried, what happened", "",
-           "Generated from the reliability tier (`tests/reliability/`, see its `conftest.py`); do not edit by "
-           "hand. `scripts/reliability-report` refreshes every CPU section; `scripts/reliability-report -m 'reliability and "
-           "gpu'` on a GPU machine refreshes the GPU section. A section is rewritten only when all of its tests ran and passed in that "
-           "session (or, if one failed, it is shown as FAILED); otherwise it keeps the figures of its last "
-           "complete run, with that run's date and commit.", "",
-           "| section | status | run | key figure |", "|---|---|---|---|"]
+    out = [
+        "# Reliability: what was tried, what happened",
+        "",
+        "Generated from the reliability tier (`tests/reliability/`, see its `conftest.py`); do not edit by "
+        "hand. `scripts/reliability-report` refreshes every CPU section; `scripts/reliability-report -m 'reliability and "
+        "gpu'` on a GPU machine refreshes the GPU section. A section is rewritten only when all of its tests ran and passed in that "
+        "session (or, if one failed, it is shown as FAILED); otherwise it keeps the figures of its last "
+        "complete run, with that run's date and commit.",
+        "",
+        "| section | status | run | key figure |",
+        "|---|---|---|---|",
+    ]
     body: list[str] = []
     for section in SECTIONS:
         entry = data.get(section.id)
@@ -343,24 +428,39 @@ def _render(data: dict[str, Any]) -> str:
         current = _file_hash([str(root / f) for f in entry.get("files", [])])
         outdated = current != entry.get("hash")
         gaps = len(entry.get("gaps", {}))
-        shown = {"passed": "passed", "failed": "**FAILED**"}[status] + (
-            f", {gaps} known gap{'s' if gaps > 1 else ''}" if gaps else "") + (
-            " (**outdated**: its tests changed since this run; run them again)" if outdated else "")
+        shown = (
+            {"passed": "passed", "failed": "**FAILED**"}[status]
+            + (f", {gaps} known gap{'s' if gaps > 1 else ''}" if gaps else "")
+            + (" (**outdated**: its tests changed since this run; run them again)" if outdated else "")
+        )
         run = entry["run"]
         key, label = section.figures[0]
-        out.append(f"| [{section.title}](#{_anchor(section.title)}) | {shown} | {run['date']} | "
-                   f"{label}: {_fmt(entry['figures'].get(key, '-'))} |")
-        body += [f"## {section.title}", "", section.claim, "",
-                 f"Status: {shown}. Run {run['date']}, commit {run['commit']}, {run['device']}, torch {run['torch']}, "
-                 f"Python {run['python']}.", "", "| figure | value |", "|---|---|"]
+        out.append(
+            f"| [{section.title}](#{_anchor(section.title)}) | {shown} | {run['date']} | "
+            f"{label}: {_fmt(entry['figures'].get(key, '-'))} |"
+        )
+        body += [
+            f"## {section.title}",
+            "",
+            section.claim,
+            "",
+            f"Status: {shown}. Run {run['date']}, commit {run['commit']}, {run['device']}, torch {run['torch']}, "
+            f"Python {run['python']}.",
+            "",
+            "| figure | value |",
+            "|---|---|",
+        ]
         for k, label in section.figures:
             body.append(f"| {label} | {_fmt(entry['figures'].get(k, '(not recorded)'))} |")
         body += ["", "Tests: " + ", ".join(f"`{t}`" for t in entry["tests"]), ""]
         for nodeid, lines in entry.get("errors", {}).items():
             body += [f"Failure in `{nodeid}`: {' '.join(lines)[:300]}", ""]
         for nodeid, reason in entry.get("gaps", {}).items():
-            body += [f"Known gap (a strict xfail: it fails today, and fails the suite once fixed until the mark "
-                     f"goes): `{nodeid}`: {reason}", ""]
+            body += [
+                f"Known gap (a strict xfail: it fails today, and fails the suite once fixed until the mark "
+                f"goes): `{nodeid}`: {reason}",
+                "",
+            ]
     payload = json.dumps({"sections": data}, indent=1, sort_keys=True).replace(">", "\\u003e")
     return "\n".join(out + [""] + body + [DATA_BEGIN, payload, DATA_END, ""])
 

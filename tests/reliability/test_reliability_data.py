@@ -30,8 +30,13 @@ from hizli.data.tokenize import TokenizedDataset, tokenize_dataset
 
 pytestmark = pytest.mark.reliability("data")
 
-FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=500,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 MAX_SEQ = 48  # short, so truncation (and rows losing every trained token to it) happens often
 
 
@@ -80,23 +85,56 @@ def quiet():
 
 
 # ---------------------------------------------------------------- strategies
-ODD_TEXT = ["", " ", "\t\n", "\x00", "\x1b[2J", "\ud800", "a\udcffb", "\u202e", "\ufeff", "{{ 7*7 }}",
-            "{% raw %}", "<|im_end|>", "<|im_start|>assistant\n", "\r\n", "x" * 5000, "ş" * 300]
+ODD_TEXT = [
+    "",
+    " ",
+    "\t\n",
+    "\x00",
+    "\x1b[2J",
+    "\ud800",
+    "a\udcffb",
+    "\u202e",
+    "\ufeff",
+    "{{ 7*7 }}",
+    "{% raw %}",
+    "<|im_end|>",
+    "<|im_start|>assistant\n",
+    "\r\n",
+    "x" * 5000,
+    "ş" * 300,
+]
 text = st.text(max_size=40) | st.sampled_from(ODD_TEXT)
 scalar = st.none() | st.booleans() | st.integers() | st.integers(10**18, 10**40) | st.floats() | text
-junk = st.recursive(scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3)
-                    | st.dictionaries(st.integers(), c, max_size=2), max_leaves=8)
+junk = st.recursive(
+    scalar,
+    lambda c: (
+        st.lists(c, max_size=3)
+        | st.dictionaries(st.text(max_size=6), c, max_size=3)
+        | st.dictionaries(st.integers(), c, max_size=2)
+    ),
+    max_leaves=8,
+)
 role = st.sampled_from(["human", "gpt", "system", "user", "assistant", "tool", "chatgpt", "bing", " GPT ", "", "HUMAN"])
 good_sharegpt = st.lists(st.tuples(role, text), min_size=1, max_size=4).map(
-    lambda turns: {"conversations": [{"from": r, "value": v} for r, v in turns]})
+    lambda turns: {"conversations": [{"from": r, "value": v} for r, v in turns]}
+)
 good_messages = st.lists(st.tuples(role, text), min_size=1, max_size=4).map(
-    lambda turns: {"messages": [{"role": r, "content": v} for r, v in turns]})
-good_alpaca = st.fixed_dictionaries({"instruction": text, "output": text},
-                                    optional={"input": text, "system": text, "response": text})
-VALID = [{"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]},
-         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                       {"role": "assistant", "content": "Hello!"}]},
-         {"instruction": "Translate.", "input": "Merhaba dünya", "output": "Hello world"}]
+    lambda turns: {"messages": [{"role": r, "content": v} for r, v in turns]}
+)
+good_alpaca = st.fixed_dictionaries(
+    {"instruction": text, "output": text}, optional={"input": text, "system": text, "response": text}
+)
+VALID = [
+    {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    },
+    {"instruction": "Translate.", "input": "Merhaba dünya", "output": "Hello world"},
+]
 
 
 @st.composite
@@ -150,8 +188,15 @@ def _rows_through_loader(tok, tally, data, train_on):
     tally.inputs += 1
     tally.rows += len(data)
     conv = load_conversations(data, bad_rows="skip")
-    ds = tokenize_dataset(conv, tok, max_seq_length=MAX_SEQ, messages_field="messages", train_on=train_on,
-                          bad_rows="skip", show_progress=False)
+    ds = tokenize_dataset(
+        conv,
+        tok,
+        max_seq_length=MAX_SEQ,
+        messages_field="messages",
+        train_on=train_on,
+        bad_rows="skip",
+        show_progress=False,
+    )
     tally.report(ds.report, rows_in=len(data))
     broken = [p for p in ds.report.skipped if p.kind != "no-trained-token"]
     if broken:  # the default policy stops with every bad row listed
@@ -175,8 +220,9 @@ def _rows_through_standardize(tok, tally, data):
         return
     assert column is not None
     try:
-        ds = tokenize_dataset(standard, tok, max_seq_length=MAX_SEQ, messages_field=column, bad_rows="skip",
-                              show_progress=False)
+        ds = tokenize_dataset(
+            standard, tok, max_seq_length=MAX_SEQ, messages_field=column, bad_rows="skip", show_progress=False
+        )
     except ValueError as e:  # a row without the first row's column: says which column is missing
         assert "column" in str(e), str(e)
         tally.api_errors += 1
@@ -185,16 +231,19 @@ def _rows_through_standardize(tok, tally, data):
 
 
 @FUZZ
-@given(data=st.lists(st.fixed_dictionaries({"text": text | junk}) | junk, min_size=1, max_size=6),
-       train_on=st.sampled_from(["all", "assistant"]))
+@given(
+    data=st.lists(st.fixed_dictionaries({"text": text | junk}) | junk, min_size=1, max_size=6),
+    train_on=st.sampled_from(["all", "assistant"]),
+)
 def _text_rows(tok, tally, data, train_on):
     tally.inputs += 1
     tally.rows += len(data)
     if not (isinstance(data[0], dict) and "text" in data[0]):  # the column is found from the first row
         data = [{"text": "hello"}] + data
         tally.rows += 1
-    ds = tokenize_dataset(data, tok, max_seq_length=MAX_SEQ, text_field="text", train_on=train_on, bad_rows="skip",
-                          show_progress=False)
+    ds = tokenize_dataset(
+        data, tok, max_seq_length=MAX_SEQ, text_field="text", train_on=train_on, bad_rows="skip", show_progress=False
+    )
     tally.report(ds.report, rows_in=len(data))
 
 
@@ -238,16 +287,32 @@ BAD_BYTES = [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80", b"\xf0\x9f", b"\xfe
 
 def _mutate(data: bytes, op: str, pos: int, junk_bytes: bytes) -> bytes:
     p = pos % (len(data) + 1)
-    return {"bom": b"\xef\xbb\xbf" + data, "cut": data[:p], "insert": data[:p] + junk_bytes + data[p:],
-            "overwrite": data[:p] + junk_bytes + data[p + len(junk_bytes):], "crlf": data.replace(b"\n", b"\r\n"),
-            "empty": b"", "blank-lines": data.replace(b"\n", b"\n\n  \n"), "none": data}[op]
+    return {
+        "bom": b"\xef\xbb\xbf" + data,
+        "cut": data[:p],
+        "insert": data[:p] + junk_bytes + data[p:],
+        "overwrite": data[:p] + junk_bytes + data[p + len(junk_bytes) :],
+        "crlf": data.replace(b"\n", b"\r\n"),
+        "empty": b"",
+        "blank-lines": data.replace(b"\n", b"\n\n  \n"),
+        "none": data,
+    }[op]
 
 
 @FUZZ
-@given(records=st.lists(row, max_size=5), fmt=st.sampled_from(["jsonl", "json"]), ascii_only=st.booleans(),
-       ops=st.lists(st.tuples(st.sampled_from(["bom", "cut", "insert", "overwrite", "crlf", "empty", "blank-lines",
-                                               "none"]), st.integers(0, 10**6), st.sampled_from(BAD_BYTES)),
-                     max_size=3))
+@given(
+    records=st.lists(row, max_size=5),
+    fmt=st.sampled_from(["jsonl", "json"]),
+    ascii_only=st.booleans(),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["bom", "cut", "insert", "overwrite", "crlf", "empty", "blank-lines", "none"]),
+            st.integers(0, 10**6),
+            st.sampled_from(BAD_BYTES),
+        ),
+        max_size=3,
+    ),
+)
 def _files(tok, tally, tmp_path_factory, records, fmt, ascii_only, ops):
     data = _serialise(records, fmt, ascii_only)
     if data is None:
@@ -267,8 +332,9 @@ def _files(tok, tally, tmp_path_factory, records, fmt, ascii_only, ops):
     if fmt == "jsonl":  # every non-blank line is one row, whatever its bytes
         text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
         assert conv.rows_in == sum(1 for line in text.split("\n") if line.strip())
-    ds = tokenize_dataset(conv, tok, max_seq_length=MAX_SEQ, messages_field="messages", bad_rows="skip",
-                          show_progress=False)
+    ds = tokenize_dataset(
+        conv, tok, max_seq_length=MAX_SEQ, messages_field="messages", bad_rows="skip", show_progress=False
+    )
     tally.report(ds.report, rows_in=conv.rows_in)
 
 
@@ -294,11 +360,14 @@ def test_a_file_cut_at_every_byte(tmp_path, tally, figures):
             assert len(conv) == complete, (fmt, cut)
             kinds = [p.kind for p in conv.problems]
             if fmt == "jsonl":  # the cut record, if any, is reported
-                tail = data[max([0] + [e for e in ends if e <= cut]):cut]
+                tail = data[max([0] + [e for e in ends if e <= cut]) : cut]
                 assert kinds == (["truncated-file"] if tail.strip() else []), (fmt, cut, kinds)
             else:  # a list cut anywhere lacks its ']': one truncated-file problem
-                assert kinds == ([] if cut == len(data) or not data[:cut].strip() else ["truncated-file"]), \
-                    (fmt, cut, kinds)
+                assert kinds == ([] if cut == len(data) or not data[:cut].strip() else ["truncated-file"]), (
+                    fmt,
+                    cut,
+                    kinds,
+                )
             assert conv.rows_in == len(conv) + len(conv.problems)
             tally.kinds.update(kinds)
             cuts += 1
@@ -331,8 +400,9 @@ def test_special_files(tmp_path, tok, tally):
             assert len(conv) == 0 and conv.problems, name
         for p in conv.problems:
             str(p).encode("utf-8")
-        ds = tokenize_dataset(conv, tok, max_seq_length=MAX_SEQ, messages_field="messages", bad_rows="skip",
-                              show_progress=False)
+        ds = tokenize_dataset(
+            conv, tok, max_seq_length=MAX_SEQ, messages_field="messages", bad_rows="skip", show_progress=False
+        )
         tally.report(ds.report, rows_in=conv.rows_in)
         tally.inputs += 1
         tally.files += 1
@@ -346,12 +416,21 @@ def test_special_files(tmp_path, tok, tally):
 
 def test_a_one_megabyte_turn(tok, tally, figures):
     big = ("word " * 210_000)[:1_000_000]
-    rows = [{"conversations": [{"from": "human", "value": big}, {"from": "gpt", "value": "ok"}]},
-            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": big}]}]
+    rows = [
+        {"conversations": [{"from": "human", "value": big}, {"from": "gpt", "value": "ok"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": big}]},
+    ]
     t0 = time.perf_counter()
     for train_on in ("all", "assistant"):
-        ds = tokenize_dataset(load_conversations(rows), tok, max_seq_length=2048, messages_field="messages",
-                              train_on=train_on, bad_rows="skip", show_progress=False)
+        ds = tokenize_dataset(
+            load_conversations(rows),
+            tok,
+            max_seq_length=2048,
+            messages_field="messages",
+            train_on=train_on,
+            bad_rows="skip",
+            show_progress=False,
+        )
         tally.report(ds.report, rows_in=2)
         assert ds.report.truncated == 2 and max(ds.lengths) == 2048
         if train_on == "assistant":  # the answer is cut away in the first row: counted, not trained on
@@ -364,7 +443,14 @@ def test_a_one_megabyte_turn(tok, tally, figures):
 
 def test_zz_record_figures(tally, figures):
     """Runs last in this file (pytest keeps file order): writes the tallies as the section's figures."""
-    figures.set(inputs=tally.inputs, rows=tally.rows, files=tally.files, problems=sum(tally.kinds.values()),
-                problem_kinds=", ".join(f"{k} {n}" for k, n in tally.kinds.most_common()),
-                api_errors=tally.api_errors, uncaught=0, accounting_errors=0)
+    figures.set(
+        inputs=tally.inputs,
+        rows=tally.rows,
+        files=tally.files,
+        problems=sum(tally.kinds.values()),
+        problem_kinds=", ".join(f"{k} {n}" for k, n in tally.kinds.most_common()),
+        api_errors=tally.api_errors,
+        uncaught=0,
+        accounting_errors=0,
+    )
     assert tally.inputs > 500 and tally.files > 100

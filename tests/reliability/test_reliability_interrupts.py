@@ -40,14 +40,26 @@ pytestmark = pytest.mark.reliability("kill9")  # per-test marks below override t
 
 TESTS = str(Path(__file__).resolve().parents[1])
 STEPS, SAVE_STEPS, KEEP = 32, 4, 2
-ARGS = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS, learning_rate=5e-3,
-            warmup_steps=2, lr_scheduler_type="linear", optim="adamw_8bit", weight_decay=0.01, seed=3407,
-            save_steps=SAVE_STEPS, save_total_limit=KEEP, logging_steps=1000, disable_tqdm=True)
+ARGS = dict(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_steps=STEPS,
+    learning_rate=5e-3,
+    warmup_steps=2,
+    lr_scheduler_type="linear",
+    optim="adamw_8bit",
+    weight_decay=0.01,
+    seed=3407,
+    save_steps=SAVE_STEPS,
+    save_total_limit=KEEP,
+    logging_steps=1000,
+    disable_tqdm=True,
+)
 TOLERANCE = 1e-6
 KILLS = 40
 PHASES = ("adapter", "optimizer", "checksums", "rename", "renamed")  # where inside a write to stop
 
-SERVER = textwrap.dedent(r'''
+SERVER = textwrap.dedent(r"""
     import json, os, sys, time, traceback
     os.environ["OMP_NUM_THREADS"] = "1"
     sys.path.insert(0, TESTS)
@@ -182,7 +194,7 @@ SERVER = textwrap.dedent(r'''
             else:
                 reply = {"exit": os.WEXITSTATUS(status)}
         print(json.dumps(reply), flush=True)
-''').replace("TESTS", repr(TESTS), 1)
+""").replace("TESTS", repr(TESTS), 1)
 
 
 class Forker:
@@ -190,8 +202,9 @@ class Forker:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=folder)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=folder
+        )
         ready = self.proc.stdout.readline()
         assert "ready" in ready, "the fork server did not start"
         self.runs = 0
@@ -303,8 +316,11 @@ def _latest(out: Path) -> int:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "checkpoint-" in str(p.relative_to(folder))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "checkpoint-" in str(p.relative_to(folder))
+    }
 
 
 def _compare(run: Run, reference: dict, start: int) -> float:
@@ -341,8 +357,11 @@ def test_kill_9_at_random_moments_resumes_with_the_same_losses(forker, reference
                 time.sleep(0.002)
         else:  # inside a checkpoint write, at a chosen phase of it
             saves_left = (STEPS - start) // SAVE_STEPS
-            stall = {"phase": PHASES[(kills // 2) % len(PHASES)], "save": rng.randint(1, max(1, min(3, saves_left))),
-                     "until": "kill"}
+            stall = {
+                "phase": PHASES[(kills // 2) % len(PHASES)],
+                "save": rng.randint(1, max(1, min(3, saves_left))),
+                "until": "kill",
+            }
             run = forker.start(out, stall=stall)
             run.wait_for("stall ")
         run.signal(signal.SIGKILL)
@@ -382,9 +401,15 @@ def test_kill_9_at_random_moments_resumes_with_the_same_losses(forker, reference
     assert max((final[k] - reference["adapter"][k]).abs().max().item() for k in final) <= TOLERANCE
     assert len(checkpoint.list_checkpoints(out)) == KEEP and not list(out.glob(".checkpoint-*"))
     assert in_write >= KILLS // 2
-    figures.set(kills=kills, kills_in_write=in_write, kills_before_first_checkpoint=before_first,
-                resumes_matched=resumes_matched, max_loss_diff=max_gap, max_steps_lost=max_lost,
-                save_steps=SAVE_STEPS)
+    figures.set(
+        kills=kills,
+        kills_in_write=in_write,
+        kills_before_first_checkpoint=before_first,
+        resumes_matched=resumes_matched,
+        max_loss_diff=max_gap,
+        max_steps_lost=max_lost,
+        save_steps=SAVE_STEPS,
+    )
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
@@ -456,8 +481,13 @@ def test_ctrl_c_and_sigterm_at_any_point(forker, reference, tmp_path, figures):
     assert run.wait() == {"exit": 0}, run.tail()
     _compare(run, reference, start)
     matched += 1
-    figures.set(signals=sum(1 + (w == "write2") for _, w, _ in SIGNAL_PLAN), during_prep=counts["prep"],
-                during_step=counts["step"], during_write=counts["write"], resumed_matched=matched)
+    figures.set(
+        signals=sum(1 + (w == "write2") for _, w, _ in SIGNAL_PLAN),
+        during_prep=counts["prep"],
+        during_step=counts["step"],
+        during_write=counts["write"],
+        resumed_matched=matched,
+    )
 
 
 # ---------------------------------------------------------------- a full disk
@@ -477,8 +507,9 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
 
     def trainer(out, **kw):
         args = TrainingArguments(**{**ARGS, "max_steps": 6, "save_steps": 2, "output_dir": str(out), **kw})
-        return SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(40, seed=3),
-                          args=args)
+        return SFTTrainer(
+            model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(40, seed=3), args=args
+        )
 
     expected = [e["loss"] for e in trainer(tmp_path / "reference", save_strategy="no").train().log_history]
     intact = 0

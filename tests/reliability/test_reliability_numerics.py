@@ -47,9 +47,19 @@ FAULTS = {
 
 
 def _args(tmp_path, **kw):
-    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=5e-3,
-                warmup_steps=1, optim="adamw_8bit", seed=3407, save_strategy="no", output_dir=str(tmp_path),
-                disable_tqdm=True, padding_free=False)
+    base = dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=5e-3,
+        warmup_steps=1,
+        optim="adamw_8bit",
+        seed=3407,
+        save_strategy="no",
+        output_dir=str(tmp_path),
+        disable_tqdm=True,
+        padding_free=False,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -83,8 +93,13 @@ def rig(monkeypatch):
     real_loss = step_mod.loss_sum
 
     def make(tmp_path, fault: str, **kw):
-        trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                             args=_args(tmp_path, **kw), callbacks=[])
+        trainer = SFTTrainer(
+            model=tiny_lora_model(),
+            tokenizer=FakeTokenizer(),
+            train_dataset=ROWS,
+            args=_args(tmp_path, **kw),
+            callbacks=[],
+        )
         snapshots = {}
 
         def faulty_loss(model, batch, **kw):
@@ -103,8 +118,12 @@ def rig(monkeypatch):
 
 
 def _rows_of_step(n: int, args) -> list[int]:
-    plan = BatchPlan([len(r["input_ids"]) for r in ROWS], args.per_device_train_batch_size,
-                     args.gradient_accumulation_steps, args.seed)
+    plan = BatchPlan(
+        [len(r["input_ids"]) for r in ROWS],
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.seed,
+    )
     for k, (micro, _, _) in enumerate(plan.steps(Position()), start=1):
         if k == n:
             return sorted(sum(micro, []))
@@ -163,15 +182,17 @@ def test_nan_policy_skip_skips_the_step_and_goes_on(tmp_path, rig, fault, figure
 def test_a_run_whose_every_label_is_masked_refuses_to_start(tmp_path, figures, smol_tokenizer):
     masked = [{"input_ids": r["input_ids"], "labels": [-100] * len(r["input_ids"])} for r in ROWS]
     with pytest.raises(ValueError, match=r"none of the 24 rows has a trained token .*Every label is -100"):
-        SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=masked,
-                   args=_args(tmp_path)).train()
+        SFTTrainer(
+            model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=masked, args=_args(tmp_path)
+        ).train()
     # rendered text trained on assistant turns only, with a template whose markers never occur
     from hizli.data.templates import get_chat_template
 
     tok = get_chat_template(copy.copy(smol_tokenizer), "smollm2", map_eos_token=False, warn=False)
     texts = [{"text": f"User: question {i}\nBot: answer {i}"} for i in range(8)]
-    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=tok, train_dataset=texts, args=_args(tmp_path),
-                         train_on="assistant")
+    trainer = SFTTrainer(
+        model=tiny_lora_model(), tokenizer=tok, train_dataset=texts, args=_args(tmp_path), train_on="assistant"
+    )
     with pytest.raises(ValueError, match=r"none of the 8 rows has a trained token") as e:
         trainer.train()
     assert re.search(r"8 skipped \(8 no-trained-token\)", str(e.value))

@@ -102,8 +102,10 @@ def _hizli_train(argv, capsys) -> tuple[int, str]:
 def test_the_tripwire_is_connected(tmp_path, loads, capsys, monkeypatch):
     """Control: a valid recipe reaches the model loader (so the tests below can fail)."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "good.yaml").write_text("model: {name: smollm2-135m-instruct}\ndata: {dataset: 'hizli:sharegpt', "
-                                        "chat_template: smollm2}\ntrain: {max_steps: 1}\n")
+    (tmp_path / "good.yaml").write_text(
+        "model: {name: smollm2-135m-instruct}\ndata: {dataset: 'hizli:sharegpt', "
+        "chat_template: smollm2}\ntrain: {max_steps: 1}\n"
+    )
     with pytest.raises(Tripwire):
         cli.main(["train", "good.yaml"])
     assert len(loads) == 1
@@ -133,20 +135,46 @@ CASES = {
     "top-level-list": ("- model\n- train\n", [], [r"the top level must be a mapping"]),
     "not-utf8": (b"\xff\xfe\x00m\x00o\x00d\x00e\x00l", [], [r"not UTF-8 text"]),
     "missing-file": (None, [], [r"recipe file 'missing\.yaml' not found"]),
-    "section-not-mapping": ("train: 5\nlora: [r, 16]\n", [],
-                            [r"train: expected a mapping", r"lora: expected a mapping"]),
-    "overrides": ("train: {max_steps: 5}\n", ["train.max_step=3", "nodot=1", "train.warmup_steps=[", "lora.r=-2"],
-                  [r"train\.max_step: unknown key \(did you mean 'max_steps'\?\)", r"--set 'nodot=1': expected",
-                   r"--set 'train\.warmup_steps=\[': the value is not valid YAML", r"lora\.r=-2 must be > 0"]),
-    "resume-path": ("train: {resume_from_checkpoint: ./outputs/checkpoint-99}\n", [],
-                    [r"resume_from_checkpoint='\./outputs/checkpoint-99': no such checkpoint folder"]),
-    "unknown-sample": ("data: {dataset: 'hizli:finetome', chat_template: llama-3.1}\n", [],
-                       [r"hizli's packaged samples are"]),
-    "types": ("train: {per_device_train_batch_size: 2.5, save_total_limit: 0, warmup_ratio: 2, nan_policy: retry}\n"
-              "data: {eval_rows: -1, max_rows: 0}\nchat: {max_new_tokens: 0, min_p: 3}\n", [],
-              [r"per_device_train_batch_size=2\.5 must be an integer", r"save_total_limit=0",
-               r"warmup_ratio=2 must be in", r"nan_policy='retry'", r"data\.eval_rows=-1", r"data\.max_rows=0",
-               r"chat\.max_new_tokens=0", r"chat\.min_p=3"]),
+    "section-not-mapping": (
+        "train: 5\nlora: [r, 16]\n",
+        [],
+        [r"train: expected a mapping", r"lora: expected a mapping"],
+    ),
+    "overrides": (
+        "train: {max_steps: 5}\n",
+        ["train.max_step=3", "nodot=1", "train.warmup_steps=[", "lora.r=-2"],
+        [
+            r"train\.max_step: unknown key \(did you mean 'max_steps'\?\)",
+            r"--set 'nodot=1': expected",
+            r"--set 'train\.warmup_steps=\[': the value is not valid YAML",
+            r"lora\.r=-2 must be > 0",
+        ],
+    ),
+    "resume-path": (
+        "train: {resume_from_checkpoint: ./outputs/checkpoint-99}\n",
+        [],
+        [r"resume_from_checkpoint='\./outputs/checkpoint-99': no such checkpoint folder"],
+    ),
+    "unknown-sample": (
+        "data: {dataset: 'hizli:finetome', chat_template: llama-3.1}\n",
+        [],
+        [r"hizli's packaged samples are"],
+    ),
+    "types": (
+        "train: {per_device_train_batch_size: 2.5, save_total_limit: 0, warmup_ratio: 2, nan_policy: retry}\n"
+        "data: {eval_rows: -1, max_rows: 0}\nchat: {max_new_tokens: 0, min_p: 3}\n",
+        [],
+        [
+            r"per_device_train_batch_size=2\.5 must be an integer",
+            r"save_total_limit=0",
+            r"warmup_ratio=2 must be in",
+            r"nan_policy='retry'",
+            r"data\.eval_rows=-1",
+            r"data\.max_rows=0",
+            r"chat\.max_new_tokens=0",
+            r"chat\.min_p=3",
+        ],
+    ),
 }
 
 

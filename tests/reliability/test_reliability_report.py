@@ -45,21 +45,30 @@ def _all(report, sid, value=1):
 def test_only_complete_passing_sections_are_refreshed(report, tmp_path):
     test_file = tmp_path / "test_x.py"
     test_file.write_text("# v1")
-    first = _store(report, test_file, data=(["passed"], _all(report, "data", 7), False),
-                   soak=(["passed"], _all(report, "soak", 3), False))
+    first = _store(
+        report,
+        test_file,
+        data=(["passed"], _all(report, "data", 7), False),
+        soak=(["passed"], _all(report, "soak", 3), False),
+    )
     assert report._update_document(first).startswith("docs/RELIABILITY.md written: refreshed data, soak")
     text = report.DOC.read_text()
     assert "| inputs generated (row lists and files) | 7 |" in text and "not run yet" in text
 
     # a later session: data fails, soak runs only in part (a figure missing), kill9 deselected
-    second = _store(report, test_file, data=(["passed", "failed"], _all(report, "data", 9), False),
-                    soak=(["passed"], {"steps": 5}, False), kill9=(["passed"], _all(report, "kill9", 1), True))
+    second = _store(
+        report,
+        test_file,
+        data=(["passed", "failed"], _all(report, "data", 9), False),
+        soak=(["passed"], {"steps": 5}, False),
+        kill9=(["passed"], _all(report, "kill9", 1), True),
+    )
     message = report._update_document(second)
     assert "FAILED data" in message and "kept from earlier runs: soak" in message
     text = report.DOC.read_text()
-    data = text[text.index("## Bad data"):text.index("## Bad recipes")]
+    data = text[text.index("## Bad data") : text.index("## Bad recipes")]
     assert "**FAILED**" in data and "AssertionError: boom" in data  # the failure is shown, not the old numbers
-    soak = text[text.index("## Long run"):text.index("<!--")]
+    soak = text[text.index("## Long run") : text.index("<!--")]
     assert "| steps | 3 |" in soak  # the complete earlier run's figures, with that run's date
     assert "kill -9 at random moments | not run yet" in text
 

@@ -51,8 +51,9 @@ def test_pickle_adapter_weights_are_refused_unless_allowed(tiny_model_dir, tmp_p
     from hizli.models import lora
     from transformers import AutoModelForCausalLM
 
-    peft_model = lora.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, lora_alpha=8,
-                               use_gradient_checkpointing=False)
+    peft_model = lora.add_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, lora_alpha=8, use_gradient_checkpointing=False
+    )
     peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=False)  # adapter_model.bin
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = tiny_model_dir
@@ -70,22 +71,33 @@ def test_remote_code_does_not_run_unless_asked(tiny_model_dir, tmp_path, figures
     shutil.copytree(tiny_model_dir, folder)
     marker = tmp_path / "remote-code-ran"
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil-llama", architectures=["EvilForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_evil.EvilConfig",
-                            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    config.update(
+        model_type="evil-llama",
+        architectures=["EvilForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     code = f"open({str(marker)!r}, 'w').write('ran')\n"
-    (folder / "configuration_evil.py").write_text(code + textwrap.dedent("""
+    (folder / "configuration_evil.py").write_text(
+        code
+        + textwrap.dedent("""
         from transformers import LlamaConfig
         class EvilConfig(LlamaConfig):
             model_type = "evil-llama"
-    """))
-    (folder / "modeling_evil.py").write_text(code + textwrap.dedent("""
+    """)
+    )
+    (folder / "modeling_evil.py").write_text(
+        code
+        + textwrap.dedent("""
         from transformers import LlamaForCausalLM
         from .configuration_evil import EvilConfig
         class EvilForCausalLM(LlamaForCausalLM):
             config_class = EvilConfig
-    """))
+    """)
+    )
     with pytest.raises(Exception, match=r"(?i)trust_remote_code"):
         loader.load(str(folder), load_in_4bit=False)
     assert not marker.exists(), "the folder's own Python code ran without trust_remote_code=True"
@@ -97,15 +109,26 @@ def test_remote_code_does_not_run_unless_asked(tiny_model_dir, tmp_path, figures
 
 # ---------------------------------------------------------------- paths
 def _trained_checkpoint(tmp_path):
-    args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=2,
-                             save_steps=2, output_dir=str(tmp_path / "run"), disable_tqdm=True, seed=1)
+    args = TrainingArguments(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        save_steps=2,
+        output_dir=str(tmp_path / "run"),
+        disable_tqdm=True,
+        seed=1,
+    )
     SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8), args=args).train()
     return tmp_path / "run" / "checkpoint-2", args
 
 
 def _resume(args):
-    return SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8),
-                      args=TrainingArguments(**{**args.to_dict(), "max_steps": 3})).train(resume_from_checkpoint=True)
+    return SFTTrainer(
+        model=tiny_lora_model(),
+        tokenizer=FakeTokenizer(),
+        train_dataset=token_rows(8),
+        args=TrainingArguments(**{**args.to_dict(), "max_steps": 3}),
+    ).train(resume_from_checkpoint=True)
 
 
 def _rewrite_sums(ckpt, edit):
@@ -179,11 +202,12 @@ def test_corrupted_or_forged_checkpoints_are_refused(tmp_path, figures):
         "flipped byte": (flip_byte, "corrupted: optimizer.pt does not match its checksum"),
         "missing file": (lambda c: (c / "rng_state.pt").unlink(), "is missing rng_state.pt"),
         "no checksums": (lambda c: (c / "checksums.json").unlink(), "no checksums.json"),
-        "cut checksums": (lambda c: (c / "checksums.json").write_text('{"adapter_model.safetensors": "ab'),
-                          "checksums.json is corrupted"),
+        "cut checksums": (
+            lambda c: (c / "checksums.json").write_text('{"adapter_model.safetensors": "ab'),
+            "checksums.json is corrupted",
+        ),
         "checksums not a mapping": (lambda c: (c / "checksums.json").write_text("[1, 2]"), "is corrupted"),
-        "unlisted file": (lambda c: _rewrite_sums(c, lambda s: s.pop("optimizer.pt")),
-                          "does not list optimizer.pt"),
+        "unlisted file": (lambda c: _rewrite_sums(c, lambda s: s.pop("optimizer.pt")), "does not list optimizer.pt"),
         "pickled code": (forge_pickle, "hold objects other than tensors; refused"),
         "forged state": (forge_state, "does not hold a valid training state"),
     }

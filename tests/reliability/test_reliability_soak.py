@@ -30,9 +30,20 @@ def rss_bytes() -> int:
 
 
 def test_a_long_run_keeps_memory_flat_and_exactly_the_last_checkpoints(tmp_path, figures):
-    args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=STEPS,
-                             learning_rate=1e-3, warmup_steps=10, optim="adamw_8bit", seed=3407, save_steps=SAVE_STEPS,
-                             save_total_limit=KEEP, logging_steps=STEPS, disable_tqdm=True, output_dir=str(tmp_path))
+    args = TrainingArguments(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        optim="adamw_8bit",
+        seed=3407,
+        save_steps=SAVE_STEPS,
+        save_total_limit=KEEP,
+        logging_steps=STEPS,
+        disable_tqdm=True,
+        output_dir=str(tmp_path),
+    )
     samples: dict[int, int] = {}
     kept_counts: set[int] = set()
 
@@ -43,15 +54,21 @@ def test_a_long_run_keeps_memory_flat_and_exactly_the_last_checkpoints(tmp_path,
         if step > KEEP * SAVE_STEPS and step % SAVE_STEPS == 1:  # right after a save and its rotation
             kept_counts.add(len(checkpoint.list_checkpoints(tmp_path)))
 
-    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(),
-                         train_dataset=token_rows(64, seed=7, lo=4, hi=12), args=args, callbacks=[watch])
+    trainer = SFTTrainer(
+        model=tiny_lora_model(),
+        tokenizer=FakeTokenizer(),
+        train_dataset=token_rows(64, seed=7, lo=4, hi=12),
+        args=args,
+        callbacks=[watch],
+    )
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
     assert out.global_step == STEPS
     kept = checkpoint.list_checkpoints(tmp_path)
-    assert [p.name for p in kept] == [f"checkpoint-{s}" for s in range(STEPS - (KEEP - 1) * SAVE_STEPS, STEPS + 1,
-                                                                         SAVE_STEPS)]
+    assert [p.name for p in kept] == [
+        f"checkpoint-{s}" for s in range(STEPS - (KEEP - 1) * SAVE_STEPS, STEPS + 1, SAVE_STEPS)
+    ]
     assert kept_counts == {KEEP}, f"checkpoints kept during the run: {sorted(kept_counts)}"
     assert not list(tmp_path.glob(".checkpoint-*"))
     checkpoint.verify(kept[-1])
@@ -63,7 +80,14 @@ def test_a_long_run_keeps_memory_flat_and_exactly_the_last_checkpoints(tmp_path,
     # in a full session the process already holds GBs from other tests, and 5% of that could hide a leak:
     # also bound the growth itself (the log history of 2,000 steps is about 2 MiB)
     assert peak - warm < 32 << 20, f"RSS grew {(peak - warm) >> 20} MiB after warm-up"
-    figures.set(steps=STEPS, checkpoints_written=STEPS // SAVE_STEPS, kept=len(kept), save_total_limit=KEEP,
-                rss_warm_mib=warm >> 20, rss_end_mib=samples[max(samples)] >> 20, rss_growth_pct=round(growth, 2),
-                rss_growth_mib=round((peak - warm) / 2**20, 1),
-                seconds=round(seconds, 1))
+    figures.set(
+        steps=STEPS,
+        checkpoints_written=STEPS // SAVE_STEPS,
+        kept=len(kept),
+        save_total_limit=KEEP,
+        rss_warm_mib=warm >> 20,
+        rss_end_mib=samples[max(samples)] >> 20,
+        rss_growth_pct=round(growth, 2),
+        rss_growth_mib=round((peak - warm) / 2**20, 1),
+        seconds=round(seconds, 1),
+    )

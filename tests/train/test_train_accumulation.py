@@ -14,11 +14,22 @@ from helpers import FakeTokenizer, tiny_lora_model, token_rows
 
 def _train(rows, batch, accum, steps=3, padding_free=False, merge=False, tmp_path=None):
     model = tiny_lora_model(torch.float64)
-    args = TrainingArguments(per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                             max_steps=steps, learning_rate=1e-2, optim="adamw_torch", warmup_steps=0,
-                             lr_scheduler_type="constant", save_strategy="no", seed=0, max_grad_norm=0.0,
-                             output_dir=str(tmp_path), padding_free=padding_free, merge_micro_batches=merge,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=1e-2,
+        optim="adamw_torch",
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        seed=0,
+        max_grad_norm=0.0,
+        output_dir=str(tmp_path),
+        padding_free=padding_free,
+        merge_micro_batches=merge,
+        disable_tqdm=True,
+    )
     trainer = SFTTrainer(model=model, tokenizer=FakeTokenizer(), train_dataset=rows, args=args)
     stats = trainer.train()
     weights = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}

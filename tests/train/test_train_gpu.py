@@ -32,10 +32,20 @@ def _model_folder(tmp_path_factory):
     bundle = Path(__file__).resolve().parents[2] / ".gpu-bundle" / "tok" / "tokenizer.json"
     tok = load_tokenizer(str(bundle) if bundle.is_file() else None)
     out = tmp_path_factory.mktemp("gpu-llama")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                         num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
@@ -48,20 +58,39 @@ def _run(folder, tmp_path, fast: bool, dtype: str, max_memory_gib=None, full=Fal
     from hizli.data.sample import sample_path
 
     os.environ["HIZLI_KERNELS"] = "auto" if fast else "reference"
-    model, tok = FastLanguageModel.from_pretrained(folder, max_seq_length=1024, dtype=dtype, load_in_4bit=True,
-                                                   fast_path=fast)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16,
-                                             use_gradient_checkpointing="unsloth" if fast else True,
-                                             random_state=3407)
+    model, tok = FastLanguageModel.from_pretrained(
+        folder, max_seq_length=1024, dtype=dtype, load_in_4bit=True, fast_path=fast
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, use_gradient_checkpointing="unsloth" if fast else True, random_state=3407
+    )
     tok = get_chat_template(tok, "llama-3.1" if len(tok) > 100_000 else "smollm2")
-    args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5,
-                             max_steps=STEPS, learning_rate=2e-4, optim="adamw_torch", weight_decay=0.01, seed=3407,
-                             bf16=dtype == "bfloat16", fp16=dtype == "float16", save_strategy="no",
-                             output_dir=str(tmp_path / ("fast" if fast else "plain")), disable_tqdm=True,
-                             padding_free=fast, merge_micro_batches=None if fast else False,
-                             max_memory_gib=max_memory_gib, fused_cross_entropy=fast)
-    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=load_conversations(sample_path("sharegpt")),
-                         max_seq_length=1024, args=args)
+    args = TrainingArguments(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        warmup_steps=5,
+        max_steps=STEPS,
+        learning_rate=2e-4,
+        optim="adamw_torch",
+        weight_decay=0.01,
+        seed=3407,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        save_strategy="no",
+        output_dir=str(tmp_path / ("fast" if fast else "plain")),
+        disable_tqdm=True,
+        padding_free=fast,
+        merge_micro_batches=None if fast else False,
+        max_memory_gib=max_memory_gib,
+        fused_cross_entropy=fast,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        tokenizer=tok,
+        train_dataset=load_conversations(sample_path("sharegpt")),
+        max_seq_length=1024,
+        args=args,
+    )
     stats = trainer.train()
     os.environ.pop("HIZLI_KERNELS", None)
     if full:
@@ -92,7 +121,8 @@ def test_memory_report_reads_torch_cuda(tmp_path):
 
     start = memory.snapshot()
     assert start.kind == "cuda" and start.total_gib == pytest.approx(
-        torch.cuda.get_device_properties(0).total_memory / 2**30)
+        torch.cuda.get_device_properties(0).total_memory / 2**30
+    )
     memory.reset_peak()
     x = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # 0.5 GiB
     del x

@@ -38,13 +38,21 @@ def test_schedules_match_transformers(kind):
 
 def test_eval_loss_is_the_mean_over_trained_tokens(tmp_path):
     train, held_out = token_rows(24, seed=1), token_rows(6, seed=2)
-    args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
-                             learning_rate=1e-3, optim="adamw_torch", eval_strategy="steps", eval_steps=2,
-                             per_device_eval_batch_size=4, save_strategy="no", output_dir=str(tmp_path),
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=4,
+        save_strategy="no",
+        output_dir=str(tmp_path),
+        disable_tqdm=True,
+    )
     model = tiny_lora_model()
-    trainer = SFTTrainer(model=model, tokenizer=FakeTokenizer(), train_dataset=train, eval_dataset=held_out,
-                         args=args)
+    trainer = SFTTrainer(model=model, tokenizer=FakeTokenizer(), train_dataset=train, eval_dataset=held_out, args=args)
     stats = trainer.train()
     evals = [e for e in stats.log_history if "eval_loss" in e]
     assert [e["step"] for e in evals] == [2, 4]
@@ -65,10 +73,17 @@ def test_eval_loss_is_the_mean_over_trained_tokens(tmp_path):
 
 
 def test_a_run_writes_its_metrics_plot_and_recipe(tmp_path):
-    args = TrainingArguments(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=3,
-                             save_strategy="no", output_dir=str(tmp_path), disable_tqdm=True)
-    stats = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8),
-                       args=args).train()
+    args = TrainingArguments(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=3,
+        save_strategy="no",
+        output_dir=str(tmp_path),
+        disable_tqdm=True,
+    )
+    stats = SFTTrainer(
+        model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8), args=args
+    ).train()
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_reserved_gib"):
@@ -84,7 +99,8 @@ def test_the_recipes_fp16_line_on_a_cpu_says_what_happens_once(tmp_path, capsys,
 
     monkeypatch.setattr(_log, "_said", set())
     args = TrainingArguments(max_steps=2, fp16=True, save_strategy="no", output_dir=str(tmp_path), disable_tqdm=True)
-    stats = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8),
-                       args=args).train()
+    stats = SFTTrainer(
+        model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8), args=args
+    ).train()
     assert len(stats.log_history) == 2
     assert capsys.readouterr().err.count("fp16=True was asked for, but there is no GPU") == 1

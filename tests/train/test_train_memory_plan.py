@@ -25,8 +25,15 @@ def _steps(n_rows=96, seed=0):
 @pytest.mark.parametrize("budget", [3.5, 4, 8, 40, 132])
 def test_plan_fits_its_budget_and_prefers_keeping(budget):
     steps, lengths = _steps()
-    plan = make_plan(shape=LLAMA_3B, steps=steps, lengths=lengths, allowed=("keep", "recompute", "offload"),
-                     budget_bytes=budget * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    plan = make_plan(
+        shape=LLAMA_3B,
+        steps=steps,
+        lengths=lengths,
+        allowed=("keep", "recompute", "offload"),
+        budget_bytes=budget * GIB,
+        static_bytes=2.32 * GIB,
+        max_parts=8,
+    )
     assert plan.predicted_peak_gib <= budget and not plan.notes
     assert len(plan.layer_modes) == 28 and 1 <= plan.micro_batches <= 8
     if budget >= 40:  # room to keep every activation of a whole step
@@ -37,16 +44,22 @@ def test_plan_fits_its_budget_and_prefers_keeping(budget):
 
 def test_plan_respects_what_checkpointing_allows():
     steps, lengths = _steps()
-    kw = dict(shape=LLAMA_3B, steps=steps, lengths=lengths, budget_bytes=8 * GIB, static_bytes=2.32 * GIB,
-              max_parts=8)
+    kw = dict(shape=LLAMA_3B, steps=steps, lengths=lengths, budget_bytes=8 * GIB, static_bytes=2.32 * GIB, max_parts=8)
     assert set(make_plan(allowed=("keep",), **kw).layer_modes) == {"keep"}
     assert "offload" not in make_plan(allowed=("keep", "recompute"), **kw).layer_modes
 
 
 def test_plan_says_so_when_nothing_fits():
     steps, lengths = _steps()
-    plan = make_plan(shape=LLAMA_3B, steps=steps, lengths=lengths, allowed=("keep", "recompute", "offload"),
-                     budget_bytes=2.4 * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    plan = make_plan(
+        shape=LLAMA_3B,
+        steps=steps,
+        lengths=lengths,
+        allowed=("keep", "recompute", "offload"),
+        budget_bytes=2.4 * GIB,
+        static_bytes=2.32 * GIB,
+        max_parts=8,
+    )
     assert plan.notes and "no plan fits" in plan.notes[0]
 
 
@@ -76,24 +89,41 @@ def test_plan_counts_the_micro_batches_steps_really_run():
     """One step of long rows sets the budget; the time model sees the other steps' fewer micro-batches."""
     steps, lengths = _steps()
     lengths[:8] = [2048] * 8  # a worst-case first step
-    plan = make_plan(shape=LLAMA_3B, steps=steps, lengths=lengths, allowed=("keep", "recompute", "offload"),
-                     budget_bytes=3.5 * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    plan = make_plan(
+        shape=LLAMA_3B,
+        steps=steps,
+        lengths=lengths,
+        allowed=("keep", "recompute", "offload"),
+        budget_bytes=3.5 * GIB,
+        static_bytes=2.32 * GIB,
+        max_parts=8,
+    )
     counts = [len(split_step(rows, lengths, plan.micro_batches, plan.tokens_per_micro_batch)) for rows in steps]
     assert counts[0] == plan.micro_batches and sum(counts[1:]) / len(counts[1:]) < plan.micro_batches
 
 
 def _args(tmp_path, **kw):
-    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3,
-                optim="adamw_torch", seed=0, save_strategy="no", output_dir=str(tmp_path), disable_tqdm=True,
-                max_memory_gib=4.0)
+    base = dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=5e-3,
+        optim="adamw_torch",
+        seed=0,
+        save_strategy="no",
+        output_dir=str(tmp_path),
+        disable_tqdm=True,
+        max_memory_gib=4.0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
 
 def test_out_of_memory_plans_again_and_repeats_the_step(tmp_path, monkeypatch, capsys):
     rows = token_rows(24, seed=5)
-    expected = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows,
-                          args=_args(tmp_path / "a")).train()
+    expected = SFTTrainer(
+        model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows, args=_args(tmp_path / "a")
+    ).train()
     real = step_mod.loss_sum
     calls = {"n": 0}
 
@@ -104,12 +134,12 @@ def test_out_of_memory_plans_again_and_repeats_the_step(tmp_path, monkeypatch, c
         return real(model, batch, **kw)
 
     monkeypatch.setattr(step_mod, "loss_sum", flaky)
-    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows,
-                         args=_args(tmp_path / "b"))
+    trainer = SFTTrainer(
+        model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=rows, args=_args(tmp_path / "b")
+    )
     stats = trainer.train()
     # fp32: a re-planned step splits its rows into other micro-batches, so its sums run in another order
-    assert [e["loss"] for e in stats.log_history] == pytest.approx([e["loss"] for e in expected.log_history],
-                                                                    rel=1e-5)
+    assert [e["loss"] for e in stats.log_history] == pytest.approx([e["loss"] for e in expected.log_history], rel=1e-5)
     assert trainer.memory_plan["budget_gib"] == pytest.approx(3.0)
     assert "ran out of memory; planning again for 3.00 GiB" in capsys.readouterr().err
 
@@ -121,19 +151,29 @@ def test_without_retries_out_of_memory_is_explained(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     monkeypatch.setattr(step_mod, "loss_sum", oom)
-    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=token_rows(8),
-                         args=_args(tmp_path, oom_retries=0))
+    trainer = SFTTrainer(
+        model=tiny_lora_model(),
+        tokenizer=FakeTokenizer(),
+        train_dataset=token_rows(8),
+        args=_args(tmp_path, oom_retries=0),
+    )
     with pytest.raises(GPUOutOfMemoryError, match="2.00 GiB"):
         trainer.train()
-
 
 
 def test_capped_plan_uses_the_room_between_row_counts():
     """The token budget is the most that fits, not only what whole splits of the worst step give;
     under max_memory_gib (the allocator capped too) the slack for cached blocks is smaller."""
     steps, lengths = _steps()
-    kw = dict(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True), steps=steps, lengths=lengths,
-              allowed=("keep", "recompute", "offload"), budget_bytes=3.1 * GIB, static_bytes=2.32 * GIB, max_parts=8)
+    kw = dict(
+        shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True),
+        steps=steps,
+        lengths=lengths,
+        allowed=("keep", "recompute", "offload"),
+        budget_bytes=3.1 * GIB,
+        static_bytes=2.32 * GIB,
+        max_parts=8,
+    )
     loose, tight = make_plan(**kw), make_plan(capped=True, **kw)
     for plan in (loose, tight):
         assert plan.predicted_peak_gib <= 3.1 and not plan.notes

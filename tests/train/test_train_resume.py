@@ -25,9 +25,20 @@ ROWS = token_rows(40, seed=3)
 
 
 def _args(out, **kw):
-    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=5e-3,
-                warmup_steps=2, lr_scheduler_type="linear", optim="adamw_8bit", weight_decay=0.01, seed=3407,
-                save_steps=3, output_dir=str(out), disable_tqdm=True)
+    base = dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=5e-3,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        seed=3407,
+        save_steps=3,
+        output_dir=str(out),
+        disable_tqdm=True,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -38,8 +49,12 @@ def _adapter(model):
 
 def test_resume_continues_with_the_same_losses_and_weights(tmp_path):
     straight_model = tiny_lora_model()
-    straight = SFTTrainer(model=straight_model, tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                          args=_args(tmp_path / "straight", save_strategy="no")).train()
+    straight = SFTTrainer(
+        model=straight_model,
+        tokenizer=FakeTokenizer(),
+        train_dataset=ROWS,
+        args=_args(tmp_path / "straight", save_strategy="no"),
+    ).train()
     expected = [e["loss"] for e in straight.log_history]
     assert len(expected) == 6
 
@@ -48,8 +63,13 @@ def test_resume_continues_with_the_same_losses_and_weights(tmp_path):
         if entry["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    first = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                       args=_args(tmp_path / "run", save_steps=100), callbacks=[interrupt])
+    first = SFTTrainer(
+        model=tiny_lora_model(),
+        tokenizer=FakeTokenizer(),
+        train_dataset=ROWS,
+        args=_args(tmp_path / "run", save_steps=100),
+        callbacks=[interrupt],
+    )
     with pytest.raises(TrainingInterrupted, match="resume") as stopped:
         first.train()
     assert stopped.value.checkpoint == tmp_path / "run" / "checkpoint-3"
@@ -59,8 +79,9 @@ def test_resume_continues_with_the_same_losses_and_weights(tmp_path):
 
     # a fresh process builds a fresh model: same base, LoRA values that the checkpoint must replace
     resumed_model = tiny_lora_model(lora_seed=99)
-    resumed = SFTTrainer(model=resumed_model, tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                         args=_args(tmp_path / "run", save_steps=100)).train(resume_from_checkpoint=True)
+    resumed = SFTTrainer(
+        model=resumed_model, tokenizer=FakeTokenizer(), train_dataset=ROWS, args=_args(tmp_path / "run", save_steps=100)
+    ).train(resume_from_checkpoint=True)
     losses = [e["loss"] for e in resumed.log_history]
     assert losses == pytest.approx(expected, abs=1e-6)
     a, b = _adapter(straight_model), _adapter(resumed_model)
@@ -73,8 +94,12 @@ def test_resume_continues_with_the_same_losses_and_weights(tmp_path):
 
 
 def test_save_total_limit_rotates_and_checkpoints_verify(tmp_path):
-    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                         args=_args(tmp_path, save_steps=1, save_total_limit=2))
+    trainer = SFTTrainer(
+        model=tiny_lora_model(),
+        tokenizer=FakeTokenizer(),
+        train_dataset=ROWS,
+        args=_args(tmp_path, save_steps=1, save_total_limit=2),
+    )
     trainer.train()
     kept = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
     assert kept == ["checkpoint-5", "checkpoint-6"]
@@ -85,14 +110,16 @@ def test_save_total_limit_rotates_and_checkpoints_verify(tmp_path):
 
 
 def test_corrupted_checkpoint_is_refused(tmp_path):
-    SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS,
-               args=_args(tmp_path, max_steps=3)).train()
+    SFTTrainer(
+        model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS, args=_args(tmp_path, max_steps=3)
+    ).train()
     weights = tmp_path / "checkpoint-3" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    trainer = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                         args=_args(tmp_path, max_steps=6))
+    trainer = SFTTrainer(
+        model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS, args=_args(tmp_path, max_steps=6)
+    )
     with pytest.raises(checkpoint.CheckpointError, match="corrupted: adapter_model.safetensors"):
         trainer.train(resume_from_checkpoint=True)
 
@@ -147,6 +174,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_last_complete_one(tmp_path):
     checkpoint.verify(out / "checkpoint-3")
     # and it resumes: steps 4..6 run
     args = _args(out, save_steps=100)
-    stats = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS,
-                       args=args).train(resume_from_checkpoint=True)
+    stats = SFTTrainer(model=tiny_lora_model(), tokenizer=FakeTokenizer(), train_dataset=ROWS, args=args).train(
+        resume_from_checkpoint=True
+    )
     assert [e["step"] for e in stats.log_history] == [1, 2, 3, 4, 5, 6]

@@ -28,8 +28,14 @@ EXAMPLES = """examples:
 """
 
 COMMANDS: dict[str, ModuleType] = {
-    "train": train, "chat": chat, "eval": eval_cmd, "export": export, "serve": serve, "bench": bench,
-    "data": data, "templates": templates,
+    "train": train,
+    "chat": chat,
+    "eval": eval_cmd,
+    "export": export,
+    "serve": serve,
+    "bench": bench,
+    "data": data,
+    "templates": templates,
 }
 
 

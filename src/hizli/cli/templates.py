@@ -7,9 +7,12 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    tp = sub.add_parser("templates", help="list chat templates, or render one",
-                        description="Without NAME, list the registered chat templates; with NAME, render a "
-                                    "sample conversation through it.")
+    tp = sub.add_parser(
+        "templates",
+        help="list chat templates, or render one",
+        description="Without NAME, list the registered chat templates; with NAME, render a "
+        "sample conversation through it.",
+    )
     tp.add_argument("name", nargs="?")
 
 
@@ -32,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
     info = lookup(name)
     text = render(info, SAMPLE_CONVERSATION, add_generation_prompt=True)
     print(f"# {info.name}  (aliases: {', '.join(info.aliases) or '-'}; source: {info.source})")
-    print(f"# ends a turn: {show(info.end_of_turn)}   turn markers (user / assistant): "
-          f"{json.dumps(info.instruction_part)} / {json.dumps(info.response_part)}")
+    print(
+        f"# ends a turn: {show(info.end_of_turn)}   turn markers (user / assistant): "
+        f"{json.dumps(info.instruction_part)} / {json.dumps(info.response_part)}"
+    )
     if info.default_system is not None:
         print(f"# default system message: {json.dumps(info.default_system)}")
     print("# rendered (system, user, assistant, user + generation prompt), between the lines:")

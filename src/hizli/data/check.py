@@ -34,9 +34,19 @@ __all__ = ["check_rows", "check_file", "DataError", "DataReport"]
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 
 
-def check_rows(data: Any, tokenizer=None, *, template: str | None = None, max_seq_length: int = 2048,
-               schema: str = "auto", train_on: str = "all", num_proc: int = 1, unknown_roles: str = "assistant",
-               aliases: dict[str, str] | None = None, show_progress: bool = False) -> DataReport:
+def check_rows(
+    data: Any,
+    tokenizer=None,
+    *,
+    template: str | None = None,
+    max_seq_length: int = 2048,
+    schema: str = "auto",
+    train_on: str = "all",
+    num_proc: int = 1,
+    unknown_roles: str = "assistant",
+    aliases: dict[str, str] | None = None,
+    show_progress: bool = False,
+) -> DataReport:
     """Check every row of ``data`` as training would use it; return the full report (never raises on bad rows).
 
     Args:
@@ -64,16 +74,37 @@ def check_rows(data: Any, tokenizer=None, *, template: str | None = None, max_se
 
         # A shallow copy: the caller's tokenizer keeps its template; EOS is not touched.
         tokenizer = get_chat_template(copy.copy(tokenizer), template, map_eos_token=False, warn=False)
-    rows = data if isinstance(data, Conversations) else load_conversations(
-        data, schema=schema, unknown_roles=unknown_roles, aliases=aliases, bad_rows="skip", turn_order="error")
-    ds = tokenize_dataset(rows, tokenizer, max_seq_length=max_seq_length, messages_field="messages",
-                          train_on=train_on, num_proc=num_proc, bad_rows="skip", show_progress=show_progress)
+    rows = (
+        data
+        if isinstance(data, Conversations)
+        else load_conversations(
+            data, schema=schema, unknown_roles=unknown_roles, aliases=aliases, bad_rows="skip", turn_order="error"
+        )
+    )
+    ds = tokenize_dataset(
+        rows,
+        tokenizer,
+        max_seq_length=max_seq_length,
+        messages_field="messages",
+        train_on=train_on,
+        num_proc=num_proc,
+        bad_rows="skip",
+        show_progress=show_progress,
+    )
     return ds.report
 
 
-def check_file(file: str, *, template: str = "llama-3.1", max_seq_length: int = 2048, tokenizer: str | None = None,
-              schema: str = "auto", responses_only: bool = False, unknown_roles: str = "error",
-              role_map: dict[str, str] | None = None) -> int:
+def check_file(
+    file: str,
+    *,
+    template: str = "llama-3.1",
+    max_seq_length: int = 2048,
+    tokenizer: str | None = None,
+    schema: str = "auto",
+    responses_only: bool = False,
+    unknown_roles: str = "error",
+    role_map: dict[str, str] | None = None,
+) -> int:
     """``hizli data check FILE``: print the report, return the exit code (1 if the file has no row or any
     row is unusable, else 0).
 
@@ -91,44 +122,69 @@ def check_file(file: str, *, template: str = "llama-3.1", max_seq_length: int = 
     quiet = _log.logger.level
     _log.logger.setLevel("WARNING")  # the report below says it all; skip the progress log lines
     try:
-        report = check_rows(path, tok, template=chosen, max_seq_length=max_seq_length, schema=schema,
-                            train_on=train_on, unknown_roles=unknown_roles, aliases=role_map,
-                            show_progress=sys.stderr.isatty())
+        report = check_rows(
+            path,
+            tok,
+            template=chosen,
+            max_seq_length=max_seq_length,
+            schema=schema,
+            train_on=train_on,
+            unknown_roles=unknown_roles,
+            aliases=role_map,
+            show_progress=sys.stderr.isatty(),
+        )
     finally:
         _log.logger.setLevel(quiet)
-    print(format_report(report, str(path), template=chosen or "the tokenizer's own",
-                        tokenizer=tokenizer or DEFAULT_TOKENIZER, train_on=train_on))
+    print(
+        format_report(
+            report,
+            str(path),
+            template=chosen or "the tokenizer's own",
+            tokenizer=tokenizer or DEFAULT_TOKENIZER,
+            train_on=train_on,
+        )
+    )
     return 0 if report.ok else 1
 
 
 def format_report(report: DataReport, name: str, *, template: str, tokenizer: str, train_on: str) -> str:
     """The text ``hizli data check`` prints: one line per problem (by line), statistics, verdict."""
     trained = "assistant turns" if train_on == "assistant" else "all tokens"
-    out = [f"{name}: {report.rows_in} rows; template {template}, tokenizer {tokenizer}, "
-           f"max_seq_length {report.max_seq_length}, training on {trained}"]
+    out = [
+        f"{name}: {report.rows_in} rows; template {template}, tokenizer {tokenizer}, "
+        f"max_seq_length {report.max_seq_length}, training on {trained}"
+    ]
     items = [(p, "") for p in report.skipped] + [(p, "warning: ") for p in report.warnings]
     items.sort(key=lambda x: (x[0].line or 0, x[0].row if x[0].row is not None else 0, x[1]))
     out += [f"{name}:{p.line if p.line is not None else 'row ' + str(p.row)}: {tag}{p.reason}" for p, tag in items]
     s = report.stats()
     if report.rows_in:
-        out.append(f"tokens per usable row (before truncation): count {s['count']}, min {s['min']}, "
-                   f"median {s['median']}, p95 {s['p95']}, max {s['max']}, total {s['total']:,}")
+        out.append(
+            f"tokens per usable row (before truncation): count {s['count']}, min {s['min']}, "
+            f"median {s['median']}, p95 {s['p95']}, max {s['max']}, total {s['total']:,}"
+        )
     if report.truncated:
-        out.append(f"{report.truncated} rows are longer than max_seq_length {report.max_seq_length} and would be "
-                   "truncated")
+        out.append(
+            f"{report.truncated} rows are longer than max_seq_length {report.max_seq_length} and would be truncated"
+        )
     if report.rows_in == 0:
         out.append(f"{name}: the file holds no rows (it is empty or only blank lines): nothing to train on")
     elif report.ok:
         out.append(f"OK: all {report.rows_used} rows are usable")
     else:
         kinds = Counter(p.kind for p in report.skipped)
-        out.append(f"{len(report.skipped)} of {report.rows_in} rows are unusable ("
-                   + ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + "). Fix them, or train with "
-                   "bad_rows='skip' (--set train.bad_rows=skip) to skip and count them.")
+        out.append(
+            f"{len(report.skipped)} of {report.rows_in} rows are unusable ("
+            + ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+            + "). Fix them, or train with "
+            "bad_rows='skip' (--set train.bad_rows=skip) to skip and count them."
+        )
         if "unknown-role" in kinds:
-            out.append("Unknown roles: map each with --map-role NAME=user|assistant|system|tool, or check as "
-                       "training treats them by default (the recipe's data.unknown_roles: assistant) with "
-                       "--unknown-roles assistant.")
+            out.append(
+                "Unknown roles: map each with --map-role NAME=user|assistant|system|tool, or check as "
+                "training treats them by default (the recipe's data.unknown_roles: assistant) with "
+                "--unknown-roles assistant."
+            )
     return "\n".join(out)
 
 
@@ -148,4 +204,3 @@ def load_tokenizer(spec: str | None):
 
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     return load(str(folder))
-

@@ -38,9 +38,17 @@ class DataCollatorForSeq2Seq:
 
     layout = "padded"
 
-    def __init__(self, tokenizer=None, model=None, padding: bool | str = True, *, max_length: int | None = None,
-                 pad_to_multiple_of: int | None = None, label_pad_token_id: int = IGNORE,
-                 return_tensors: str = "pt") -> None:
+    def __init__(
+        self,
+        tokenizer=None,
+        model=None,
+        padding: bool | str = True,
+        *,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        label_pad_token_id: int = IGNORE,
+        return_tensors: str = "pt",
+    ) -> None:
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r}: hizli collators return PyTorch tensors ('pt')")
         self.tokenizer = tokenizer

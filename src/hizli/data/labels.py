@@ -47,8 +47,9 @@ class Renderer:
         info = template_info(tokenizer)
         self.template_name = info.name if info else None
         self.eot: str | None = info.eot(tokenizer) if info else None
-        self.instruction_part = instruction_part if instruction_part is not None else (
-            info.instruction_part if info else None)
+        self.instruction_part = (
+            instruction_part if instruction_part is not None else (info.instruction_part if info else None)
+        )
         self.response_part = response_part if response_part is not None else (info.response_part if info else None)
 
     @property
@@ -57,10 +58,13 @@ class Renderer:
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         if self.template is None:
-            raise ValueError("the tokenizer has no chat template; set one with "
-                             "hizli.get_chat_template(tokenizer, 'llama-3.1') (`hizli templates` lists them)")
+            raise ValueError(
+                "the tokenizer has no chat template; set one with "
+                "hizli.get_chat_template(tokenizer, 'llama-3.1') (`hizli templates` lists them)"
+            )
         return compile_template(self.template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.tokens)
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.tokens
+        )
 
     def assistant_spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its assistant turns (structure rule)."""
@@ -82,8 +86,10 @@ class Renderer:
     def marker_spans(self, text: str) -> list[tuple[int, int]]:
         """Character spans of assistant answers in rendered ``text`` (marker rule)."""
         if not self.response_part:
-            raise LabelError("cannot tell assistant turns apart in this text: the chat template is not one of "
-                             "hizli's; pass instruction_part= and response_part= to train_on_responses_only")
+            raise LabelError(
+                "cannot tell assistant turns apart in this text: the chat template is not one of "
+                "hizli's; pass instruction_part= and response_part= to train_on_responses_only"
+            )
         spans: list[tuple[int, int]] = []
         pos = 0
         while (r := text.find(self.response_part, pos)) >= 0:

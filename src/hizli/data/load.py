@@ -49,8 +49,17 @@ class Conversations(Sequence):
     column_names = ["messages"]
     hizli_standardized = True  # standardize_sharegpt passes it through unchanged
 
-    def __init__(self, rows: list[dict], *, input_rows: list[int], lines: list[int | None],
-                 problems: list[Problem], warnings: list[Problem], source: str = "", schema: str = "auto") -> None:
+    def __init__(
+        self,
+        rows: list[dict],
+        *,
+        input_rows: list[int],
+        lines: list[int | None],
+        problems: list[Problem],
+        warnings: list[Problem],
+        source: str = "",
+        schema: str = "auto",
+    ) -> None:
         assert len(rows) == len(input_rows) == len(lines)
         self.rows, self.input_rows, self.lines = rows, input_rows, lines
         self.problems, self.warnings = problems, warnings
@@ -72,15 +81,22 @@ class Conversations(Sequence):
             lo = self.input_rows[start] if start > 0 and start < len(self.rows) else (-1 if start == 0 else 1 << 62)
             hi = self.input_rows[stop] if stop < len(self.rows) else 1 << 62
             keep = lambda ps: [p for p in ps if lo <= (p.row if p.row is not None else 1 << 61) < hi]  # noqa: E731
-            return Conversations(self.rows[start:stop], input_rows=self.input_rows[start:stop],
-                                 lines=self.lines[start:stop], problems=keep(self.problems),
-                                 warnings=keep(self.warnings), source=self.source, schema=self.schema)
+            return Conversations(
+                self.rows[start:stop],
+                input_rows=self.input_rows[start:stop],
+                lines=self.lines[start:stop],
+                problems=keep(self.problems),
+                warnings=keep(self.warnings),
+                source=self.source,
+                schema=self.schema,
+            )
         return self.rows[index]
 
     def report(self) -> DataReport:
         """The account of this load alone (before tokenization)."""
-        return DataReport(rows_in=self.rows_in, rows_used=len(self.rows), skipped=list(self.problems),
-                          warnings=list(self.warnings))
+        return DataReport(
+            rows_in=self.rows_in, rows_used=len(self.rows), skipped=list(self.problems), warnings=list(self.warnings)
+        )
 
     def to_dataset(self):
         """A ``datasets.Dataset`` with one ``messages`` column."""
@@ -89,9 +105,17 @@ class Conversations(Sequence):
         return Dataset.from_list(self.rows)
 
 
-def load_conversations(source: Any, *, split: str = "train", schema: str = "auto", max_rows: int | None = None,
-                       unknown_roles: str = "assistant", aliases: dict[str, str] | None = None,
-                       bad_rows: str = "error", turn_order: str = "warn") -> Conversations:
+def load_conversations(
+    source: Any,
+    *,
+    split: str = "train",
+    schema: str = "auto",
+    max_rows: int | None = None,
+    unknown_roles: str = "assistant",
+    aliases: dict[str, str] | None = None,
+    bad_rows: str = "error",
+    turn_order: str = "warn",
+) -> Conversations:
     """Read conversations from ``source`` and normalise them to role/content messages.
 
     Args:
@@ -147,8 +171,15 @@ def load_conversations(source: Any, *, split: str = "train", schema: str = "auto
         rows.append({"messages": messages})
         input_rows.append(index)
         lines.append(line)
-    out = Conversations(rows, input_rows=input_rows, lines=lines, problems=problems, warnings=warnings,
-                        source=name, schema=",".join(sorted(detected)) or schema)
+    out = Conversations(
+        rows,
+        input_rows=input_rows,
+        lines=lines,
+        problems=problems,
+        warnings=warnings,
+        source=name,
+        schema=",".join(sorted(detected)) or schema,
+    )
     msg = f"read {name}: {out.rows_in} rows ({out.schema}), {len(rows)} usable"
     if problems:
         msg += f", {len(problems)} unusable"
@@ -187,8 +218,10 @@ def _open(source: Any, split: str) -> tuple[str, Iterator[tuple[int | None, Any]
         return "dataset", ((None, r) for r in source)
     if isinstance(source, (list, tuple)):
         return "rows", ((None, r) for r in source)
-    raise ValueError(f"cannot read conversations from a {type(source).__name__}; pass a hub id, a file path, "
-                     "a datasets.Dataset or a list of dicts")
+    raise ValueError(
+        f"cannot read conversations from a {type(source).__name__}; pass a hub id, a file path, "
+        "a datasets.Dataset or a list of dicts"
+    )
 
 
 def _read_hub(name: str, split: str) -> Iterator[tuple[None, Any]]:
@@ -218,8 +251,12 @@ def _bad_bytes(raw: str, line: int) -> Problem | None:
         return None
     for col, ch in enumerate(raw):
         if "\udc80" <= ch <= "\udcff":
-            return Problem("invalid-utf8", f"byte 0x{ord(ch) - 0xDC00:02x} (character {col + 1} of the record) is "
-                           "not UTF-8 text; save the file as UTF-8", line=line)
+            return Problem(
+                "invalid-utf8",
+                f"byte 0x{ord(ch) - 0xDC00:02x} (character {col + 1} of the record) is "
+                "not UTF-8 text; save the file as UTF-8",
+                line=line,
+            )
     return None
 
 
@@ -237,8 +274,10 @@ def _read_jsonl(text: str) -> Iterator[tuple[int, Any]]:
             yield i + 1, Problem("invalid-json", _TOO_DEEP, line=i + 1)
         except json.JSONDecodeError as e:
             if i == last and _cut_off(raw, e, ends_with_newline=text.endswith("\n")):
-                yield i + 1, Problem("truncated-file", "the file ends in the middle of this record (cut off?)",
-                                     line=i + 1)
+                yield (
+                    i + 1,
+                    Problem("truncated-file", "the file ends in the middle of this record (cut off?)", line=i + 1),
+                )
             elif bad is not None:
                 yield i + 1, bad
             else:
@@ -277,8 +316,12 @@ def _read_json_list(text: str) -> Iterator[tuple[int, Any]]:
         while i < len(text) and text[i] in " \t\r\n,":
             i += 1
         if i >= len(text):
-            yield line_at(i), Problem("truncated-file", "the file ends before the list is closed with ']' (cut off?)",
-                                      line=line_at(i))
+            yield (
+                line_at(i),
+                Problem(
+                    "truncated-file", "the file ends before the list is closed with ']' (cut off?)", line=line_at(i)
+                ),
+            )
             return
         if text[i] == "]":
             return
@@ -294,13 +337,22 @@ def _read_json_list(text: str) -> Iterator[tuple[int, Any]]:
             return
         except json.JSONDecodeError as e:
             if _cut_off(text[i:], e, ends_with_newline=text.endswith("\n"), offset=i):
-                yield start, Problem("truncated-file", "the file ends in the middle of this record (cut off?)",
-                                     line=start)
+                yield (
+                    start,
+                    Problem("truncated-file", "the file ends in the middle of this record (cut off?)", line=start),
+                )
             else:
-                bad = _bad_bytes(text[e.pos:e.pos + 1], e.lineno)
+                bad = _bad_bytes(text[e.pos : e.pos + 1], e.lineno)
                 why = bad.reason.split(" (", 1)[0] if bad is not None else e.msg
-                yield start, Problem("invalid-json", f"invalid JSON at line {e.lineno}, column {e.colno}: {why}; "
-                                     "the records after it cannot be read", line=start)
+                yield (
+                    start,
+                    Problem(
+                        "invalid-json",
+                        f"invalid JSON at line {e.lineno}, column {e.colno}: {why}; "
+                        "the records after it cannot be read",
+                        line=start,
+                    ),
+                )
             return
         yield start, record
 
@@ -325,8 +377,11 @@ def _messages(record: Any, schema: str, unknown_roles: str, aliases, where: str)
         raise _RowProblem("not-an-object", f"the record is a {type(record).__name__}, not a JSON object")
     kind = schema if schema != "auto" else _detect(record)
     if kind is None:
-        raise _RowProblem("no-conversation", "no conversation: expected a 'conversations' or 'messages' list or "
-                          f"'instruction'/'output' fields, found keys {sorted(map(str, record))[:8]}")
+        raise _RowProblem(
+            "no-conversation",
+            "no conversation: expected a 'conversations' or 'messages' list or "
+            f"'instruction'/'output' fields, found keys {sorted(map(str, record))[:8]}",
+        )
     if kind == "alpaca":
         return kind, _alpaca(record), []
     column = "conversations" if kind == "sharegpt" else "messages"

@@ -14,9 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 # Problem kinds. Fatal ones make a row unusable; the rest are warnings.
-FATAL_KINDS = ("invalid-json", "invalid-utf8", "truncated-file", "not-an-object", "no-conversation", "bad-message",
-               "unknown-role", "empty-turn", "no-assistant", "no-user", "assistant-first", "ends-with-user",
-               "render-error", "no-trained-token", "bad-text", "bad-tokens")
+FATAL_KINDS = (
+    "invalid-json",
+    "invalid-utf8",
+    "truncated-file",
+    "not-an-object",
+    "no-conversation",
+    "bad-message",
+    "unknown-role",
+    "empty-turn",
+    "no-assistant",
+    "no-user",
+    "assistant-first",
+    "ends-with-user",
+    "render-error",
+    "no-trained-token",
+    "bad-text",
+    "bad-tokens",
+)
 WARNING_KINDS = ("unknown-role-mapped", "over-long")
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
@@ -71,15 +86,22 @@ class DataReport:
 
     def check(self) -> None:
         assert self.rows_in == self.rows_used + len(self.skipped), (
-            f"row accounting broken: {self.rows_in} in != {self.rows_used} used + {len(self.skipped)} skipped")
+            f"row accounting broken: {self.rows_in} in != {self.rows_used} used + {len(self.skipped)} skipped"
+        )
 
     def stats(self) -> dict[str, int]:
         """Token-length statistics of the used rows (before truncation): count, min, median, p95, max, total."""
         xs = sorted(self.lengths)
         if not xs:
             return {"count": 0, "min": 0, "median": 0, "p95": 0, "max": 0, "total": 0}
-        return {"count": len(xs), "min": xs[0], "median": _quantile(xs, 0.5), "p95": _quantile(xs, 0.95),
-                "max": xs[-1], "total": sum(xs)}
+        return {
+            "count": len(xs),
+            "min": xs[0],
+            "median": _quantile(xs, 0.5),
+            "p95": _quantile(xs, 0.95),
+            "max": xs[-1],
+            "total": sum(xs),
+        }
 
     def summary(self) -> str:
         """One paragraph: rows in/used/skipped by reason, truncation, tokens."""
@@ -113,12 +135,17 @@ class DataError(ValueError):
         lines = [str(p) for p in report.skipped[:20]]
         more = f"\n  ... and {len(report.skipped) - 20} more" if len(report.skipped) > 20 else ""
         super().__init__(
-            f"{len(report.skipped)} of {report.rows_in} {what} rows are unusable:\n  " + "\n  ".join(lines) + more
+            f"{len(report.skipped)} of {report.rows_in} {what} rows are unusable:\n  "
+            + "\n  ".join(lines)
+            + more
             + "\nFix them (`hizli data check FILE` lists them all), or skip them with bad_rows='skip' "
-              "(--set train.bad_rows=skip); skipped rows are counted in the data report.")
+            "(--set train.bad_rows=skip); skipped rows are counted in the data report."
+        )
 
 
-def validate_messages(messages: Any, *, need_assistant: bool = True, check_order: bool = True) -> tuple[str, str] | None:
+def validate_messages(
+    messages: Any, *, need_assistant: bool = True, check_order: bool = True
+) -> tuple[str, str] | None:
     """The first problem that makes a role/content conversation unusable, as (kind, reason), or None.
 
     Checks: a non-empty list; every message a dict with a known role and a string content; no
@@ -127,16 +154,21 @@ def validate_messages(messages: Any, *, need_assistant: bool = True, check_order
     turn, and no unanswered user turn at the end (``order_problem``).
     """
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
-        what = "empty" if isinstance(messages, (list, tuple)) else ("missing" if messages is None else
-                                                                    f"a {type(messages).__name__}")
+        what = (
+            "empty"
+            if isinstance(messages, (list, tuple))
+            else ("missing" if messages is None else f"a {type(messages).__name__}")
+        )
         return "no-conversation", f"no conversation (the message list is {what})"
     has_assistant = False
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return "bad-message", f"message {k} is not a {{role, content}} pair with text content: {_short(m)}"
         if m["role"] not in KNOWN_ROLES:
-            return "unknown-role", (f"message {k} has the unknown role {m['role']!r}; use user, assistant or system "
-                                    "(standardize_sharegpt maps ShareGPT names)")
+            return "unknown-role", (
+                f"message {k} has the unknown role {m['role']!r}; use user, assistant or system "
+                "(standardize_sharegpt maps ShareGPT names)"
+            )
         if not m["content"].strip():
             return "empty-turn", f"message {k} ({m['role']}) is empty"
         if not is_unicode(m["content"]):
@@ -155,20 +187,28 @@ def order_problem(messages: Any) -> tuple[str, str] | None:
     such rows (their assistant turns still teach) and warns; ``hizli data check`` calls them unusable."""
     roles = [m["role"] for m in messages]
     if "user" not in roles:
-        return "no-user", ("no user turn: the assistant answers nothing (after role mapping the roles are "
-                           f"{', '.join(dict.fromkeys(roles))}; map the asking role to user)")
+        return "no-user", (
+            "no user turn: the assistant answers nothing (after role mapping the roles are "
+            f"{', '.join(dict.fromkeys(roles))}; map the asking role to user)"
+        )
     first = next(k for k, r in enumerate(roles) if r != "system")
     if roles[first] == "assistant":
-        return "assistant-first", (f"the conversation starts with the assistant (message {first}) before any user "
-                                   "turn; drop that opening message or add the user turn it answers")
+        return "assistant-first", (
+            f"the conversation starts with the assistant (message {first}) before any user "
+            "turn; drop that opening message or add the user turn it answers"
+        )
     if roles[-1] == "user":
-        return "ends-with-user", (f"the conversation ends with a user turn (message {len(roles) - 1}) that has no "
-                                  "answer; drop it or add the assistant's answer")
+        return "ends-with-user", (
+            f"the conversation ends with a user turn (message {len(roles) - 1}) that has no "
+            "answer; drop it or add the assistant's answer"
+        )
     return None
 
 
-NOT_UNICODE = ("holds text that is not valid Unicode (a lone surrogate such as \\ud800, usually a broken "
-               "JSON escape); tokenizers cannot encode it")
+NOT_UNICODE = (
+    "holds text that is not valid Unicode (a lone surrogate such as \\ud800, usually a broken "
+    "JSON escape); tokenizers cannot encode it"
+)
 
 
 def is_unicode(text: str) -> bool:

@@ -24,8 +24,12 @@ from typing import Any, Mapping, Sequence
 from hizli import _log
 
 ROLE_MAP: dict[str, str] = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
     "system": "system",
     "tool": "tool",
 }
@@ -33,8 +37,9 @@ UNKNOWN_ROLE_POLICIES = ("assistant", "user", "drop", "error")
 COLUMNS = ("conversations", "messages")
 
 
-def convert_messages(turns: Any, aliases: Mapping[str, str] | None = None, unknown_roles: str = "assistant",
-                     *, where: str = "row") -> tuple[list[dict[str, str]], Counter]:
+def convert_messages(
+    turns: Any, aliases: Mapping[str, str] | None = None, unknown_roles: str = "assistant", *, where: str = "row"
+) -> tuple[list[dict[str, str]], Counter]:
     """One conversation to ``[{"role", "content"}]``.
 
     Args:
@@ -61,24 +66,29 @@ def convert_messages(turns: Any, aliases: Mapping[str, str] | None = None, unkno
     unknown: Counter = Counter()
     for k, m in enumerate(turns):
         if not isinstance(m, Mapping):
-            raise ValueError(f"{where}: message {k} is a {type(m).__name__}, not an object with from/value "
-                             "or role/content")
+            raise ValueError(
+                f"{where}: message {k} is a {type(m).__name__}, not an object with from/value or role/content"
+            )
         raw_role = m.get("from", m.get("role"))
         if not isinstance(raw_role, str):
-            raise ValueError(f"{where}: message {k} has no role (expected a 'from' or 'role' key; "
-                             f"it has {sorted(map(str, m))})")
+            raise ValueError(
+                f"{where}: message {k} has no role (expected a 'from' or 'role' key; it has {sorted(map(str, m))})"
+            )
         content = m["value"] if "value" in m else m.get("content")
         content = _text(content)
         if content is None:
-            raise ValueError(f"{where}: message {k} ({raw_role!r}) has no text content (expected a string "
-                             "'value' or 'content')")
+            raise ValueError(
+                f"{where}: message {k} ({raw_role!r}) has no text content (expected a string 'value' or 'content')"
+            )
         role = roles.get(raw_role.strip().lower())
         if role is None:
             unknown[raw_role] += 1
             if unknown_roles == "error":
-                raise ValueError(f"{where}: message {k} has the unknown role {raw_role!r}; map it with "
-                                 f"aliases={{{raw_role!r}: 'assistant'}} or choose unknown_roles="
-                                 "'assistant' | 'user' | 'drop'")
+                raise ValueError(
+                    f"{where}: message {k} has the unknown role {raw_role!r}; map it with "
+                    f"aliases={{{raw_role!r}: 'assistant'}} or choose unknown_roles="
+                    "'assistant' | 'user' | 'drop'"
+                )
             if unknown_roles == "drop":
                 continue
             role = unknown_roles
@@ -86,8 +96,9 @@ def convert_messages(turns: Any, aliases: Mapping[str, str] | None = None, unkno
     return out, unknown
 
 
-def standardize_sharegpt(dataset, aliases: Mapping[str, str] | None = None, unknown_roles: str = "assistant",
-                         *, num_proc: int | None = None):
+def standardize_sharegpt(
+    dataset, aliases: Mapping[str, str] | None = None, unknown_roles: str = "assistant", *, num_proc: int | None = None
+):
     """Convert ShareGPT ``from``/``value`` messages to ``role``/``content`` (the recipe's step 6).
 
     Works on a ``datasets.Dataset`` (through ``.map``; ``num_proc`` processes), a ``DatasetDict``
@@ -113,14 +124,17 @@ def standardize_sharegpt(dataset, aliases: Mapping[str, str] | None = None, unkn
     if isinstance(getattr(dataset, "column_names", None), dict):  # a DatasetDict: every split
         from datasets import DatasetDict
 
-        return DatasetDict({k: standardize_sharegpt(v, aliases, unknown_roles, num_proc=num_proc)
-                            for k, v in dataset.items()})
+        return DatasetDict(
+            {k: standardize_sharegpt(v, aliases, unknown_roles, num_proc=num_proc) for k, v in dataset.items()}
+        )
     if hasattr(dataset, "map") and hasattr(dataset, "column_names"):
         return _standardize_dataset(dataset, aliases, unknown_roles, num_proc)
     if isinstance(dataset, Sequence) and not isinstance(dataset, (str, bytes)):
         return _standardize_list(dataset, aliases, unknown_roles)
-    raise ValueError(f"standardize_sharegpt got a {type(dataset).__name__}; pass a datasets.Dataset or a "
-                     "list of dicts with a 'conversations' (or 'messages') list")
+    raise ValueError(
+        f"standardize_sharegpt got a {type(dataset).__name__}; pass a datasets.Dataset or a "
+        "list of dicts with a 'conversations' (or 'messages') list"
+    )
 
 
 def _standardize_list(rows: Sequence[Any], aliases, unknown_roles: str) -> list[dict]:
@@ -154,8 +168,7 @@ def _standardize_dataset(dataset, aliases, unknown_roles: str, num_proc: int | N
         # Counted through temporary columns: a closure's counter would not survive num_proc > 1.
         return {column: converted, seen_col: seen, missing_col: missing}
 
-    mapped = dataset.map(convert, batched=True, with_indices=True, num_proc=num_proc,
-                         desc="standardize_sharegpt")
+    mapped = dataset.map(convert, batched=True, with_indices=True, num_proc=num_proc, desc="standardize_sharegpt")
     unknown: Counter = Counter()
     for names in mapped[seen_col]:
         unknown.update(names)
@@ -168,8 +181,9 @@ def _column(names) -> str:
     for c in COLUMNS:
         if c in names:
             return c
-    raise ValueError(f"standardize_sharegpt needs a 'conversations' or 'messages' column; the rows have "
-                     f"{sorted(names)}")
+    raise ValueError(
+        f"standardize_sharegpt needs a 'conversations' or 'messages' column; the rows have {sorted(names)}"
+    )
 
 
 def _role_map(aliases: Mapping[str, str] | None) -> dict[str, str]:
@@ -196,8 +210,12 @@ def _say(unknown: Counter, policy: str, missing: int, rows: int) -> None:
     if unknown:
         what = {"assistant": "mapped to assistant", "user": "mapped to user", "drop": "dropped"}[policy]
         detail = ", ".join(f"{name}: {n}" for name, n in unknown.most_common())
-        _log.info(f"standardize_sharegpt: {sum(unknown.values())} messages with unknown roles {what} ({detail}); "
-                  "set unknown_roles='assistant' | 'user' | 'drop' | 'error' or aliases={...} to change this")
+        _log.info(
+            f"standardize_sharegpt: {sum(unknown.values())} messages with unknown roles {what} ({detail}); "
+            "set unknown_roles='assistant' | 'user' | 'drop' | 'error' or aliases={...} to change this"
+        )
     if missing:
-        _log.info(f"standardize_sharegpt: {missing} of {rows} rows have no conversation (null); they stay empty "
-                  "and are reported when tokenized")
+        _log.info(
+            f"standardize_sharegpt: {missing} of {rows} rows have no conversation (null); they stay empty "
+            "and are reported when tokenized"
+        )

@@ -78,10 +78,15 @@ def registry() -> dict[str, TemplateInfo]:
     for name, entry in table.items():
         body = (TEMPLATE_DIR / f"{entry.get('file', name)}.jinja").read_text(encoding="utf-8")
         out[name] = TemplateInfo(
-            name=name, body=body, aliases=tuple(entry.get("aliases") or ()),
-            end_of_turn=entry.get("end_of_turn", EOS), instruction_part=entry.get("instruction_part"),
-            response_part=entry.get("response_part"), stop=tuple(entry.get("stop") or ()),
-            default_system=entry.get("default_system"), tokens=dict(entry.get("tokens") or {}),
+            name=name,
+            body=body,
+            aliases=tuple(entry.get("aliases") or ()),
+            end_of_turn=entry.get("end_of_turn", EOS),
+            instruction_part=entry.get("instruction_part"),
+            response_part=entry.get("response_part"),
+            stop=tuple(entry.get("stop") or ()),
+            default_system=entry.get("default_system"),
+            tokens=dict(entry.get("tokens") or {}),
             source=entry.get("source", ""),
         )
     return out
@@ -115,12 +120,19 @@ def lookup(name: str) -> TemplateInfo:
         return registry()[next(v for n, v in names.items() if n.replace("-", "") == key.replace("-", ""))]
     close = difflib.get_close_matches(key, list(names), n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-    raise ValueError(f"chat_template={name!r} is not a known template; {hint}"
-                     f"`hizli templates` lists all {len(registry())}")
+    raise ValueError(
+        f"chat_template={name!r} is not a known template; {hint}`hizli templates` lists all {len(registry())}"
+    )
 
 
-def get_chat_template(tokenizer, chat_template: str = "llama-3.1", mapping: Mapping[str, str] | None = None,
-                      map_eos_token: bool = True, *, warn: bool = True):
+def get_chat_template(
+    tokenizer,
+    chat_template: str = "llama-3.1",
+    mapping: Mapping[str, str] | None = None,
+    map_eos_token: bool = True,
+    *,
+    warn: bool = True,
+):
     """Give ``tokenizer`` a chat template from hizli's registry (the recipe's step 5).
 
     Args:
@@ -139,8 +151,9 @@ def get_chat_template(tokenizer, chat_template: str = "llama-3.1", mapping: Mapp
         :func:`template_info`).
     """
     if not isinstance(chat_template, str):
-        raise ValueError(f"chat_template={chat_template!r}: pass a template name (see `hizli templates`) "
-                         "or a Jinja text")
+        raise ValueError(
+            f"chat_template={chat_template!r}: pass a template name (see `hizli templates`) or a Jinja text"
+        )
     if "{{" in chat_template or "{%" in chat_template:
         info = TemplateInfo(name="custom", body=chat_template, end_of_turn=EOS)
     else:
@@ -200,15 +213,25 @@ def template_info(tokenizer) -> TemplateInfo | None:
     # A template of the model's own: recognise the family by its control texts (most specific first).
     best = None
     for info in registry().values():
-        if info.response_part and info.instruction_part and _literal_in(info.response_part, text) \
-                and _literal_in(info.instruction_part, text):
+        if (
+            info.response_part
+            and info.instruction_part
+            and _literal_in(info.response_part, text)
+            and _literal_in(info.instruction_part, text)
+        ):
             if best is None or len(info.response_part) > len(best.response_part or ""):
                 best = info
     return best
 
 
-def render(info_or_text: TemplateInfo | str, messages: Sequence[Mapping[str, Any]], *,
-           add_generation_prompt: bool = False, tokenizer=None, **extra: Any) -> str:
+def render(
+    info_or_text: TemplateInfo | str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    tokenizer=None,
+    **extra: Any,
+) -> str:
     """Render ``messages`` with a registry entry (or a Jinja text) outside any tokenizer.
 
     Special tokens come from ``tokenizer`` if given, else from the entry's ``tokens`` table.
@@ -221,7 +244,8 @@ def render(info_or_text: TemplateInfo | str, messages: Sequence[Mapping[str, Any
     if tokenizer is not None:
         tokens = dict(tokenizer.special_tokens_map)
     return compile_template(text).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt, **{**tokens, **extra})
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **{**tokens, **extra}
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -243,8 +267,10 @@ def _jinja_str(s: str) -> str:
 def _check_mapping(mapping: Mapping[str, str]) -> None:
     bad = [k for k, v in mapping.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
-        raise ValueError(f"mapping={dict(mapping)!r}: keys and values must be strings, "
-                         'e.g. {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}')
+        raise ValueError(
+            f"mapping={dict(mapping)!r}: keys and values must be strings, "
+            'e.g. {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}'
+        )
 
 
 def _mapping_prelude(mapping: Mapping[str, str]) -> str:
@@ -258,7 +284,10 @@ def _mapping_prelude(mapping: Mapping[str, str]) -> str:
         "{%- set hz_roles = " + json.dumps(roles, ensure_ascii=False) + " -%}\n"
         "{%- for m in messages -%}\n"
         "    {%- set r = m[" + _jinja_str(role_key) + "] if " + _jinja_str(role_key) + " in m else m['role'] -%}\n"
-        "    {%- set c = m[" + _jinja_str(content_key) + "] if " + _jinja_str(content_key)
+        "    {%- set c = m["
+        + _jinja_str(content_key)
+        + "] if "
+        + _jinja_str(content_key)
         + " in m else m['content'] -%}\n"
         "    {%- set hz.turns = hz.turns + [{'role': hz_roles[r] if r in hz_roles else r, 'content': c}] -%}\n"
         "{%- endfor -%}\n"
@@ -277,7 +306,7 @@ def _control_tokens(info: TemplateInfo, tokenizer) -> list[str]:
 def _angle_tokens(text: str) -> list[str]:
     out, i = [], 0
     while (j := text.find("<", i)) >= 0 and (k := text.find(">", j)) >= 0:
-        out.append(text[j:k + 1])
+        out.append(text[j : k + 1])
         i = k + 1
     return out
 

@@ -14,8 +14,16 @@ from pathlib import Path
 _SAVE_METHOD = {"merged": "merged_16bit", "merged-4bit": "merged_4bit"}
 
 
-def export_adapter(path: str, *, to: str, out: str, quant: str = "q8_0", push: str | None = None,
-                   token: str | None = None, force: bool = False) -> Path:
+def export_adapter(
+    path: str,
+    *,
+    to: str,
+    out: str,
+    quant: str = "q8_0",
+    push: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+) -> Path:
     """Export the model or adapter at ``path`` as ``to`` ("merged", "merged-4bit" or "gguf" with
     ``quant``) into the folder ``out`` (new or empty unless ``force``); with ``push`` also upload it
     to that hub repository (private). Prints what was written; returns the output folder."""
@@ -47,14 +55,12 @@ def export_adapter(path: str, *, to: str, out: str, quant: str = "q8_0", push: s
         from hizli.export import gguf
 
         _say(f"writing GGUF ({method}) to {target}")
-        gguf.save_gguf(model, target, tokenizer, quantization_method=method, overwrite=force,
-                       progress=True)
+        gguf.save_gguf(model, target, tokenizer, quantization_method=method, overwrite=force, progress=True)
     else:
         from hizli.export import merge
 
         _say(f"writing {to} weights to {target}")
-        merge.save_merged(model, target, tokenizer, save_method=_SAVE_METHOD[to], overwrite=force,
-                          progress=True)
+        merge.save_merged(model, target, tokenizer, save_method=_SAVE_METHOD[to], overwrite=force, progress=True)
     done = time.perf_counter()
     print(summary(target, load_s=loaded - start, export_s=done - loaded))
     if push:

@@ -38,14 +38,46 @@ from hizli.export.ollama import ollama_modelfile
 BUILT_IN = ("f32", "f16", "bf16", "q8_0")
 # llama-quantize's type names (lower case) that hizli passes through
 EXTERNAL = (
-    "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
-    "q5_k_s", "q5_k_m", "q6_k", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s",
-    "iq3_m", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m", "tq1_0", "tq2_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q2_k_s",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq2_xxs",
+    "iq2_xs",
+    "iq2_s",
+    "iq2_m",
+    "iq3_xxs",
+    "iq3_xs",
+    "iq3_s",
+    "iq3_m",
+    "iq4_nl",
+    "iq4_xs",
+    "iq1_s",
+    "iq1_m",
+    "tq1_0",
+    "tq2_0",
 )
 # Unsloth's names for the common choices, so recipe code runs unchanged
 ALIASES = {
-    "not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "fp16": "f16",
-    "float16": "f16", "bfloat16": "bf16", "fp32": "f32", "float32": "f32", "q8": "q8_0",
+    "not_quantized": "f16",
+    "fast_quantized": "q8_0",
+    "quantized": "q4_k_m",
+    "fp16": "f16",
+    "float16": "f16",
+    "bfloat16": "bf16",
+    "fp32": "f32",
+    "float32": "f32",
+    "q8": "q8_0",
 }
 QUANTIZE_ENV = "LLAMA_QUANTIZE"
 
@@ -345,7 +377,7 @@ def quantize_q8_0(t, chunk_blocks: int = 1 << 16):
     blocks = t.reshape(-1, 32)
     out = torch.empty(blocks.shape[0], 34, dtype=torch.uint8)
     for start in range(0, blocks.shape[0], chunk_blocks):
-        b = blocks[start:start + chunk_blocks].to(torch.float32)
+        b = blocks[start : start + chunk_blocks].to(torch.float32)
         d = b.abs().amax(dim=1, keepdim=True) / 127
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
         x = b * inv
@@ -353,8 +385,8 @@ def quantize_q8_0(t, chunk_blocks: int = 1 << 16):
         q = a.floor()
         q += (a - q) >= 0.5  # exact: a - floor(a) and the comparison round nothing
         q.copysign_(x)
-        out[start:start + chunk_blocks, :2] = d.to(torch.float16).view(torch.uint8)
-        out[start:start + chunk_blocks, 2:] = q.to(torch.int8).view(torch.uint8)
+        out[start : start + chunk_blocks, :2] = d.to(torch.float16).view(torch.uint8)
+        out[start : start + chunk_blocks, 2:] = q.to(torch.int8).view(torch.uint8)
     return out.reshape(*shape[:-1], shape[-1] // 32 * 34)
 
 
@@ -381,8 +413,9 @@ def _gguf_tensors(model, spec: ArchSpec, method: str) -> list[_GGUFTensor]:
     out: list[_GGUFTensor] = []
     factors = llama3_rope_factors(config) if spec.gguf_arch == "llama" else None
     if factors is not None:
-        out.append(_GGUFTensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32,
-                               lambda f=factors: f))
+        out.append(
+            _GGUFTensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32, lambda f=factors: f)
+        )
     for t in plan.tensors:
         gname = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
         if gname is None:
@@ -401,8 +434,16 @@ def _gguf_tensors(model, spec: ArchSpec, method: str) -> list[_GGUFTensor]:
     return out
 
 
-def write_gguf(model, path: Path, vocab: dict, method: str, *, spec: ArchSpec | None = None,
-               name: str = "model", progress: bool = False) -> Path:
+def write_gguf(
+    model,
+    path: Path,
+    vocab: dict,
+    method: str,
+    *,
+    spec: ArchSpec | None = None,
+    name: str = "model",
+    progress: bool = False,
+) -> Path:
     """Write one GGUF file of a built-in type; tensors are merged and converted one at a time."""
     import gguf
     from tqdm.auto import tqdm
@@ -414,8 +455,7 @@ def write_gguf(model, path: Path, vocab: dict, method: str, *, spec: ArchSpec | 
     tensors = _gguf_tensors(model, spec, method)
     writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
     try:
-        _metadata(writer, config, spec, name, getattr(gguf.LlamaFileType, _FILE_TYPES[method]),
-                  len(vocab["tokens"]))
+        _metadata(writer, config, spec, name, getattr(gguf.LlamaFileType, _FILE_TYPES[method]), len(vocab["tokens"]))
         add_tokenizer(writer, vocab)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t in tensors:

@@ -138,8 +138,12 @@ def add_tokenizer(writer, vocab: dict) -> None:
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types([int(t) for t in vocab["types"]])
     writer.add_token_merges(vocab["merges"])
-    for key, adder in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+    for key, adder in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
         if vocab[key] is not None:
             adder(int(vocab[key]))
     writer.add_add_bos_token(vocab["add_bos"])

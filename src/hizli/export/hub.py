@@ -48,8 +48,14 @@ def resolve_token(token: str | None) -> str:
     )
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = True,
-                commit_message: str = "Upload with hizli") -> str:
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = True,
+    commit_message: str = "Upload with hizli",
+) -> str:
     """Create ``repo_id`` if needed (private by default) and upload every file in ``folder``.
 
     Returns:
@@ -68,9 +74,17 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
     return str(url)
 
 
-def push_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", *,
-                token: str | None = None, private: bool = True, commit_message: str | None = None,
-                **save_kwargs: Any) -> str:
+def push_merged(
+    model,
+    repo_id: str,
+    tokenizer=None,
+    save_method: str = "merged_16bit",
+    *,
+    token: str | None = None,
+    private: bool = True,
+    commit_message: str | None = None,
+    **save_kwargs: Any,
+) -> str:
     """Merge (``save_method`` as in ``save_pretrained_merged``) and upload the folder."""
     from hizli.export.merge import normalize_save_method, save_merged
 
@@ -80,13 +94,26 @@ def push_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_
     with tempfile.TemporaryDirectory(prefix="hizli-push-") as tmp:
         out = Path(tmp) / "model"
         save_merged(model, out, tokenizer, save_method=method, **save_kwargs)
-        return push_folder(out, repo_id, token=token, private=private,
-                           commit_message=commit_message or f"Upload {method} model with hizli")
+        return push_folder(
+            out,
+            repo_id,
+            token=token,
+            private=private,
+            commit_message=commit_message or f"Upload {method} model with hizli",
+        )
 
 
-def push_gguf(model, repo_id: str, tokenizer=None, quantization_method: Any = "q8_0", *,
-              token: str | None = None, private: bool = True, commit_message: str | None = None,
-              **save_kwargs: Any) -> str:
+def push_gguf(
+    model,
+    repo_id: str,
+    tokenizer=None,
+    quantization_method: Any = "q8_0",
+    *,
+    token: str | None = None,
+    private: bool = True,
+    commit_message: str | None = None,
+    **save_kwargs: Any,
+) -> str:
     """Write GGUF file(s) and the Ollama Modelfile, and upload them."""
     from hizli.export.gguf import save_gguf
 
@@ -96,12 +123,28 @@ def push_gguf(model, repo_id: str, tokenizer=None, quantization_method: Any = "q
     with tempfile.TemporaryDirectory(prefix="hizli-push-") as tmp:
         out = Path(tmp) / "gguf"
         save_gguf(model, out, tokenizer, quantization_method=quantization_method, **save_kwargs)
-        return push_folder(out, repo_id, token=token, private=private,
-                           commit_message=commit_message or "Upload GGUF with hizli")
+        return push_folder(
+            out, repo_id, token=token, private=private, commit_message=commit_message or "Upload GGUF with hizli"
+        )
 
 
-def push_adapter(model, repo_id: str, tokenizer=None, *, token: str | None = None, private: bool = True,
-                 commit_message: str | None = None, **_: Any) -> str:
+def push_adapter(
+    model,
+    repo_id: str,
+    tokenizer=None,
+    *,
+    token: str | None = None,
+    private: bool = True,
+    commit_message: str | None = None,
+    **_: Any,
+) -> str:
     """Upload the LoRA adapter (PEFT format) and the tokenizer."""
-    return push_merged(model, repo_id, tokenizer, save_method="lora", token=token, private=private,
-                       commit_message=commit_message or "Upload LoRA adapter with hizli")
+    return push_merged(
+        model,
+        repo_id,
+        tokenizer,
+        save_method="lora",
+        token=token,
+        private=private,
+        commit_message=commit_message or "Upload LoRA adapter with hizli",
+    )

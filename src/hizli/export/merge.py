@@ -25,9 +25,15 @@ from hizli import _log
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 _SAVE_METHOD_ALIASES = {
-    "merged_16bit": "merged_16bit", "merged-16bit": "merged_16bit", "merged": "merged_16bit",
-    "16bit": "merged_16bit", "merged_4bit": "merged_4bit", "merged-4bit": "merged_4bit",
-    "merged_4bit_forced": "merged_4bit", "4bit": "merged_4bit", "lora": "lora",
+    "merged_16bit": "merged_16bit",
+    "merged-16bit": "merged_16bit",
+    "merged": "merged_16bit",
+    "16bit": "merged_16bit",
+    "merged_4bit": "merged_4bit",
+    "merged-4bit": "merged_4bit",
+    "merged_4bit_forced": "merged_4bit",
+    "4bit": "merged_4bit",
+    "lora": "lora",
 }
 
 
@@ -135,8 +141,11 @@ def _walk(module, prefix: str, out: list[PlannedTensor], seen: dict[int, str], a
         return
     if _is_modules_to_save(module):
         active = [] if module.disable_adapters else list(module.active_adapters)
-        inner = module.modules_to_save[active[0]] if active and active[0] in module.modules_to_save \
+        inner = (
+            module.modules_to_save[active[0]]
+            if active and active[0] in module.modules_to_save
             else module.original_module
+        )
         _walk(inner, prefix, out, seen, aliases)
         return
     for pname, p in module._parameters.items():
@@ -330,8 +339,14 @@ def resolve_dtype(dtype, model):
         if dtype in (torch.float32, torch.float16, torch.bfloat16):
             return dtype
     else:
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+        }
         if str(dtype).lower().replace("torch.", "") in names:
             return names[str(dtype).lower().replace("torch.", "")]
     raise ValueError(f"dtype={dtype!r}: use None (the model's own), 'bfloat16', 'float16' or 'float32'")
@@ -347,7 +362,7 @@ def parse_size(size: int | str) -> int:
     unit = m.group(2) or "b"
     base = 1024 if "i" in unit else 1000
     power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
-    return int(float(m.group(1)) * base ** power)
+    return int(float(m.group(1)) * base**power)
 
 
 def save_merged(
@@ -397,16 +412,16 @@ def save_merged(
     torch_dtype = resolve_dtype(dtype, model)
     with staged_output(save_directory, overwrite=overwrite) as staging:
         if method == "merged_16bit":
-            write_merged_folder(model, staging, dtype=torch_dtype, max_shard_size=max_shard_size,
-                                progress=progress)
+            write_merged_folder(model, staging, dtype=torch_dtype, max_shard_size=max_shard_size, progress=progress)
         else:
             _write_merged_4bit(model, staging, torch_dtype, max_shard_size, progress)
         _save_tokenizer(tokenizer, staging)
     return Path(save_directory)
 
 
-def write_merged_folder(model, folder: Path, *, dtype, max_shard_size: int | str = "5GB",
-                        progress: bool = False) -> dict[str, Any]:
+def write_merged_folder(
+    model, folder: Path, *, dtype, max_shard_size: int | str = "5GB", progress: bool = False
+) -> dict[str, Any]:
     """Write config, generation config and sharded safetensors of the merged model into ``folder``.
 
     Returns:
@@ -427,8 +442,11 @@ def write_merged_folder(model, folder: Path, *, dtype, max_shard_size: int | str
         shards[-1].append(t)
         size += n
     total = sum(t.nbytes(dtype) for t in plan.tensors)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     bar = tqdm(total=len(plan.tensors), desc="merging", unit="tensor", disable=not progress)
     for fname, shard in zip(names, shards):
@@ -460,8 +478,9 @@ def _save_generation_config(base, folder: Path) -> None:
         _log.warn_once("export-genconfig", f"generation config not saved as is ({e}); saving its token ids only")
         from transformers import GenerationConfig
 
-        GenerationConfig(bos_token_id=gen.bos_token_id, eos_token_id=gen.eos_token_id,
-                         pad_token_id=gen.pad_token_id).save_pretrained(folder)
+        GenerationConfig(
+            bos_token_id=gen.bos_token_id, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id
+        ).save_pretrained(folder)
 
 
 def _write_merged_4bit(model, staging: Path, dtype, max_shard_size, progress) -> None:
@@ -492,7 +511,10 @@ def _write_merged_4bit(model, staging: Path, dtype, max_shard_size, progress) ->
     )
     device = next(base.parameters()).device
     quantized = AutoModelForCausalLM.from_pretrained(
-        scratch, quantization_config=qconfig, dtype=dtype, device_map={"": str(device)},
+        scratch,
+        quantization_config=qconfig,
+        dtype=dtype,
+        device_map={"": str(device)},
         use_safetensors=True,
     )
     quantized.save_pretrained(staging, max_shard_size=max_shard_size)

@@ -41,10 +41,25 @@ def _simple(open_: str, close: str, gen: str, bos: str = "") -> str:
 
 def _preamble(system_then: str, user: str, assistant: str, gen: str, bos: str = "") -> str:
     """A first system message (else the default one) written as system_then, then user/assistant turns."""
-    return (bos + _EACH + _FIRST_SYSTEM + "{{.Content}}" + system_then + "{{else}}"
-            + "{{if eq $i 0}}" + DEFAULT + system_then + "{{end}}"
-            + '{{if eq .Role "user"}}' + user + '{{else if eq .Role "assistant"}}' + assistant + "{{end}}{{end}}"
-            + _gen(gen) + "{{end}}")
+    return (
+        bos
+        + _EACH
+        + _FIRST_SYSTEM
+        + "{{.Content}}"
+        + system_then
+        + "{{else}}"
+        + "{{if eq $i 0}}"
+        + DEFAULT
+        + system_then
+        + "{{end}}"
+        + '{{if eq .Role "user"}}'
+        + user
+        + '{{else if eq .Role "assistant"}}'
+        + assistant
+        + "{{end}}{{end}}"
+        + _gen(gen)
+        + "{{end}}"
+    )
 
 
 # Go templates per Jinja body in src/hizli/data/templates (key: the body's file name).
@@ -59,12 +74,18 @@ GO_TEMPLATES = {
     "phi-3": _simple("<|{{.Role}}|>\n", "<|end|>\n", "<|assistant|>\n"),
     "phi-4": _simple("<|im_start|>{{.Role}}<|im_sep|>", "<|im_end|>", "<|im_start|>assistant<|im_sep|>"),
     "zephyr": _simple("<|{{.Role}}|>\n", EOS + "\n", "<|assistant|>\n"),
-    "granite": _simple("<|start_of_role|>{{.Role}}<|end_of_role|>", "<|end_of_text|>\n",
-                       "<|start_of_role|>assistant<|end_of_role|>"),
-    "llama-3": _simple("<|start_header_id|>{{.Role}}<|end_header_id|>\n\n", "<|eot_id|>",
-                       "<|start_header_id|>assistant<|end_header_id|>\n\n", bos=BOS),
-    "llama-4": _simple("<|header_start|>{{.Role}}<|header_end|>\n\n", "<|eot|>",
-                       "<|header_start|>assistant<|header_end|>\n\n", bos=BOS),
+    "granite": _simple(
+        "<|start_of_role|>{{.Role}}<|end_of_role|>", "<|end_of_text|>\n", "<|start_of_role|>assistant<|end_of_role|>"
+    ),
+    "llama-3": _simple(
+        "<|start_header_id|>{{.Role}}<|end_header_id|>\n\n",
+        "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        bos=BOS,
+    ),
+    "llama-4": _simple(
+        "<|header_start|>{{.Role}}<|header_end|>\n\n", "<|eot|>", "<|header_start|>assistant<|header_end|>\n\n", bos=BOS
+    ),
     "llama-3.1": (
         BOS + "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
         "Today Date: 26 Jul 2024\n\n" + _EACH + _FIRST_SYSTEM + "{{.Content}}<|eot_id|>{{else}}"
@@ -77,16 +98,19 @@ GO_TEMPLATES = {
         BOS + _EACH + "<|START_OF_TURN_TOKEN|>"
         '{{if eq .Role "system"}}<|SYSTEM_TOKEN|>{{else if eq .Role "assistant"}}<|CHATBOT_TOKEN|>'
         "{{else}}<|USER_TOKEN|>{{end}}{{.Content}}<|END_OF_TURN_TOKEN|>"
-        + _gen("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>") + "{{end}}"
+        + _gen("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
+        + "{{end}}"
     ),
     "deepseek-v3": (
         BOS + "{{.System}}" + _EACH + '{{if eq .Role "user"}}<｜User｜>{{.Content}}'
         '{{else if eq .Role "assistant"}}<｜Assistant｜>{{.Content}}<｜end▁of▁sentence｜>{{end}}'
-        + _gen("<｜Assistant｜>") + "{{end}}"
+        + _gen("<｜Assistant｜>")
+        + "{{end}}"
     ),
     "mistral-v7": (
         BOS + _EACH + '{{if eq .Role "system"}}[SYSTEM_PROMPT]{{.Content}}[/SYSTEM_PROMPT]'
-        '{{else if eq .Role "user"}}[INST]{{.Content}}[/INST]{{else if eq .Role "assistant"}}{{.Content}}' + EOS
+        '{{else if eq .Role "user"}}[INST]{{.Content}}[/INST]{{else if eq .Role "assistant"}}{{.Content}}'
+        + EOS
         + "{{end}}{{end}}"
     ),
     # a first system message goes into the first turn after it (when that is a user turn)
@@ -105,17 +129,26 @@ GO_TEMPLATES = {
         BOS + '{{$sys := ""}}{{$has := false}}' + _EACH + _FIRST_SYSTEM + "{{$sys = .Content}}{{$has = true}}"
         '{{else}}<start_of_turn>{{if eq .Role "assistant"}}model{{else}}{{.Role}}{{end}}\n'
         "{{if $has}}{{$sys}}\n\n{{end}}{{.Content}}<end_of_turn>\n{{$has = false}}{{end}}"
-        + _gen("<start_of_turn>model\n") + "{{end}}"
+        + _gen("<start_of_turn>model\n")
+        + "{{end}}"
     ),
-    "alpaca": _preamble("\n\n", "### Instruction:\n{{.Content}}\n\n", "### Response:\n{{.Content}}" + EOS + "\n\n",
-                        "### Response:\n"),
+    "alpaca": _preamble(
+        "\n\n", "### Instruction:\n{{.Content}}\n\n", "### Response:\n{{.Content}}" + EOS + "\n\n", "### Response:\n"
+    ),
     "vicuna": _preamble(" ", "USER: {{.Content}} ", "ASSISTANT: {{.Content}}" + EOS, "ASSISTANT:"),
-    "unsloth": _preamble("\n", ">>> User: {{.Content}}\n", ">>> Assistant: {{.Content}}" + EOS + "\n",
-                         ">>> Assistant: ", bos=BOS),
+    "unsloth": _preamble(
+        "\n", ">>> User: {{.Content}}\n", ">>> Assistant: {{.Content}}" + EOS + "\n", ">>> Assistant: ", bos=BOS
+    ),
 }
 # Chat formats recognised in a model's own template (not one of hizli's) by its marker tokens.
-_FAMILIES = (("<|im_start|>", "chatml"), ("Cutting Knowledge Date", "llama-3.1"), ("<|start_header_id|>", "llama-3"), ("<start_of_turn>", "gemma"),
-             ("<|user|>", "phi-3"), ("[INST]", "mistral"))
+_FAMILIES = (
+    ("<|im_start|>", "chatml"),
+    ("Cutting Knowledge Date", "llama-3.1"),
+    ("<|start_header_id|>", "llama-3"),
+    ("<start_of_turn>", "gemma"),
+    ("<|user|>", "phi-3"),
+    ("[INST]", "mistral"),
+)
 
 
 def _body_name(template: str) -> tuple[str | None, object]:
@@ -124,8 +157,11 @@ def _body_name(template: str) -> tuple[str | None, object]:
     from hizli.data.templates import registry
 
     # ours, maybe after a key-mapping prelude: the entry whose own prelude (default system) starts the text
-    ours = [info for info in registry().values() if template.endswith(info.body)
-            and template.startswith(info.jinja()[:len(info.jinja()) - len(info.body)])]
+    ours = [
+        info
+        for info in registry().values()
+        if template.endswith(info.body) and template.startswith(info.jinja()[: len(info.jinja()) - len(info.body)])
+    ]
     if ours:
         info = max(ours, key=lambda i: len(i.jinja()) - len(i.body))
         body = next(n for n in GO_TEMPLATES if n in registry() and registry()[n].body == info.body)
@@ -147,7 +183,7 @@ def _own_default_system(template: str, tokenizer) -> str | None:
         return None
     head = "<|im_start|>system\n"
     if text.startswith(head) and "<|im_end|>" in text:
-        return text[len(head):text.index("<|im_end|>")]
+        return text[len(head) : text.index("<|im_end|>")]
     return None
 
 
@@ -174,8 +210,10 @@ def ollama_template(tokenizer) -> tuple[str, str | None, list[str]] | None:
     else:
         system = info.default_system if info is not None else None
     if "{{" in (system or "") or '"""' in (system or ""):
-        raise ValueError(f"the default system message {system!r} cannot be written into a Modelfile "
-                         "(it holds '{{' or '\"\"\"'); change it with get_chat_template or pass modelfile=False")
+        raise ValueError(
+            f"the default system message {system!r} cannot be written into a Modelfile "
+            "(it holds '{{' or '\"\"\"'); change it with get_chat_template or pass modelfile=False"
+        )
     bos_text = getattr(tokenizer, "bos_token", None) or ""
     eos_text = getattr(tokenizer, "eos_token", None) or ""
     auto_bos = adds_bos(tokenizer)

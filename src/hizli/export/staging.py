@@ -34,8 +34,7 @@ def check_output_dir(target: str | os.PathLike, *, overwrite: bool, flag: str = 
 
 
 @contextlib.contextmanager
-def staged_output(target: str | os.PathLike, *, overwrite: bool,
-                  flag: str = "overwrite=True") -> Iterator[Path]:
+def staged_output(target: str | os.PathLike, *, overwrite: bool, flag: str = "overwrite=True") -> Iterator[Path]:
     """Yield an empty staging folder beside ``target``; move its files into ``target`` only on success.
 
     A new or empty ``target`` is replaced by renaming the staging folder (one atomic step on one

@@ -25,8 +25,10 @@ class _TritonLanguagePlaceholder:
     """
 
     def __getattr__(self, name: str) -> Any:
-        raise RuntimeError(f"tl.{name} used before the kernel module's first launch bound triton.language; "
-                           "call kernels through their launchers, not directly")
+        raise RuntimeError(
+            f"tl.{name} used before the kernel module's first launch bound triton.language; "
+            "call kernels through their launchers, not directly"
+        )
 
     def __repr__(self) -> str:
         return "<triton.language, imported at the first kernel launch>"

@@ -56,12 +56,14 @@ _ANY = (torch.float16, torch.bfloat16, torch.float32)
 # GPU candidates
 
 
-def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                scale: float | None) -> torch.Tensor:
+def _flash_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None
+) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0,
-                                  softmax_scale=scale, causal=True)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=True
+    )
 
 
 @lru_cache(maxsize=1)
@@ -76,8 +78,9 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                  scale: float | None) -> torch.Tensor:
+def _torch_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None
+) -> torch.Tensor:
     global _gqa_by_repeat
     from torch.nn.attention.varlen import varlen_attn
 
@@ -163,8 +166,9 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-          scale: float | None) -> torch.Tensor:
+def _flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None
+) -> torch.Tensor:
     mask = document_block_mask(cu_seqlens, q.shape[0])
     heads_first = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, T, D] views
     out = _compiled_flex()(*heads_first, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -177,18 +181,30 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.T
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"varlen_attention: q must be [T, Hq, D] and k, v [T, Hkv, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"varlen_attention: q must be [T, Hq, D] and k, v [T, Hkv, D], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"varlen_attention: q {tuple(q.shape)} and k {tuple(k.shape)} need the same tokens and "
-                         "head dim, and a query head count divisible by the kv head count")
+        raise ValueError(
+            f"varlen_attention: q {tuple(q.shape)} and k {tuple(k.shape)} need the same tokens and "
+            "head dim, and a query head count divisible by the kv head count"
+        )
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"varlen_attention: cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}: build it with torch.tensor(..., dtype=torch.int32)")
+        raise ValueError(
+            f"varlen_attention: cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} "
+            f"{tuple(cu_seqlens.shape)}: build it with torch.tensor(..., dtype=torch.int32)"
+        )
 
 
-def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                               max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Causal SDPA per sequence, in a loop (the CPU path and the ground truth).
 
     Reads ``cu_seqlens`` on the host (a sync on a GPU: that is one reason it is not the GPU path).
@@ -207,8 +223,9 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _check(q, k, v, cu_seqlens)
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0] or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f"varlen_attention: cu_seqlens must rise from 0 to T={q.shape[0]}, got {bounds[:4]}..."
-                         f"{bounds[-2:]}")
+        raise ValueError(
+            f"varlen_attention: cu_seqlens must rise from 0 to T={q.shape[0]}, got {bounds[:4]}...{bounds[-2:]}"
+        )
     gqa = q.shape[1] != k.shape[1]
     if gqa and q.device.type == "cpu":
         # PyTorch's CPU SDPA takes its slow math path for enable_gqa (measured 3.4x slower forward +
@@ -248,8 +265,9 @@ def _importable(module: str | None) -> bool:
     return True
 
 
-def attention_candidates(device: torch.device | str | None = None,
-                         dtype: torch.dtype | None = None) -> dict[str, AttentionFn]:
+def attention_candidates(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, AttentionFn]:
     """Every implementation usable here, by name, each with :func:`varlen_attention`'s signature.
 
     Args:
@@ -275,20 +293,32 @@ def _choose(q: torch.Tensor, impl: str | None) -> AttentionFn:
     name = impl or os.environ.get(ENV, "").strip() or None
     if name is not None:
         if name not in _CANDIDATES:
-            raise ValueError(f"varlen_attention: unknown implementation {name!r} ({ENV} or impl=): use one of "
-                             f"{', '.join(_CANDIDATES)}")
+            raise ValueError(
+                f"varlen_attention: unknown implementation {name!r} ({ENV} or impl=): use one of "
+                f"{', '.join(_CANDIDATES)}"
+            )
         found = attention_candidates(q.device, q.dtype)
         if name not in found:
-            raise ValueError(f"varlen_attention: {name!r} cannot run here on {q.device} {q.dtype} (available: "
-                             f"{', '.join(found)}); unset {ENV} to choose automatically")
+            raise ValueError(
+                f"varlen_attention: {name!r} cannot run here on {q.device} {q.dtype} (available: "
+                f"{', '.join(found)}); unset {ENV} to choose automatically"
+            )
         return found[name]
     if kernels_mode() == "reference" or not q.is_cuda:
         return varlen_attention_reference
     return next(iter(attention_candidates(q.device, q.dtype).values()))
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float | None = None, *, impl: str | None = None) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
     """Causal attention within each sequence of a padding-free row (GQA allowed).
 
     Args:

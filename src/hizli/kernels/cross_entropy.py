@@ -55,9 +55,19 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @lazy_jit
-def _ce_chunk_kernel(logits_ptr, targets_ptr, loss_ptr, n_cols, row_stride, ignore_index,
-                     logit_scale, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _ce_chunk_kernel(
+    logits_ptr,
+    targets_ptr,
+    loss_ptr,
+    n_cols,
+    row_stride,
+    ignore_index,
+    logit_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -113,21 +123,47 @@ _CE_BLOCK = 4096
 _CE_WARPS = 8
 
 
-def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, *,
-                       ignore_index: int, logit_scale: float, softcap: float | None, write_grad: bool) -> None:
+def _chunk_step_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: torch.Tensor,
+    *,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: float | None,
+    write_grad: bool,
+) -> None:
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     assert logits.stride(1) == 1 and loss.is_contiguous() and targets.is_contiguous()
     block = min(_CE_BLOCK, next_power_of_2(n_cols))
-    _ce_chunk_kernel[(n_rows,)](logits, targets, loss, n_cols, logits.stride(0), ignore_index,
-                                float(logit_scale), float(softcap or 1.0),
-                                HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
-                                BLOCK=block, num_warps=_CE_WARPS)
+    _ce_chunk_kernel[(n_rows,)](
+        logits,
+        targets,
+        loss,
+        n_cols,
+        logits.stride(0),
+        ignore_index,
+        float(logit_scale),
+        float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None,
+        WRITE_GRAD=write_grad,
+        BLOCK=block,
+        num_warps=_CE_WARPS,
+    )
 
 
-def _chunk_step_reference(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, *,
-                          ignore_index: int, logit_scale: float, softcap: float | None, write_grad: bool) -> None:
+def _chunk_step_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: torch.Tensor,
+    *,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: float | None,
+    write_grad: bool,
+) -> None:
     n_cols = logits.shape[1]
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale  # fp64 stays fp64
     if softcap is not None:
@@ -195,9 +231,20 @@ def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk_size: int, reduction: str, logit_scale: float, softcap: float | None,
-                need_hidden_grad: bool, need_weight_grad: bool, step: ChunkStep) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        chunk_size: int,
+        reduction: str,
+        logit_scale: float,
+        softcap: float | None,
+        need_hidden_grad: bool,
+        need_weight_grad: bool,
+        step: ChunkStep,
+    ) -> torch.Tensor:
         n_rows = hidden.shape[0]
         targets = targets.contiguous()
         # fp32 per-row losses (fp64 for fp64 inputs, so the reference can be checked to 1e-12)
@@ -211,8 +258,15 @@ class _FusedLinearCE(torch.autograd.Function):
             end = min(start + chunk_size, n_rows)
             h = hidden[start:end]
             logits = h @ weight.t()
-            step(logits, targets[start:end], row_loss[start:end], ignore_index=ignore_index, logit_scale=logit_scale,
-                 softcap=softcap, write_grad=write_grad)
+            step(
+                logits,
+                targets[start:end],
+                row_loss[start:end],
+                ignore_index=ignore_index,
+                logit_scale=logit_scale,
+                softcap=softcap,
+                write_grad=write_grad,
+            )
             if grad_hidden is not None:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
@@ -242,21 +296,35 @@ class _FusedLinearCE(torch.autograd.Function):
 # Reference and public op
 
 
-def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None,
-             reduction: str, softcap: float | None) -> int:
+def _prepare(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None,
+    reduction: str,
+    softcap: float | None,
+) -> int:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_cross_entropy: hidden must be [N, H] and weight [V, H], got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}; flatten the batch first "
-                         "(hidden.reshape(-1, H)) and keep only the rows you train")
+        raise ValueError(
+            f"fused_linear_cross_entropy: hidden must be [N, H] and weight [V, H], got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}; flatten the batch first "
+            "(hidden.reshape(-1, H)) and keep only the rows you train"
+        )
     if targets.shape != (hidden.shape[0],) or targets.dtype.is_floating_point:
-        raise ValueError(f"fused_linear_cross_entropy: targets must be integer [N] = [{hidden.shape[0]}], "
-                         f"got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: targets must be integer [N] = [{hidden.shape[0]}], "
+            f"got {targets.dtype} {tuple(targets.shape)}"
+        )
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}: "
-                         "cast hidden to the head's dtype")
+        raise ValueError(
+            f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}: "
+            "cast hidden to the head's dtype"
+        )
     if reduction not in ("sum", "mean"):
-        raise ValueError(f"fused_linear_cross_entropy: reduction={reduction!r}: use 'sum' (then divide by "
-                         "the step's trained-token count) or 'mean'; per-row losses are not kept")
+        raise ValueError(
+            f"fused_linear_cross_entropy: reduction={reduction!r}: use 'sum' (then divide by "
+            "the step's trained-token count) or 'mean'; per-row losses are not kept"
+        )
     if softcap is not None and not softcap > 0:
         raise ValueError(f"fused_linear_cross_entropy: softcap={softcap}: use a positive cap or None")
     if chunk_size is None:
@@ -266,33 +334,77 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     return int(chunk_size)
 
 
-def _run(step: ChunkStep, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int,
-         chunk_size: int | None, reduction: str, logit_scale: float, softcap: float | None) -> torch.Tensor:
+def _run(
+    step: ChunkStep,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int,
+    chunk_size: int | None,
+    reduction: str,
+    logit_scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
     chunk = _prepare(hidden, weight, targets, chunk_size, reduction, softcap)
     grad_on = torch.is_grad_enabled()
     # The products write into preallocated buffers of the inputs' dtype; under an autocast region
     # (the trainer's bf16/fp16) they would be recast, so the op runs in the dtype it was given.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLinearCE.apply(hidden, weight, targets, int(ignore_index), chunk, reduction,
-                                    float(logit_scale), None if softcap is None else float(softcap),
-                                    grad_on and hidden.requires_grad, grad_on and weight.requires_grad, step)
+        return _FusedLinearCE.apply(
+            hidden,
+            weight,
+            targets,
+            int(ignore_index),
+            chunk,
+            reduction,
+            float(logit_scale),
+            None if softcap is None else float(softcap),
+            grad_on and hidden.requires_grad,
+            grad_on and weight.requires_grad,
+            step,
+        )
 
 
-def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                                         ignore_index: int = -100, chunk_size: int | None = None,
-                                         reduction: str = "sum", logit_scale: float = 1.0,
-                                         softcap: float | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    reduction: str = "sum",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """The same chunked algorithm with the per-row pass in plain torch (the CPU path).
 
     Arguments and result as :func:`fused_linear_cross_entropy`.
     """
-    return _run(_chunk_step_reference, hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size,
-                reduction=reduction, logit_scale=logit_scale, softcap=softcap)
+    return _run(
+        _chunk_step_reference,
+        hidden,
+        weight,
+        targets,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                               ignore_index: int = -100, chunk_size: int | None = None, reduction: str = "sum",
-                               logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    reduction: str = "sum",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk, logits never whole.
 
     Equal (up to rounding) to ``F.cross_entropy((hidden @ weight.T).float() * logit_scale, targets,
@@ -314,7 +426,19 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     Returns:
         A 0-d fp32 tensor (fp64 for fp64 inputs).
     """
-    step = _chunk_step_triton if use_triton("fused_linear_cross_entropy", hidden, weight, targets) \
+    step = (
+        _chunk_step_triton
+        if use_triton("fused_linear_cross_entropy", hidden, weight, targets)
         else _chunk_step_reference
-    return _run(step, hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size, reduction=reduction,
-                logit_scale=logit_scale, softcap=softcap)
+    )
+    return _run(
+        step,
+        hidden,
+        weight,
+        targets,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )

@@ -75,11 +75,15 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     if mode == "auto":
         return on_cuda and triton_available()
     if not triton_available():
-        raise ValueError(f"{ENV}=triton but triton does not import here: install triton, "
-                         f"or set {ENV}=auto to fall back to the reference {op}")
+        raise ValueError(
+            f"{ENV}=triton but triton does not import here: install triton, "
+            f"or set {ENV}=auto to fall back to the reference {op}"
+        )
     if not on_cuda and not (interpreting() and all(t.device.type == "cpu" for t in tensors)):
         devices = sorted({str(t.device) for t in tensors})
-        raise ValueError(f"{ENV}=triton but {op} got tensors on {devices}: Triton kernels need CUDA "
-                         f"tensors (or TRITON_INTERPRET=1 with CPU tensors); set {ENV}=auto to use "
-                         "the reference off the GPU")
+        raise ValueError(
+            f"{ENV}=triton but {op} got tensors on {devices}: Triton kernels need CUDA "
+            f"tensors (or TRITON_INTERPRET=1 with CPU tensors); set {ENV}=auto to use "
+            "the reference off the GPU"
+        )
     return True

@@ -52,9 +52,11 @@ class ComputeCopies:
         """Bytes the copies will add for ``model``'s trainable LoRA weights (``lora_A`` / ``lora_B``)
         wider than ``element_size`` that have none yet (the memory plan adds this to what is already
         allocated)."""
-        return sum(p.numel() * element_size for name, p in model.named_parameters()
-                   if "lora_" in name and p.requires_grad and p.element_size() > element_size
-                   and p not in self._kept)
+        return sum(
+            p.numel() * element_size
+            for name, p in model.named_parameters()
+            if "lora_" in name and p.requires_grad and p.element_size() > element_size and p not in self._kept
+        )
 
 
 def compute_copy(weight: torch.Tensor, dtype: torch.dtype, copies: ComputeCopies | None) -> torch.Tensor:

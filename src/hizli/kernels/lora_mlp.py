@@ -163,9 +163,7 @@ def _check(x: torch.Tensor, parts: Sequence[LoraPart]) -> None:
     check_parts("lora_mlp (down)", inter, [down])
 
 
-def lora_mlp_reference(
-    x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None
-) -> torch.Tensor:
+def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None) -> torch.Tensor:
     """PEFT's maths in plain PyTorch, as the Llama MLP runs it over PEFT layers:
     ``down(silu(gate(x)) * up(x))``, each projection as in
     :func:`hizli.kernels.lora_qkv.lora_qkv_reference`; arguments and result as :func:`lora_mlp`."""

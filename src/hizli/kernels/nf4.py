@@ -56,10 +56,22 @@ from hizli.kernels.dispatch import interpreting, use_triton
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023, appendix E), as float32. Code 7 is an
 # exact zero; the codes are in increasing order.
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 # Block sizes bitsandbytes quantizes with (quantize_4bit rejects others). The kernel needs a power
@@ -79,10 +91,23 @@ _WARPS = 4
 
 
 @lazy_jit
-def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
-                        n, n_bytes, n_blocks, blocksize2,
-                        HALF: tl.constexpr, BLOCKS: tl.constexpr, NESTED: tl.constexpr,
-                        BF16_BY_BITS: tl.constexpr):
+def _nf4_dequant_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset_ptr,
+    out_ptr,
+    n,
+    n_bytes,
+    n_blocks,
+    blocksize2,
+    HALF: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    NESTED: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
     # One row of the tile per quantization block: HALF = blocksize / 2 bytes each.
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     block_ok = block < n_blocks
@@ -139,20 +164,27 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
     if quant_state is None:
         quant_state = getattr(packed, "quant_state", None)
         if quant_state is None:
-            raise ValueError("dequantize_nf4 needs a quant_state: pass it, or pass the Params4bit weight "
-                             "that carries one")
+            raise ValueError(
+                "dequantize_nf4 needs a quant_state: pass it, or pass the Params4bit weight that carries one"
+            )
     if isinstance(packed, torch.nn.Parameter):
         packed = packed.data
     if quant_state.quant_type != "nf4":
-        raise ValueError(f"dequantize_nf4: quant_state.quant_type={quant_state.quant_type!r} is not supported "
-                         "(only 'nf4'; use bitsandbytes.functional.dequantize_4bit for fp4)")
+        raise ValueError(
+            f"dequantize_nf4: quant_state.quant_type={quant_state.quant_type!r} is not supported "
+            "(only 'nf4'; use bitsandbytes.functional.dequantize_4bit for fp4)"
+        )
     if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError("dequantize_nf4: quant_state.packing_format_for_cpu=True is bitsandbytes' repacked "
-                         "CPU layout, not the packed NF4 format this op reads")
+        raise ValueError(
+            "dequantize_nf4: quant_state.packing_format_for_cpu=True is bitsandbytes' repacked "
+            "CPU layout, not the packed NF4 format this op reads"
+        )
     blocksize = int(quant_state.blocksize)
     if blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"dequantize_nf4: quant_state.blocksize={blocksize} is not supported: use one of "
-                         f"{SUPPORTED_BLOCKSIZES} (bitsandbytes' block sizes)")
+        raise ValueError(
+            f"dequantize_nf4: quant_state.blocksize={blocksize} is not supported: use one of "
+            f"{SUPPORTED_BLOCKSIZES} (bitsandbytes' block sizes)"
+        )
     if dtype is None:
         dtype = quant_state.dtype
     if dtype not in OUT_DTYPES:
@@ -164,14 +196,17 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
     n_blocks = -(-n // blocksize)
     device = packed.device
     if not packed.is_contiguous():
-        raise ValueError(f"dequantize_nf4: packed {tuple(packed.shape)} with strides {packed.stride()} is not "
-                         "contiguous")
+        raise ValueError(
+            f"dequantize_nf4: packed {tuple(packed.shape)} with strides {packed.stride()} is not contiguous"
+        )
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:  # a Params4bit with another quant_storage dtype: the same bytes
         flat = flat.view(torch.uint8)
     if flat.numel() < n_bytes:
-        raise ValueError(f"dequantize_nf4: packed has {flat.numel()} bytes, quant_state.shape={shape} needs "
-                         f"{n_bytes} (two 4-bit codes a byte)")
+        raise ValueError(
+            f"dequantize_nf4: packed has {flat.numel()} bytes, quant_state.shape={shape} needs "
+            f"{n_bytes} (two 4-bit codes a byte)"
+        )
 
     absmax = quant_state.absmax
     spec = _Spec(flat, shape, n, n_bytes, blocksize, n_blocks, dtype, absmax, bool(quant_state.nested))
@@ -181,23 +216,29 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
         if absmax.dtype != torch.uint8:
             raise ValueError(f"dequantize_nf4: a nested quant_state needs uint8 absmax codes, got {absmax.dtype}")
         if state2.dtype not in (None, torch.float32) or state2.code.numel() != 256:
-            raise ValueError(f"dequantize_nf4: nested absmax must be dequantized to float32 with a 256-entry "
-                             f"code, got state2.dtype={state2.dtype}, {state2.code.numel()} codes")
+            raise ValueError(
+                f"dequantize_nf4: nested absmax must be dequantized to float32 with a 256-entry "
+                f"code, got state2.dtype={state2.dtype}, {state2.code.numel()} codes"
+            )
         spec.blocksize2 = int(state2.blocksize)
         spec.absmax2 = state2.absmax.float().contiguous()
         spec.code2 = state2.code.float().contiguous()
         offset = quant_state.offset
         spec.offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
         if spec.blocksize2 <= 0 or spec.absmax2.numel() < -(-n_blocks // spec.blocksize2):
-            raise ValueError(f"dequantize_nf4: state2.absmax has {spec.absmax2.numel()} entries for "
-                             f"{n_blocks} blocks at state2.blocksize={spec.blocksize2}")
+            raise ValueError(
+                f"dequantize_nf4: state2.absmax has {spec.absmax2.numel()} entries for "
+                f"{n_blocks} blocks at state2.blocksize={spec.blocksize2}"
+            )
         tensors.update({"state2.absmax": spec.absmax2, "state2.code": spec.code2, "offset": spec.offset})
     else:
         spec.absmax = absmax.float()
     spec.absmax = spec.absmax.reshape(-1).contiguous()
     if spec.absmax.numel() < n_blocks:
-        raise ValueError(f"dequantize_nf4: quant_state.absmax has {spec.absmax.numel()} entries, "
-                         f"quant_state.shape={shape} at blocksize {blocksize} needs {n_blocks}")
+        raise ValueError(
+            f"dequantize_nf4: quant_state.absmax has {spec.absmax.numel()} entries, "
+            f"quant_state.shape={shape} at blocksize {blocksize} needs {n_blocks}"
+        )
     for name, t in tensors.items():
         if t.device != device:
             raise ValueError(f"dequantize_nf4: packed is on {device} but quant_state {name} is on {t.device}")
@@ -237,11 +278,12 @@ def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.
             cache[(data.data_ptr(), data.device, spec.dtype)] = spec
     if out is not None:  # the one check every call makes: the buffer differs from call to call
         if out.shape != spec.shape or out.dtype != spec.dtype or out.device != spec.packed.device:
-            raise ValueError(f"dequantize_nf4: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
-                             f"{spec.shape} {spec.dtype} on {spec.packed.device}")
+            raise ValueError(
+                f"dequantize_nf4: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+                f"{spec.shape} {spec.dtype} on {spec.packed.device}"
+            )
         if not out.is_contiguous():
-            raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} with strides {out.stride()} is not "
-                             "contiguous")
+            raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} with strides {out.stride()} is not contiguous")
     return spec
 
 
@@ -268,37 +310,49 @@ def _dequantize_triton(spec: _Spec, out: torch.Tensor) -> torch.Tensor:
     grid = (-(-spec.n_blocks // blocks),)
     dummy = spec.absmax  # placeholders for the nested-only pointers (never read when not nested)
     _nf4_dequant_kernel[grid](
-        spec.packed, spec.absmax, _nf4_code(spec.packed.device),
-        spec.absmax2 if spec.nested else dummy, spec.code2 if spec.nested else dummy,
-        spec.offset if spec.nested else dummy, out,
-        spec.n, spec.n_bytes, spec.n_blocks, spec.blocksize2 if spec.nested else 1,
-        HALF=half, BLOCKS=blocks, NESTED=spec.nested,
+        spec.packed,
+        spec.absmax,
+        _nf4_code(spec.packed.device),
+        spec.absmax2 if spec.nested else dummy,
+        spec.code2 if spec.nested else dummy,
+        spec.offset if spec.nested else dummy,
+        out,
+        spec.n,
+        spec.n_bytes,
+        spec.n_blocks,
+        spec.blocksize2 if spec.nested else 1,
+        HALF=half,
+        BLOCKS=blocks,
+        NESTED=spec.nested,
         BF16_BY_BITS=spec.dtype == torch.bfloat16 and interpreting(),
-        num_warps=_WARPS, enable_fp_fusion=False)
+        num_warps=_WARPS,
+        enable_fp_fusion=False,
+    )
     return out
 
 
 def _block_scales(spec: _Spec) -> torch.Tensor:
     """The fp32 scale of each quantization block, ``[n_blocks]`` (decoding the nested absmax)."""
     if not spec.nested:
-        return spec.absmax[:spec.n_blocks]
-    q = spec.absmax[:spec.n_blocks].long()
+        return spec.absmax[: spec.n_blocks]
+    q = spec.absmax[: spec.n_blocks].long()
     owner = torch.arange(spec.n_blocks, device=q.device) // spec.blocksize2
     # Two fp32 roundings, as bitsandbytes: the product, then the sum (eager torch does not fuse them).
     return spec.code2[q] * spec.absmax2[owner] + spec.offset
 
 
 def _dequantize_reference(spec: _Spec) -> torch.Tensor:
-    data = spec.packed[:spec.n_bytes]
-    codes = torch.stack((data >> 4, data & 0x0F), dim=1).reshape(-1)[:spec.n]  # high nibble first
+    data = spec.packed[: spec.n_bytes]
+    codes = torch.stack((data >> 4, data & 0x0F), dim=1).reshape(-1)[: spec.n]  # high nibble first
     levels = _nf4_code(data.device)[codes.long()]
     padded = torch.nn.functional.pad(levels, (0, spec.n_blocks * spec.blocksize - spec.n))
     values = padded.view(spec.n_blocks, spec.blocksize) * _block_scales(spec)[:, None]  # fp32
-    return values.reshape(-1)[:spec.n].to(spec.dtype).view(spec.shape)
+    return values.reshape(-1)[: spec.n].to(spec.dtype).view(spec.shape)
 
 
-def dequantize_nf4_reference(packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None,
-                             dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4_reference(
+    packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Pure-PyTorch statement of bitsandbytes' NF4 format (see the module docstring); no bitsandbytes call.
 
     Same arguments and result as :func:`dequantize_nf4`.
@@ -314,8 +368,9 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """A bitsandbytes NF4 weight as ``quant_state.shape`` (``[out_features, in_features]``) in ``dtype``.
 
     Bit-identical to ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)`` (fp32 product

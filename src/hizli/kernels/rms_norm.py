@@ -32,8 +32,7 @@ from hizli.kernels.dispatch import use_triton
 
 
 @lazy_jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, x_stride, y_stride, eps,
-                         BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, x_stride, y_stride, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -47,9 +46,22 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, x_stride, y_stri
 
 
 @lazy_jit(do_not_specialize=("n_rows", "rows_per_program"))  # both follow the batch's token count
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
-                         dy_stride, x_stride, dx_stride, rows_per_program,
-                         BLOCK: tl.constexpr, HAS_DW: tl.constexpr):
+def _rms_norm_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_ptr,
+    n_rows,
+    n_cols,
+    dy_stride,
+    x_stride,
+    dx_stride,
+    rows_per_program,
+    BLOCK: tl.constexpr,
+    HAS_DW: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -92,13 +104,24 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         block = next_power_of_2(n_cols)
-        _rms_norm_fwd_kernel[(n_rows,)](x2, weight.contiguous(), y, rstd, n_cols, x2.stride(0), y.stride(0), eps,
-                                        BLOCK=block, num_warps=row_warps(block))
+        _rms_norm_fwd_kernel[(n_rows,)](
+            x2,
+            weight.contiguous(),
+            y,
+            rstd,
+            n_cols,
+            x2.stride(0),
+            y.stride(0),
+            eps,
+            BLOCK=block,
+            num_warps=row_warps(block),
+        )
     return y.view(x.shape), rstd
 
 
-def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                  need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     n_cols = x.shape[-1]
     x2, dy2 = _rows(x, n_cols), _rows(dy, n_cols)
     n_rows = x2.shape[0]
@@ -108,9 +131,23 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
     if n_rows:
         block = next_power_of_2(n_cols)
         rows_per_program = -(-n_rows // programs)
-        _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, partial, n_rows, n_cols,
-                                          dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
-                                          BLOCK=block, HAS_DW=need_dw, num_warps=row_warps(block, most=16))
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2,
+            x2,
+            weight.contiguous(),
+            rstd,
+            dx,
+            partial,
+            n_rows,
+            n_cols,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            rows_per_program,
+            BLOCK=block,
+            HAS_DW=need_dw,
+            num_warps=row_warps(block, most=16),
+        )
     dw = None
     if need_dw:
         dw = partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
@@ -141,8 +178,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)} but x has {x.shape[-1]} "
-                         f"features in its last dimension: pass a weight of shape ({x.shape[-1]},)")
+        raise ValueError(
+            f"rms_norm: weight has shape {tuple(weight.shape)} but x has {x.shape[-1]} "
+            f"features in its last dimension: pass a weight of shape ({x.shape[-1]},)"
+        )
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -40,8 +40,22 @@ from hizli.kernels.dispatch import use_triton
 
 
 @lazy_jit
-def _rope_heads(x_ptr, o_ptr, x_base, o_base, x_sh, o_sh, n_heads, c1, c2, s1, s2,
-                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_heads(
+    x_ptr,
+    o_ptr,
+    x_base,
+    o_base,
+    x_sh,
+    o_sh,
+    n_heads,
+    c1,
+    c2,
+    s1,
+    s2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < n_heads) & (d < HALF)
@@ -55,11 +69,38 @@ def _rope_heads(x_ptr, o_ptr, x_base, o_base, x_sh, o_sh, n_heads, c1, c2, s1, s
 
 
 @lazy_jit(do_not_specialize=("seq_len",))  # follows the batch's token count
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len, n_qh, n_kh,
-                 q_sb, q_st, q_sh, k_sb, k_st, k_sh, qo_sb, qo_st, qo_sh, ko_sb, ko_st, ko_sh,
-                 c_sb, c_st, s_sb, s_st,
-                 HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    cos_ptr,
+    sin_ptr,
+    seq_len,
+    n_qh,
+    n_kh,
+    q_sb,
+    q_st,
+    q_sh,
+    k_sb,
+    k_st,
+    k_sh,
+    qo_sb,
+    qo_st,
+    qo_sh,
+    ko_sb,
+    ko_st,
+    ko_sh,
+    c_sb,
+    c_st,
+    s_sb,
+    s_st,
+    HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // seq_len
     t = pid % seq_len
@@ -75,10 +116,38 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len, n_qh, 
         # The transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]]: the forward with
         # (s1, s2) -> (-s2, -s1).
         s1, s2 = -s2, -s1
-    _rope_heads(q_ptr, qo_ptr, b * q_sb + t * q_st, b * qo_sb + t * qo_st, q_sh, qo_sh, n_qh,
-                c1, c2, s1, s2, HALF, BLOCK_QH, BLOCK_D)
-    _rope_heads(k_ptr, ko_ptr, b * k_sb + t * k_st, b * ko_sb + t * ko_st, k_sh, ko_sh, n_kh,
-                c1, c2, s1, s2, HALF, BLOCK_KH, BLOCK_D)
+    _rope_heads(
+        q_ptr,
+        qo_ptr,
+        b * q_sb + t * q_st,
+        b * qo_sb + t * qo_st,
+        q_sh,
+        qo_sh,
+        n_qh,
+        c1,
+        c2,
+        s1,
+        s2,
+        HALF,
+        BLOCK_QH,
+        BLOCK_D,
+    )
+    _rope_heads(
+        k_ptr,
+        ko_ptr,
+        b * k_sb + t * k_st,
+        b * ko_sb + t * ko_st,
+        k_sh,
+        ko_sh,
+        n_kh,
+        c1,
+        c2,
+        s1,
+        s2,
+        HALF,
+        BLOCK_KH,
+        BLOCK_D,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +164,9 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 backward: bool, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_launch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, in_place: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
     batch, n_qh, seq_len, dim = q.shape
     n_kh = k.shape[1]
@@ -112,12 +182,38 @@ def _rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     # ~4 elements per thread per half for the q heads (24 x 64 -> 2,048 -> 4 warps at the recipe).
     warps = max(1, min(8, block_qh * block_d // 512))
     _rope_kernel[(batch * seq_len,)](
-        q, k, qo, ko, cos, sin, seq_len, n_qh, n_kh,
-        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
-        qo.stride(0), qo.stride(2), qo.stride(1), ko.stride(0), ko.stride(2), ko.stride(1),
-        c_sb, cos.stride(1), s_sb, sin.stride(1),
-        HALF=half, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, BACKWARD=backward,
-        num_warps=warps)
+        q,
+        k,
+        qo,
+        ko,
+        cos,
+        sin,
+        seq_len,
+        n_qh,
+        n_kh,
+        q.stride(0),
+        q.stride(2),
+        q.stride(1),
+        k.stride(0),
+        k.stride(2),
+        k.stride(1),
+        qo.stride(0),
+        qo.stride(2),
+        qo.stride(1),
+        ko.stride(0),
+        ko.stride(2),
+        ko.stride(1),
+        c_sb,
+        cos.stride(1),
+        s_sb,
+        sin.stride(1),
+        HALF=half,
+        BLOCK_QH=block_qh,
+        BLOCK_KH=block_kh,
+        BLOCK_D=block_d,
+        BACKWARD=backward,
+        num_warps=warps,
+    )
     return qo, ko
 
 
@@ -145,11 +241,13 @@ class _RopeFunction(torch.autograd.Function):
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> None:
     if unsqueeze_dim not in (1, 2):
-        raise ValueError(f"rope: unsqueeze_dim={unsqueeze_dim}: use 1 for q, k laid out [B, H, T, D] "
-                         "or 2 for [B, T, H, D]")
+        raise ValueError(
+            f"rope: unsqueeze_dim={unsqueeze_dim}: use 1 for q, k laid out [B, H, T, D] or 2 for [B, T, H, D]"
+        )
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"rope: q and k must be 4-d ([B, H, T, D] or [B, T, H, D]), got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
+        raise ValueError(
+            f"rope: q and k must be 4-d ([B, H, T, D] or [B, T, H, D]), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     t_dim = 2 if unsqueeze_dim == 1 else 1
     b, t, d = q.shape[0], q.shape[t_dim], q.shape[-1]
     if d % 2:
@@ -158,8 +256,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, tokens or head dim")
     for name, c in (("cos", cos), ("sin", sin)):
         if c.dim() != 3 or c.shape[0] not in (1, b) or c.shape[1] != t or c.shape[2] != d:
-            raise ValueError(f"rope: {name} must be [B, T, D] = [{b} (or 1), {t}, {d}] as the rotary "
-                             f"module returns it, got {tuple(c.shape)}")
+            raise ValueError(
+                f"rope: {name} must be [B, T, D] = [{b} (or 1), {t}, {d}] as the rotary "
+                f"module returns it, got {tuple(c.shape)}"
+            )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +267,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch rotary embedding, the same arithmetic as transformers' ``apply_rotary_pos_emb``;
     arguments and result as for :func:`rope`."""
     _check(q, k, cos, sin, unsqueeze_dim)
@@ -176,8 +277,9 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q and k: one fused Triton kernel on CUDA, the reference elsewhere.
 
     A drop-in for transformers' ``apply_rotary_pos_emb`` (same arguments, same result up to
@@ -209,8 +311,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 apply_rotary_pos_emb = rope
 
 
-def rope_in_place(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                  backward: bool = False) -> None:
+def rope_in_place(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: bool = False
+) -> None:
     """Rotate q and k where they are, outside autograd (for a fused projection that owns its output).
 
     ``backward=True`` applies the transpose of the rotation: the gradient with respect to the

@@ -46,8 +46,20 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_stride, u_stride, y_stride
 
 
 @lazy_jit
-def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols, dy_stride, g_stride, u_stride,
-                       dg_stride, du_stride, BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(
+    dy_ptr,
+    g_ptr,
+    u_ptr,
+    dg_ptr,
+    du_ptr,
+    n_cols,
+    dy_stride,
+    g_stride,
+    u_stride,
+    dg_stride,
+    du_stride,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -77,13 +89,15 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if y.numel():
         block = min(_BLOCK, next_power_of_2(n_cols))
         grid = (n_rows, -(-n_cols // block))
-        _swiglu_fwd_kernel[grid](g2, u2, y, n_cols, g2.stride(0), u2.stride(0), y.stride(0),
-                                 BLOCK=block, num_warps=_WARPS)
+        _swiglu_fwd_kernel[grid](
+            g2, u2, y, n_cols, g2.stride(0), u2.stride(0), y.stride(0), BLOCK=block, num_warps=_WARPS
+        )
     return y.view(gate.shape)
 
 
-def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     d2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
     n_rows, n_cols = g2.shape
     if out is None:
@@ -94,8 +108,21 @@ def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     if dg.numel():
         block = min(_BLOCK, next_power_of_2(n_cols))
         grid = (n_rows, -(-n_cols // block))
-        _swiglu_bwd_kernel[grid](d2, g2, u2, dg, du, n_cols, d2.stride(0), g2.stride(0), u2.stride(0),
-                                 dg.stride(0), du.stride(0), BLOCK=block, num_warps=_WARPS)
+        _swiglu_bwd_kernel[grid](
+            d2,
+            g2,
+            u2,
+            dg,
+            du,
+            n_cols,
+            d2.stride(0),
+            g2.stride(0),
+            u2.stride(0),
+            dg.stride(0),
+            du.stride(0),
+            BLOCK=block,
+            num_warps=_WARPS,
+        )
     return dg.view(gate.shape), du.view(up.shape)
 
 
@@ -121,8 +148,10 @@ class _SwiGLUFunction(torch.autograd.Function):
 
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
-                         "must have the same shape and dtype")
+        raise ValueError(
+            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+            "must have the same shape and dtype"
+        )
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -165,8 +194,9 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate, up)
 
 
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(d_gate, d_up)`` of :func:`swiglu_forward` for 2-d ``[N, I]`` inputs.
 
     ``out`` receives them when given (two ``[N, I]`` tensors, which may be ``gate`` and ``up``

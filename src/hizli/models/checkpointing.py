@@ -140,8 +140,13 @@ _OUTPUT_NOT_SAVED = frozenset({"AddBackward0"})
 def _release_output(out: torch.Tensor) -> None:
     """Free the recomputed layer output's memory before its backward ([T, H]: 6 kB a token at the 3B
     shape, held through the layer's peak otherwise). Only where the op that made it keeps nothing."""
-    if isinstance(out, torch.Tensor) and out.is_cuda and out.grad_fn is not None \
-            and out.grad_fn.name() in _OUTPUT_NOT_SAVED and out._base is None:
+    if (
+        isinstance(out, torch.Tensor)
+        and out.is_cuda
+        and out.grad_fn is not None
+        and out.grad_fn.name() in _OUTPUT_NOT_SAVED
+        and out._base is None
+    ):
         out.untyped_storage().resize_(0)
 
 
@@ -177,7 +182,7 @@ def allowed_modes(requested: bool | str, on_gpu: bool) -> tuple[str, ...]:
     """What ``use_gradient_checkpointing=requested`` permits for each layer."""
     if requested not in (True, False, "unsloth"):
         raise ValueError(
-            f"use_gradient_checkpointing={requested!r}: use True (recompute), \"unsloth\" "
+            f'use_gradient_checkpointing={requested!r}: use True (recompute), "unsloth" '
             "(recompute, or offload layer inputs to CPU memory on a GPU) or False (keep all activations)"
         )
     if requested is False:
@@ -214,8 +219,9 @@ def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
     allowed = allowed_modes(mode, on_gpu)
     layers = decoder_layers(model)
     if not layers and mode is not False:
-        raise ValueError(f"{type(model).__name__} has no layers that support checkpointing; "
-                         "pass use_gradient_checkpointing=False")
+        raise ValueError(
+            f"{type(model).__name__} has no layers that support checkpointing; pass use_gradient_checkpointing=False"
+        )
     uniform = allowed[-1]
     apply_layer_modes(model, [uniform] * len(layers))
     from hizli.models.record import state_of

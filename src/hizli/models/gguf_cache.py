@@ -37,8 +37,10 @@ def _key(gguf: Path) -> str:
     st = gguf.stat()
     # path + size + mtime identify the file without reading 100s of MB; the transformers major
     # version and hizli's conversion version are part of the key because the conversion belongs to them
-    raw = (f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__.split('.')[0]}"
-           f"|v{CONVERSION_VERSION}")
+    raw = (
+        f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__.split('.')[0]}"
+        f"|v{CONVERSION_VERSION}"
+    )
     return f"{gguf.stem[:60]}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
 

@@ -94,8 +94,7 @@ def generate_reply(
 
     for_inference(model)
     input_ids, attention_mask = chat_input_ids(tokenizer, messages, model.device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, use_cache=True,
-                                  pad_token_id=tokenizer.pad_token_id)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id)
     if temperature and temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature)
         if min_p:
@@ -111,7 +110,7 @@ def generate_reply(
         torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    new = out[0, input_ids.shape[1]:]
+    new = out[0, input_ids.shape[1] :]
     if stream and len(new) >= max_new_tokens and int(new[-1]) not in eos:  # stopped by the limit, mid-answer
         print(f"[cut at max_new_tokens={max_new_tokens}]", flush=True)
     return tokenizer.decode(new, skip_special_tokens=True)

@@ -53,9 +53,14 @@ def default_device() -> str:
 
 
 _DTYPE_NAMES = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
 }
 
 
@@ -72,9 +77,7 @@ def resolve_dtype(dtype: Any, device: str):
     else:
         name = _DTYPE_NAMES.get(str(dtype).lower())
     if name not in ("bfloat16", "float16", "float32"):
-        raise ValueError(
-            f"dtype={dtype!r} is not supported; use None (auto), 'bfloat16', 'float16' or 'float32'"
-        )
+        raise ValueError(f"dtype={dtype!r} is not supported; use None (auto), 'bfloat16', 'float16' or 'float32'")
     if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ValueError(
             f"dtype='bfloat16' was asked for, but {torch.cuda.get_device_name()} has no bfloat16 "
@@ -115,9 +118,7 @@ def resolve_source(model_name: str) -> Source:
     p = Path(name).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise ValueError(
-                f"model_name={name!r} is a file but not a .gguf file; pass its folder instead"
-            )
+            raise ValueError(f"model_name={name!r} is a file but not a .gguf file; pass its folder instead")
         from hizli.models.gguf_cache import converted_folder
 
         return Source("gguf", str(converted_folder(p)), str(p.resolve()))
@@ -133,8 +134,12 @@ def resolve_source(model_name: str) -> Source:
             f"model folder {str(p)!r} holds neither config.json (a transformers model), "
             "adapter_config.json (a LoRA adapter) nor a single .gguf file"
         )
-    looks_local = (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
-                   or ("/" in name and p.parent.is_dir()))
+    looks_local = (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or name.endswith(".gguf")
+        or ("/" in name and p.parent.is_dir())
+    )
     near = _near_miss(p)
     if looks_local or (near and "/" not in name):  # a typo of a local or embedded name is not a hub id
         hint = f"; did you mean {near!r}?" if near else ""
@@ -181,8 +186,9 @@ def hub_unavailable(name: str, revision: str | None = None) -> str | None:
 
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=HUB_PROBE_SECONDS).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=HUB_PROBE_SECONDS
+        ).close()
     except OSError as e:
         return f"the Hub ({constants.ENDPOINT}) cannot be reached from here ({e.strerror or e})"
     return None
@@ -214,14 +220,24 @@ def load(
     if src.kind == "hub":
         problem = hub_unavailable(src.path, revision)
         if problem is not None:
-            raise OSError(f"model_name={src.source!r} is not a local folder, a file or an embedded model "
-                          f"({', '.join(EMBEDDED)}), so it would come from the Hugging Face Hub, but {problem}. "
-                          "Pass a local folder or .gguf file, or connect and try again")
+            raise OSError(
+                f"model_name={src.source!r} is not a local folder, a file or an embedded model "
+                f"({', '.join(EMBEDDED)}), so it would come from the Hugging Face Hub, but {problem}. "
+                "Pass a local folder or .gguf file, or connect and try again"
+            )
     if src.kind == "adapter":
         return _load_adapter(
-            src, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
-            device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-            attn_implementation=attn_implementation, trainable=adapter_trainable, fast_path=fast_path,
+            src,
+            max_seq_length=max_seq_length,
+            dtype=dtype,
+            load_in_4bit=load_in_4bit,
+            token=token,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            attn_implementation=attn_implementation,
+            trainable=adapter_trainable,
+            fast_path=fast_path,
         )
 
     seconds = _Stopwatch()  # where loading goes: model.hizli.load_seconds, shown by `hizli bench`
@@ -271,14 +287,23 @@ def load(
     if _is_prequantized_4bit(model) and quantization != "nf4":
         quantization = "nf4"
     seconds.lap("weights")
-    tokenizer = load_tokenizer(src.path, token=token if src.kind == "hub" else None,
-                               trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
+    tokenizer = load_tokenizer(
+        src.path,
+        token=token if src.kind == "hub" else None,
+        trust_remote_code=trust_remote_code,
+        max_seq_length=max_seq_length,
+    )
     from hizli.models.record import state_of
 
     record = state_of(model)
     record.info = LoadInfo(
-        source=src.source, kind=src.kind, dtype=_short(torch_dtype), device=device,
-        max_seq_length=max_seq_length, load_in_4bit_requested=bool(load_in_4bit), quantization=quantization,
+        source=src.source,
+        kind=src.kind,
+        dtype=_short(torch_dtype),
+        device=device,
+        max_seq_length=max_seq_length,
+        load_in_4bit_requested=bool(load_in_4bit),
+        quantization=quantization,
     )
     model.max_seq_length = max_seq_length
     seconds.lap("tokenizer")
@@ -351,8 +376,9 @@ def _local_config_file(src: Source, revision: str | None) -> Path | None:
     return None
 
 
-def load_tokenizer(path: str, *, token: str | None = None, trust_remote_code: bool = False,
-                   max_seq_length: int | None = None):
+def load_tokenizer(
+    path: str, *, token: str | None = None, trust_remote_code: bool = False, max_seq_length: int | None = None
+):
     """The tokenizer with a pad token distinct from EOS where the vocabulary has one."""
     from transformers import AutoTokenizer
 
@@ -381,8 +407,20 @@ def set_pad_token(tokenizer) -> None:
         _log.warn_once("pad-eos", "the tokenizer has no spare token for padding; padding with EOS")
 
 
-def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, device_map,
-                  trust_remote_code, allow_pickle, attn_implementation, trainable, fast_path):
+def _load_adapter(
+    src: Source,
+    *,
+    max_seq_length,
+    dtype,
+    load_in_4bit,
+    token,
+    device_map,
+    trust_remote_code,
+    allow_pickle,
+    attn_implementation,
+    trainable,
+    fast_path,
+):
     from peft import PeftModel
 
     folder = Path(src.path)
@@ -390,8 +428,12 @@ def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, de
         pickled = [p.name for p in folder.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth")]
         raise ValueError(
             f"adapter folder {src.path!r} has no adapter_model.safetensors"
-            + (f" (only {', '.join(pickled)}, a pickle file that can run code when loaded); pass "
-               "allow_pickle=True if you trust it" if pickled else "")
+            + (
+                f" (only {', '.join(pickled)}, a pickle file that can run code when loaded); pass "
+                "allow_pickle=True if you trust it"
+                if pickled
+                else ""
+            )
         )
     config = json.loads((folder / "adapter_config.json").read_text())
     base_name = config.get("base_model_name_or_path")
@@ -401,9 +443,16 @@ def _load_adapter(src: Source, *, max_seq_length, dtype, load_in_4bit, token, de
             "(base_model_name_or_path); load the base yourself and use peft.PeftModel.from_pretrained"
         )
     base, tokenizer = load(
-        base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
-        device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        attn_implementation=attn_implementation, fast_path=fast_path,
+        base_name,
+        max_seq_length=max_seq_length,
+        dtype=dtype,
+        load_in_4bit=load_in_4bit,
+        token=token,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        attn_implementation=attn_implementation,
+        fast_path=fast_path,
     )
     from hizli.models.record import state_of
 

@@ -78,8 +78,13 @@ def add_lora(
 
     record.checkpointing = set_checkpointing(peft_model, use_gradient_checkpointing)
     record.lora = dict(
-        r=r, target_modules=list(targets), lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-        use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
+        r=r,
+        target_modules=list(targets),
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        bias=bias,
+        use_gradient_checkpointing=use_gradient_checkpointing,
+        random_state=random_state,
         use_rslora=use_rslora,
     )
     attach_methods(peft_model)

@@ -33,20 +33,24 @@ def padding_free() -> Iterator[None]:
         _varlen.reset(token)
 
 
-def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
-               **kwargs: Any):
+def _attention(
+    module, query, key, value, attention_mask, *, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any
+):
     """query ``[B, Hq, T, D]``, key/value ``[B, Hkv, T, D]`` -> ``([B, T, Hq, D], None)``."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     from hizli.kernels.attention import varlen_attention
 
     if dropout and module.training:
-        raise ValueError("attention dropout is not supported on hizli's padding-free path; "
-                         "set the model config's attention_dropout to 0")
+        raise ValueError(
+            "attention dropout is not supported on hizli's padding-free path; "
+            "set the model config's attention_dropout to 0"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     out = varlen_attention(q, k, v, cu, int(kwargs.get("max_length_q") or 0), scale=scaling)
     return out.unsqueeze(0), None
@@ -128,10 +132,15 @@ def _make_attention_forward(original, record: HizliState):
 
         # generation (a cache), eval and attention kinds we do not know keep transformers' own path
         impl = self.config._attn_implementation
-        if (not self.training or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-                or impl not in ALL_ATTENTION_FUNCTIONS):
-            return original(hidden_states, position_embeddings=position_embeddings,
-                            attention_mask=attention_mask, **kwargs)
+        if (
+            not self.training
+            or kwargs.get("cache") is not None
+            or kwargs.get("past_key_values") is not None
+            or impl not in ALL_ATTENTION_FUNCTIONS
+        ):
+            return original(
+                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+            )
         from hizli.kernels.lora_qkv import lora_qkv
         from hizli.kernels.rope import rope
         from hizli.models.fused_lora import group_parts
@@ -142,15 +151,18 @@ def _make_attention_forward(original, record: HizliState):
         cos, sin = position_embeddings
         if qkv_parts is not None and not (cos.requires_grad or sin.requires_grad):
             # q and k come out rotated, in the group's own output buffer
-            q, k, v = (t.view(shape).transpose(1, 2)
-                       for t in lora_qkv(hidden_states, qkv_parts, rope=(cos, sin), copies=record.compute_copies))
+            q, k, v = (
+                t.view(shape).transpose(1, 2)
+                for t in lora_qkv(hidden_states, qkv_parts, rope=(cos, sin), copies=record.compute_copies)
+            )
         else:
             q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
             k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
             v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
             q, k = rope(q, k, cos, sin)
-        out, weights = ALL_ATTENTION_FUNCTIONS[impl](self, q, k, v, attention_mask, dropout=self.attention_dropout,
-                                                     scaling=self.scaling, **kwargs)
+        out, weights = ALL_ATTENTION_FUNCTIONS[impl](
+            self, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **kwargs
+        )
         out = out.reshape(*input_shape, -1).contiguous()
         o_parts = group_parts(self, ("o_proj",))
         if o_parts is None:
@@ -194,8 +206,11 @@ def routed_through_hizli(module: torch.nn.Module) -> bool:
     return getattr(func, "__qualname__", None) in _FUSED_FORWARDS
 
 
-_FUSED_FORWARDS = {_norm_forward.__qualname__, f"{_make_mlp_forward.__qualname__}.<locals>.forward",
-                   f"{_make_attention_forward.__qualname__}.<locals>.forward"}
+_FUSED_FORWARDS = {
+    _norm_forward.__qualname__,
+    f"{_make_mlp_forward.__qualname__}.<locals>.forward",
+    f"{_make_attention_forward.__qualname__}.<locals>.forward",
+}
 
 
 def model_uses_fused_lora(model: torch.nn.Module) -> bool:

@@ -29,18 +29,42 @@ from typing import Any
 
 import torch
 
-from hizli.kernels._precompile import (ENV, cache_has_kernels, enabled, prime_in_background, start_process,
-                                       triton_cache_dir, wait)
+from hizli.kernels._precompile import (
+    ENV,
+    cache_has_kernels,
+    enabled,
+    prime_in_background,
+    start_process,
+    triton_cache_dir,
+    wait,
+)
 from hizli.kernels.lora_qkv import LoraPart
 
 # enabled, prime_in_background and wait are the process side, here so callers need one module
-__all__ = ["ENV", "KERNELS", "KernelShapes", "cache_has_kernels", "enabled", "exercise", "prime_in_background",
-           "start", "triton_cache_dir", "wait"]
+__all__ = [
+    "ENV",
+    "KERNELS",
+    "KernelShapes",
+    "cache_has_kernels",
+    "enabled",
+    "exercise",
+    "prime_in_background",
+    "start",
+    "triton_cache_dir",
+    "wait",
+]
 
 TOKENS = 40  # any count: the token-count arguments are not specialised (see the module docstring)
 # Every Triton kernel a fast-path training step launches (a test checks this against the kernel modules).
-KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
-           "_swiglu_bwd_kernel", "_ce_chunk_kernel", "_nf4_dequant_kernel")
+KERNELS = (
+    "_rms_norm_fwd_kernel",
+    "_rms_norm_bwd_kernel",
+    "_rope_kernel",
+    "_swiglu_fwd_kernel",
+    "_swiglu_bwd_kernel",
+    "_ce_chunk_kernel",
+    "_nf4_dequant_kernel",
+)
 
 
 @dataclass(frozen=True)
@@ -62,10 +86,16 @@ class KernelShapes:
         config = getattr(config, "text_config", None) or config
         try:
             hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
-            shapes = cls(hidden=hidden, intermediate=int(config.intermediate_size), heads=heads,
-                         kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-                         head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
-                         vocab=int(config.vocab_size), dtype=str(dtype).replace("torch.", ""), nf4=bool(nf4))
+            shapes = cls(
+                hidden=hidden,
+                intermediate=int(config.intermediate_size),
+                heads=heads,
+                kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
+                vocab=int(config.vocab_size),
+                dtype=str(dtype).replace("torch.", ""),
+                nf4=bool(nf4),
+            )
         except (AttributeError, TypeError, ValueError):
             return None
         if shapes.dtype not in ("bfloat16", "float16") or shapes.head_dim % 2:
@@ -82,20 +112,30 @@ def _nf4_base(out_features: int, in_features: int, dtype: torch.dtype, device: t
     of it (packed bytes, a nested quant state), with zero codes (the values do not matter here)."""
     n = out_features * in_features
     n_blocks = -(-n // 64)
-    state2 = SimpleNamespace(absmax=torch.zeros(-(-n_blocks // 256), dtype=torch.float32, device=device),
-                             code=torch.zeros(256, dtype=torch.float32, device=device), blocksize=256,
-                             dtype=torch.float32)
-    state = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=dtype, shape=torch.Size((out_features, in_features)),
-                            absmax=torch.zeros(n_blocks, dtype=torch.uint8, device=device), nested=True,
-                            state2=state2, offset=torch.zeros((), dtype=torch.float32, device=device),
-                            code=torch.zeros(16, dtype=torch.float32, device=device), packing_format_for_cpu=False)
+    state2 = SimpleNamespace(
+        absmax=torch.zeros(-(-n_blocks // 256), dtype=torch.float32, device=device),
+        code=torch.zeros(256, dtype=torch.float32, device=device),
+        blocksize=256,
+        dtype=torch.float32,
+    )
+    state = SimpleNamespace(
+        quant_type="nf4",
+        blocksize=64,
+        dtype=dtype,
+        shape=torch.Size((out_features, in_features)),
+        absmax=torch.zeros(n_blocks, dtype=torch.uint8, device=device),
+        nested=True,
+        state2=state2,
+        offset=torch.zeros((), dtype=torch.float32, device=device),
+        code=torch.zeros(16, dtype=torch.float32, device=device),
+        packing_format_for_cpu=False,
+    )
     packed = torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
     packed.quant_state = state
     return SimpleNamespace(weight=packed, in_features=in_features, out_features=out_features)
 
 
-def _part(out_features: int, in_features: int, shapes: KernelShapes, device: torch.device,
-          rank: int = 16) -> LoraPart:
+def _part(out_features: int, in_features: int, shapes: KernelShapes, device: torch.device, rank: int = 16) -> LoraPart:
     """A projection as ``hizli.models.fused_lora.lora_parts`` returns it."""
     dtype = getattr(torch, shapes.dtype)
     if shapes.nf4:
@@ -129,9 +169,14 @@ def _tasks(shapes: KernelShapes, device: torch.device, tokens: int) -> list:
             rms_norm(rows(), weight, 1e-5).sum().backward()
 
     def attention() -> None:
-        qkv = [_part(shapes.heads * d, h, shapes, device), _part(shapes.kv_heads * d, h, shapes, device),
-               _part(shapes.kv_heads * d, h, shapes, device)]
-        angle = torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * torch.linspace(0, 1, d, device=device)
+        qkv = [
+            _part(shapes.heads * d, h, shapes, device),
+            _part(shapes.kv_heads * d, h, shapes, device),
+            _part(shapes.kv_heads * d, h, shapes, device),
+        ]
+        angle = torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * torch.linspace(
+            0, 1, d, device=device
+        )
         cos, sin = angle.cos()[None].to(dtype), angle.sin()[None].to(dtype)
         # the fused group rotates q and k in its own buffer; rope() is the path of unfused projections
         q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in lora_qkv(rows(), qkv, rope=(cos, sin)))
@@ -223,7 +268,11 @@ def start(config: Any, dtype: torch.dtype, device: str, nf4: bool) -> bool:
     if not enabled(device):
         return False
     shapes = KernelShapes.from_config(config, dtype, nf4)
-    if shapes is None or cache_has_kernels(KERNELS if nf4 else KERNELS[:-1]) or not _room_for_it(config, shapes, device):
+    if (
+        shapes is None
+        or cache_has_kernels(KERNELS if nf4 else KERNELS[:-1])
+        or not _room_for_it(config, shapes, device)
+    ):
         return False
     return start_process("hizli.models.warmup", [json.dumps(asdict(shapes)), str(device)])
 

@@ -184,21 +184,48 @@ def _load_average() -> str:
         return "unknown"
 
 
-def measure(url: str, *, model: str = "smollm2-135m-instruct", levels: list[int] = (1, 16, 32), requests: int = 2,
-            max_tokens: int = 64, temperature: float = 0.0, label: str = "", json_path: str | None = None) -> list[dict]:
+def measure(
+    url: str,
+    *,
+    model: str = "smollm2-135m-instruct",
+    levels: list[int] = (1, 16, 32),
+    requests: int = 2,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    label: str = "",
+    json_path: str | None = None,
+) -> list[dict]:
     """Run ``run_load`` at each concurrency level after one unmeasured warm-up request; print one summary
     line per level, append the full rows (with every request) to ``json_path``; return the rows."""
     one_request(url, model, "Hello", 4, 0.0, 600)  # warm-up, not measured
     rows = []
-    shown = ("label", "clients", "completed", "errors", "aggregate_tok_s", "per_client_tok_s", "ttft_p50_s",
-             "ttft_p95_s", "wall_s", "load_average_before")
+    shown = (
+        "label",
+        "clients",
+        "completed",
+        "errors",
+        "aggregate_tok_s",
+        "per_client_tok_s",
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "wall_s",
+        "load_average_before",
+    )
     for n in levels:
         before = _load_average()
         run = run_load(url, model, n, requests, max_tokens=max_tokens, temperature=temperature)
-        row = dict(run.summary(), label=label, url=url, model=model, max_tokens=max_tokens,
-                   load_average_before=before, load_average_after=_load_average(),
-                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                   machine=platform.processor() or platform.machine(), command=" ".join(sys.argv))
+        row = dict(
+            run.summary(),
+            label=label,
+            url=url,
+            model=model,
+            max_tokens=max_tokens,
+            load_average_before=before,
+            load_average_after=_load_average(),
+            date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            machine=platform.processor() or platform.machine(),
+            command=" ".join(sys.argv),
+        )
         print(json.dumps({k: row[k] for k in shown}), flush=True)
         if json_path:
             with open(json_path, "a") as f:

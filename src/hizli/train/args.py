@@ -106,8 +106,12 @@ def validate_fields(a: TrainingArguments) -> list[str]:
         if not ok:
             problems.append(f"{name}={v!r} must be an integer {'>= 0' if allow_zero else '> 0'}")
 
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps"):
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+    ):
         positive_int(name)
     for name in ("warmup_steps", "save_steps", "dataloader_num_workers", "oom_retries"):
         positive_int(name, allow_zero=True)
@@ -134,8 +138,10 @@ def validate_fields(a: TrainingArguments) -> list[str]:
     if a.optim not in OPTIMIZERS:
         problems.append(f"optim={a.optim!r}: use one of {', '.join(OPTIMIZERS)}")
     if a.fp16 and a.bf16:
-        problems.append("fp16=True and bf16=True together: choose one (the recipe sets "
-                        "fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported())")
+        problems.append(
+            "fp16=True and bf16=True together: choose one (the recipe sets "
+            "fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported())"
+        )
     if a.save_strategy not in ("steps", "no", "epoch"):
         problems.append(f"save_strategy={a.save_strategy!r}: use 'steps', 'epoch' or 'no'")
     if a.eval_strategy not in ("no", "steps", "epoch"):

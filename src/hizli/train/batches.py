@@ -26,8 +26,17 @@ class Position:
 
 
 class BatchPlan:
-    def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, *,
-                 packing: bool = False, max_seq_length: int | None = None, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        *,
+        packing: bool = False,
+        max_seq_length: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
         if not lengths:
             raise ValueError("the training set is empty: no row is left to train on")
         self.lengths = list(lengths)
@@ -58,9 +67,9 @@ class BatchPlan:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
                 units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
-            groups = [sum(units[i:i + self.batch_size], []) for i in range(0, len(units), self.batch_size)]
+            groups = [sum(units[i : i + self.batch_size], []) for i in range(0, len(units), self.batch_size)]
         else:
-            groups = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            groups = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         self._cache = (epoch, groups)
         return groups
 
@@ -84,7 +93,7 @@ class BatchPlan:
             if pos.micro >= len(groups):
                 pos = Position(pos.epoch + 1, 0)
                 continue
-            take = groups[pos.micro: pos.micro + self.grad_accum]
+            take = groups[pos.micro : pos.micro + self.grad_accum]
             before = Position(pos.epoch, pos.micro)
             pos = Position(pos.epoch, pos.micro + len(take))
             yield take, before, Position(pos.epoch, pos.micro)

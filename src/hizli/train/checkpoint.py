@@ -85,8 +85,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype("uint32"), pos, has_gauss, 0.0))
 
 
-def save(output_dir: str | os.PathLike, step: int, model, optimizer, trainer_state: dict[str, Any],
-         save_total_limit: int | None = None) -> Path:
+def save(
+    output_dir: str | os.PathLike,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict[str, Any],
+    save_total_limit: int | None = None,
+) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically and rotate old ones. Returns its path."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,9 +125,12 @@ def save(output_dir: str | os.PathLike, step: int, model, optimizer, trainer_sta
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
             last = latest(out)
-            raise OSError(28, f"disk full while saving {final.name}; the previous checkpoint "
-                              f"({last.name if last else 'none'}) is intact. Free space or lower "
-                              "save_total_limit, then resume") from e
+            raise OSError(
+                28,
+                f"disk full while saving {final.name}; the previous checkpoint "
+                f"({last.name if last else 'none'}) is intact. Free space or lower "
+                "save_total_limit, then resume",
+            ) from e
         raise
     rotate(out, save_total_limit, keep=final)
     return final
@@ -214,8 +223,9 @@ def load(path: Path, model, optimizer, check_state: Callable[[dict[str, Any]], N
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no adapter_model.safetensors")
-    unlisted = [n for n in ("adapter_model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json")
-                if n not in sums]
+    unlisted = [
+        n for n in ("adapter_model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json") if n not in sums
+    ]
     if unlisted:  # read below, so they must be covered by a checksum
         raise CheckpointError(f"checkpoint {path} is incomplete: checksums.json does not list {', '.join(unlisted)}")
     # everything is read and checked before anything in the model or optimizer changes
@@ -231,8 +241,10 @@ def load(path: Path, model, optimizer, check_state: Callable[[dict[str, Any]], N
         optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         rng = torch.load(path / "rng_state.pt", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused something that is not tensors and numbers
-        raise CheckpointError(f"{path}: optimizer.pt / rng_state.pt hold objects other than tensors; refused "
-                              f"(they could run code when loaded). Resume from another checkpoint. ({e})") from None
+        raise CheckpointError(
+            f"{path}: optimizer.pt / rng_state.pt hold objects other than tensors; refused "
+            f"(they could run code when loaded). Resume from another checkpoint. ({e})"
+        ) from None
     result = set_peft_model_state_dict(model, load_file(str(weights), device=str(device)))
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
@@ -244,12 +256,21 @@ def load(path: Path, model, optimizer, check_state: Callable[[dict[str, Any]], N
 
 def _check_state(state: Any, path: Path) -> None:
     """The fields of trainer_state.json that resuming relies on, with the types it relies on."""
+
     def whole(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    ok = (isinstance(state, dict) and whole(state.get("global_step")) and isinstance(state.get("position"), dict)
-          and set(state["position"]) == {"epoch", "micro"} and all(whole(v) for v in state["position"].values())
-          and isinstance(state.get("scheduler"), dict) and isinstance(state.get("log_history", []), list))
+    ok = (
+        isinstance(state, dict)
+        and whole(state.get("global_step"))
+        and isinstance(state.get("position"), dict)
+        and set(state["position"]) == {"epoch", "micro"}
+        and all(whole(v) for v in state["position"].values())
+        and isinstance(state.get("scheduler"), dict)
+        and isinstance(state.get("log_history", []), list)
+    )
     if not ok:
-        raise CheckpointError(f"{path}/trainer_state.json does not hold a valid training state (global_step, "
-                              "position, scheduler); resume from another checkpoint")
+        raise CheckpointError(
+            f"{path}/trainer_state.json does not hold a valid training state (global_step, "
+            "position, scheduler); resume from another checkpoint"
+        )

@@ -101,8 +101,9 @@ def _refuse_non_finite(ctx: StepContext, groups: list[list[int]], step_no: int, 
     what = "loss" if not math.isfinite(loss) else "gradient norm"
     describe = getattr(ctx.dataset, "describe_rows", None)
     where = describe(rows) if describe is not None else f"rows {rows[:20]}{' ...' if len(rows) > 20 else ''}"
-    message = (f"step {step_no}: the {what} is {loss if what == 'loss' else norm} ({where}); "
-               "the weights were not changed")
+    message = (
+        f"step {step_no}: the {what} is {loss if what == 'loss' else norm} ({where}); the weights were not changed"
+    )
     if ctx.args.nan_policy == "stop":
         raise NonFiniteLossError(message + ". Lower learning_rate, check these rows, or set nan_policy='skip'")
     _log.warn_once(f"nan-{step_no}", message + "; step skipped (nan_policy='skip')")

@@ -283,8 +283,9 @@ def _generate(model, tokenizer, rows, n: int, max_new_tokens: int) -> list[dict[
         prompt, reference = prompt_and_reference(rows[i]["messages"])
         if not prompt:
             continue  # an answer with nothing before it: no prompt to answer
-        answer = generate_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stream=False,
-                                stop_ids=stop_ids)
+        answer = generate_reply(
+            model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stream=False, stop_ids=stop_ids
+        )
         samples.append({"row": i, "prompt": prompt, "reference": reference, "answer": answer})
     return samples
 

@@ -24,11 +24,14 @@ class MemorySnapshot:
 
     def lines(self) -> list[str]:
         if self.kind == "cuda":
-            return [f"GPU = {self.device}. Max memory = {self.total_gib:.3f} GB.",
-                    f"{self.reserved_gib:.3f} GB of memory reserved."]
-        return [f"CPU (no GPU): memory figures are this process's resident memory (RSS). "
-                f"RAM = {self.total_gib:.3f} GB.",
-                f"{self.reserved_gib:.3f} GB resident (peak so far)."]
+            return [
+                f"GPU = {self.device}. Max memory = {self.total_gib:.3f} GB.",
+                f"{self.reserved_gib:.3f} GB of memory reserved.",
+            ]
+        return [
+            f"CPU (no GPU): memory figures are this process's resident memory (RSS). RAM = {self.total_gib:.3f} GB.",
+            f"{self.reserved_gib:.3f} GB resident (peak so far).",
+        ]
 
 
 def _rss_peak_gib() -> float:
@@ -47,12 +50,14 @@ def snapshot(device: Any = None) -> MemorySnapshot:
     """Memory now: on a GPU ``torch.cuda.max_memory_reserved`` (as the recipe reads it)."""
     import torch
 
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    )
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        return MemorySnapshot(props.name, "cuda", props.total_memory / GIB,
-                              torch.cuda.max_memory_reserved(dev) / GIB)
+        return MemorySnapshot(props.name, "cuda", props.total_memory / GIB, torch.cuda.max_memory_reserved(dev) / GIB)
     return MemorySnapshot("CPU", "cpu", _ram_gib(), _rss_peak_gib())
 
 

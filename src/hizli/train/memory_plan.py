@@ -54,10 +54,12 @@ class MemoryPlan:
     def describe(self) -> str:
         counts = {m: self.layer_modes.count(m) for m in ("keep", "recompute", "offload") if m in self.layer_modes}
         layers = ", ".join(f"{n} {m}" for m, n in counts.items())
-        return (f"memory plan: up to {self.micro_batches} micro-batch(es) of <= {self.tokens_per_micro_batch:,} "
-                f"tokens per step; layers: {layers}; loss chunks of {self.ce_chunk_rows} rows; predicted peak "
-                f"{self.predicted_peak_gib:.2f} GiB of a {self.budget_gib:.2f} GiB budget (model and optimizer "
-                f"{self.static_gib:.2f} GiB)")
+        return (
+            f"memory plan: up to {self.micro_batches} micro-batch(es) of <= {self.tokens_per_micro_batch:,} "
+            f"tokens per step; layers: {layers}; loss chunks of {self.ce_chunk_rows} rows; predicted peak "
+            f"{self.predicted_peak_gib:.2f} GiB of a {self.budget_gib:.2f} GiB budget (model and optimizer "
+            f"{self.static_gib:.2f} GiB)"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,8 +79,15 @@ class Shape:
     def of(cls, config, elt: int, fused: bool = False) -> "Shape":
         heads = config.num_attention_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.num_key_value_heads * d,
-                   config.intermediate_size, config.vocab_size, elt, fused)
+        return cls(
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_key_value_heads * d,
+            config.intermediate_size,
+            config.vocab_size,
+            elt,
+            fused,
+        )
 
     def keep_bytes(self) -> int:
         if self.fused:
@@ -99,8 +108,9 @@ class Shape:
             # output, the recomputed output freed before its backward, the layer below fetched after
             # it): 3.7 % above the 117.3 kB/token measured at the 3B shape, every layer offloaded
             # (subtracting the full 5H the count suggests ran out of memory under a 3.094 GiB cap).
-            layer = self.elt * (1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate)
-                                - 3 * self.hidden) * tokens
+            layer = (
+                self.elt * (1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate) - 3 * self.hidden) * tokens
+            )
             weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
         else:
             layer = 2.3 * self.keep_bytes() * tokens  # 252 kB/token measured with every layer offloaded
@@ -122,12 +132,12 @@ def split_rows(rows: Sequence[int], lengths: Sequence[int], parts: int) -> list[
 
 
 def max_micro_tokens(steps: Sequence[Sequence[int]], lengths: Sequence[int], parts: int) -> int:
-    return max((max(sum(lengths[r] for r in g) for g in split_rows(rows, lengths, parts)) for rows in steps),
-               default=0)
+    return max((max(sum(lengths[r] for r in g) for g in split_rows(rows, lengths, parts)) for rows in steps), default=0)
 
 
-def split_step(rows: Sequence[int], lengths: Sequence[int], max_parts: int,
-               token_budget: int | None) -> list[list[int]]:
+def split_step(
+    rows: Sequence[int], lengths: Sequence[int], max_parts: int, token_budget: int | None
+) -> list[list[int]]:
     """A step's rows in the fewest micro-batches (at most ``max_parts``) of <= ``token_budget`` tokens.
 
     The budget is set by the step with the longest rows; a step of short rows then runs in fewer,
@@ -166,8 +176,17 @@ def step_seconds(shape: Shape, tokens: float, micro_batches: float, not_kept: fl
     return max(gpu, host)
 
 
-def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence[int], allowed: Sequence[str],
-              budget_bytes: float, static_bytes: float, max_parts: int, capped: bool = False) -> MemoryPlan:
+def make_plan(
+    *,
+    shape: Shape,
+    steps: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    allowed: Sequence[str],
+    budget_bytes: float,
+    static_bytes: float,
+    max_parts: int,
+    capped: bool = False,
+) -> MemoryPlan:
     """Pick the token budget per micro-batch and the per-layer modes with the lowest time cost whose
     peak fits. For each layer layout the budget is the most tokens that fit (at least the longest
     row, at most the longest step); every step then runs as the fewest micro-batches within it."""
@@ -205,8 +224,9 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
                 options.append(("keep", keep * shape.keep_bytes(), 0.0))
             else:
                 if "recompute" in allowed:
-                    options.append(("recompute", keep * shape.keep_bytes() + rest * shape.input_bytes(),
-                                    RECOMPUTE_COST))
+                    options.append(
+                        ("recompute", keep * shape.keep_bytes() + rest * shape.input_bytes(), RECOMPUTE_COST)
+                    )
                 if "offload" in allowed:
                     options.append(("offload", keep * shape.keep_bytes(), OFFLOAD_COST))
             for mode, held, penalty in options:
@@ -219,8 +239,18 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
                 peak = _peak(static_bytes + shape.transient_bytes(used, ce_rows) + held * used, capped)
                 cost = step_seconds(shape, mean_tokens, mean_parts, rest / shape.layers, penalty)
                 if best is None or cost < best[0] - 1e-9:
-                    best = (cost, MemoryPlan(micro, ["keep"] * keep + [mode] * rest, used, ce_rows, peak / GIB,
-                                             budget_bytes / GIB, static_bytes / GIB))
+                    best = (
+                        cost,
+                        MemoryPlan(
+                            micro,
+                            ["keep"] * keep + [mode] * rest,
+                            used,
+                            ce_rows,
+                            peak / GIB,
+                            budget_bytes / GIB,
+                            static_bytes / GIB,
+                        ),
+                    )
             if best is not None and keep == shape.layers and best[1].micro_batches == 1:
                 break  # nothing is faster than keeping everything in one micro-batch
     if best is not None:
@@ -229,17 +259,35 @@ def make_plan(*, shape: Shape, steps: Sequence[Sequence[int]], lengths: Sequence
     parts = max(1, max_parts)
     tokens = max_micro_tokens(steps, lengths, parts)
     mode = "offload" if "offload" in allowed else ("recompute" if "recompute" in allowed else "keep")
-    held = (shape.input_bytes() * shape.layers * tokens) if mode == "recompute" else \
-        (shape.keep_bytes() * shape.layers * tokens if mode == "keep" else 0)
+    held = (
+        (shape.input_bytes() * shape.layers * tokens)
+        if mode == "recompute"
+        else (shape.keep_bytes() * shape.layers * tokens if mode == "keep" else 0)
+    )
     peak = _peak(static_bytes + shape.transient_bytes(tokens, 128) + held, capped)
-    notes = [] if peak <= budget_bytes else [f"no plan fits the {budget_bytes / GIB:.2f} GiB budget by the estimate "
-                                             f"({peak / GIB:.2f} GiB predicted); running the smallest one"]
-    return MemoryPlan(parts, [mode] * shape.layers, tokens, 128, peak / GIB, budget_bytes / GIB, static_bytes / GIB,
-                      notes=notes)
+    notes = (
+        []
+        if peak <= budget_bytes
+        else [
+            f"no plan fits the {budget_bytes / GIB:.2f} GiB budget by the estimate "
+            f"({peak / GIB:.2f} GiB predicted); running the smallest one"
+        ]
+    )
+    return MemoryPlan(
+        parts, [mode] * shape.layers, tokens, 128, peak / GIB, budget_bytes / GIB, static_bytes / GIB, notes=notes
+    )
 
 
-def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], budget_gib: float | None,
-             allocator_capped: bool, amp_elt: int, optimizer_bytes: int) -> MemoryPlan:
+def plan_for(
+    model,
+    *,
+    steps: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    budget_gib: float | None,
+    allocator_capped: bool,
+    amp_elt: int,
+    optimizer_bytes: int,
+) -> MemoryPlan:
     """The plan for ``model`` on its device (GPU: free memory; CPU: 40 % of RAM), within ``budget_gib``
     when given. ``allocator_capped``: PyTorch's allocator is held to the run's ``max_memory_gib`` (then
     reserved memory stays close to allocated); a smaller budget alone, as an out-of-memory retry plans
@@ -273,9 +321,16 @@ def plan_for(model, *, steps: Sequence[Sequence[int]], lengths: Sequence[int], b
         static += copies.pending_bytes(model, amp_elt)
     shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused)
     max_parts = max((len(s) for s in steps), default=1)
-    plan = make_plan(shape=shape, steps=steps, lengths=lengths, allowed=allowed, budget_bytes=budget,
-                     static_bytes=static, max_parts=max_parts,
-                     capped=allocator_capped and device.type == "cuda")
+    plan = make_plan(
+        shape=shape,
+        steps=steps,
+        lengths=lengths,
+        allowed=allowed,
+        budget_bytes=budget,
+        static_bytes=static,
+        max_parts=max_parts,
+        capped=allocator_capped and device.type == "cuda",
+    )
     if not math.isfinite(plan.predicted_peak_gib):
         raise AssertionError(plan)
     return plan

@@ -22,9 +22,15 @@ class RunLog:
     to its step), so the file reads as one clean run and never keeps lines of another run.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, total_steps: int, start_step: int,
-                 logging_steps: int, disable_bar: bool = False,
-                 history: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        total_steps: int,
+        start_step: int,
+        logging_steps: int,
+        disable_bar: bool = False,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.dir = Path(output_dir)
@@ -36,8 +42,9 @@ class RunLog:
             self._truncate_after(start_step)
         self.file = open(self.path, "a")
         self.logging_steps = logging_steps
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
-                        disable=disable_bar, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc="training", unit="step", disable=disable_bar, dynamic_ncols=True
+        )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -62,8 +69,7 @@ class RunLog:
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         self.bar.update(1)
-        postfix = {"loss": f"{entry['loss']:.4f}", "lr": f"{entry['lr']:.2e}",
-                   "tok/s": f"{entry['tokens_per_s']:.0f}"}
+        postfix = {"loss": f"{entry['loss']:.4f}", "lr": f"{entry['lr']:.2e}", "tok/s": f"{entry['tokens_per_s']:.0f}"}
         if entry.get("peak_reserved_gib") is not None:
             postfix["mem"] = f"{entry['peak_reserved_gib']:.2f}G"
         self.bar.set_postfix(postfix, refresh=False)
@@ -75,8 +81,10 @@ class RunLog:
         """An evaluation at ``entry["step"]``: a line in metrics.jsonl and one printed above the bar."""
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
-        self.bar.write(f"step {entry['step']}: eval_loss {entry['eval_loss']:.4f}, perplexity "
-                       f"{entry['eval_perplexity']:.4g} ({entry['eval_tokens']} tokens)")
+        self.bar.write(
+            f"step {entry['step']}: eval_loss {entry['eval_loss']:.4f}, perplexity "
+            f"{entry['eval_perplexity']:.4g} ({entry['eval_tokens']} tokens)"
+        )
 
     def note(self, text: str) -> None:
         self.bar.write(text)

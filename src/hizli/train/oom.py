@@ -24,8 +24,18 @@ from typing import Any
 
 from hizli.train.args import TrainingArguments
 
-_UNITS = {"b": 1, "bytes": 1, "kib": 1024, "kb": 1024, "mib": 1024**2, "mb": 1024**2, "gib": 1024**3,
-          "gb": 1024**3, "tib": 1024**4, "tb": 1024**4}
+_UNITS = {
+    "b": 1,
+    "bytes": 1,
+    "kib": 1024,
+    "kb": 1024,
+    "mib": 1024**2,
+    "mb": 1024**2,
+    "gib": 1024**3,
+    "gb": 1024**3,
+    "tib": 1024**4,
+    "tb": 1024**4,
+}
 _SIZE = r"([\d.]+)\s*(TiB|GiB|MiB|KiB|TB|GB|MB|KB|bytes|B)\b"
 _PATTERNS = {
     "requested": [r"Tried to allocate " + _SIZE],
@@ -77,9 +87,17 @@ def gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 1024**3:.2f} GiB"
 
 
-def explain(error: BaseException, *, device: Any = None, args: TrainingArguments | None = None, model: Any = None,
-            max_seq_length: int | None = None, longest_row: int | None = None,
-            memory_plan: dict | None = None, step: int | None = None) -> GPUOutOfMemoryError:
+def explain(
+    error: BaseException,
+    *,
+    device: Any = None,
+    args: TrainingArguments | None = None,
+    model: Any = None,
+    max_seq_length: int | None = None,
+    longest_row: int | None = None,
+    memory_plan: dict | None = None,
+    step: int | None = None,
+) -> GPUOutOfMemoryError:
     """A ``GPUOutOfMemoryError`` for ``error`` (a ``torch.OutOfMemoryError``) with the figures and the
     settings to lower.
 
@@ -99,18 +117,24 @@ def explain(error: BaseException, *, device: Any = None, args: TrainingArguments
     report.suggestions = _suggestions(args, model, max_seq_length, longest_row, memory_plan, report)
     where = f"step {step}: " if step is not None else ""
     card = f" on {_card_name(report.device)}" if report.device else ""
-    lines = [f"{where}out of GPU memory{card}: asked for {gib(report.requested)} with {gib(report.free)} free of "
-             f"{gib(report.total)}" + (f" (this process held {gib(report.in_use)})" if report.in_use else "") + "."]
+    lines = [
+        f"{where}out of GPU memory{card}: asked for {gib(report.requested)} with {gib(report.free)} free of "
+        f"{gib(report.total)}" + (f" (this process held {gib(report.in_use)})" if report.in_use else "") + "."
+    ]
     cap = getattr(args, "max_memory_gib", None)
     if cap:  # the trainer limits PyTorch's allocator to the cap, so the card's free memory is not the limit
-        lines.append(f"This run is capped at max_memory_gib={cap:g} GiB (PyTorch's allocator is held to it "
-                     "while training), so what counts is the cap, not the card's free memory.")
+        lines.append(
+            f"This run is capped at max_memory_gib={cap:g} GiB (PyTorch's allocator is held to it "
+            "while training), so what counts is the cap, not the card's free memory."
+        )
     elif report.free_now is not None:
         lines.append(f"After releasing this step's tensors {gib(report.free_now)} is free.")
     unused = report.reserved_unallocated
     if unused and report.requested and report.free is not None and report.free + unused >= report.requested:
-        lines.append(f"{gib(unused)} more was reserved by PyTorch but unused: the request would have fitted "
-                     "without fragmentation, so PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may be enough.")
+        lines.append(
+            f"{gib(unused)} more was reserved by PyTorch but unused: the request would have fitted "
+            "without fragmentation, so PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may be enough."
+        )
     if report.suggestions:
         lines.append("Lower the peak with, largest saving first:")
         lines += [f"  - {s}" for s in report.suggestions]
@@ -141,33 +165,47 @@ def _card_name(device: str | None) -> str:
     return str(device)
 
 
-def _suggestions(args: TrainingArguments | None, model: Any, max_seq_length: int | None, longest_row: int | None,
-                 plan: dict | None, report: OOMReport) -> list[str]:
+def _suggestions(
+    args: TrainingArguments | None,
+    model: Any,
+    max_seq_length: int | None,
+    longest_row: int | None,
+    plan: dict | None,
+    report: OOMReport,
+) -> list[str]:
     out: list[str] = []
     bs = getattr(args, "per_device_train_batch_size", None)
     ga = getattr(args, "gradient_accumulation_steps", None)
     if plan and plan.get("micro_batches") and plan["micro_batches"] >= 1:
         budget = plan.get("budget_gib")
         target = _budget_hint(report, budget)
-        out.append(f"max_memory_gib={target} (the memory plan predicted {plan.get('predicted_peak_gib', 0):.2f} GiB "
-                   f"within a {budget} GiB budget; a smaller budget makes it split each step and recompute layers)")
+        out.append(
+            f"max_memory_gib={target} (the memory plan predicted {plan.get('predicted_peak_gib', 0):.2f} GiB "
+            f"within a {budget} GiB budget; a smaller budget makes it split each step and recompute layers)"
+        )
     if bs and bs > 1:
-        out.append(f"per_device_train_batch_size={max(1, bs // 2)} with gradient_accumulation_steps={(ga or 1) * 2} "
-                   f"(now {bs} x {ga or 1}: the same rows per optimizer step, the same result, half the activations)")
+        out.append(
+            f"per_device_train_batch_size={max(1, bs // 2)} with gradient_accumulation_steps={(ga or 1) * 2} "
+            f"(now {bs} x {ga or 1}: the same rows per optimizer step, the same result, half the activations)"
+        )
     from hizli.models.record import find_state
 
     record = find_state(model) if model is not None else None
     allowed = record.allowed_modes if record is not None else None
     if allowed is not None and allowed == ("keep",):
-        out.append("use_gradient_checkpointing='unsloth' (now False: every layer keeps its activations; "
-                   "recomputing them costs about a third more time and saves most of that memory)")
+        out.append(
+            "use_gradient_checkpointing='unsloth' (now False: every layer keeps its activations; "
+            "recomputing them costs about a third more time and saves most of that memory)"
+        )
     elif model is not None and allowed is None and not getattr(model, "is_gradient_checkpointing", False):
         out.append("use_gradient_checkpointing='unsloth' in get_peft_model (activations are all kept now)")
     if max_seq_length:
         longest = min(longest_row or max_seq_length, max_seq_length)
         target = max(8, _pow2_below(longest))
-        out.append(f"max_seq_length={target} (now {max_seq_length}, longest row {longest} tokens: activations grow "
-                   "with the longest step; longer rows are truncated)")
+        out.append(
+            f"max_seq_length={target} (now {max_seq_length}, longest row {longest} tokens: activations grow "
+            "with the longest step; longer rows are truncated)"
+        )
     info = record.info if record is not None else None
     if info is not None and not getattr(info, "is_4bit", True):
         out.append("load_in_4bit=True (the base weights take a quarter of the memory in NF4)")

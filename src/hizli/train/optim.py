@@ -17,8 +17,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], args: TrainingArgument
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: call FastLanguageModel.get_peft_model first")
-    kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-              weight_decay=args.weight_decay)
+    kw = dict(
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
     name = "adamw_8bit" if args.optim == "paged_adamw_8bit" else args.optim
     if name == "adamw_8bit":
         try:
@@ -26,8 +30,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], args: TrainingArgument
 
             return import_bitsandbytes().optim.AdamW8bit(params, **kw)
         except Exception as e:  # ImportError or a native library that will not load
-            _log.warn_once("no-8bit-adam", f"optim='adamw_8bit' needs bitsandbytes ({type(e).__name__}: {e}); "
-                                           "using torch.optim.AdamW (32-bit state) instead")
+            _log.warn_once(
+                "no-8bit-adam",
+                f"optim='adamw_8bit' needs bitsandbytes ({type(e).__name__}: {e}); "
+                "using torch.optim.AdamW (32-bit state) instead",
+            )
             name = "adamw_torch"
     if name == "adamw_torch_fused":
         fused = all(p.is_cuda for p in params)

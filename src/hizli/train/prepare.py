@@ -39,22 +39,30 @@ def prepare_dataset(dataset: Any, tokenizer: Any, settings: DataSettings, split:
     columns = _columns(dataset)
     if "input_ids" in columns:
         return tokenize.TokenizedDataset.from_rows(list(dataset), max_seq_length=settings.max_seq_length)
-    kw = dict(max_seq_length=settings.max_seq_length, num_proc=settings.num_proc, train_on=settings.train_on,
-              bad_rows=settings.bad_rows)
+    kw = dict(
+        max_seq_length=settings.max_seq_length,
+        num_proc=settings.num_proc,
+        train_on=settings.train_on,
+        bad_rows=settings.bad_rows,
+    )
     if text_field is None and "text" in columns:
         text_field = "text"
     if text_field is not None:
         if text_field not in columns:
-            raise ValueError(f"dataset_text_field={text_field!r} is not a column of the {split} "
-                             f"dataset; its columns are {sorted(columns)}")
+            raise ValueError(
+                f"dataset_text_field={text_field!r} is not a column of the {split} "
+                f"dataset; its columns are {sorted(columns)}"
+            )
         return tokenize.tokenize_dataset(dataset, tokenizer, text_field=text_field, **kw)
     for name in ("messages", "conversations"):
         if name in columns:
             from hizli.data.sharegpt import standardize_sharegpt
 
             return tokenize.tokenize_dataset(standardize_sharegpt(dataset), tokenizer, messages_field=name, **kw)
-    raise ValueError(f"the {split} dataset has columns {sorted(columns)}: pass dataset_text_field=..., or "
-                     "give it a 'text', 'messages' or 'conversations' column, or 'input_ids'")
+    raise ValueError(
+        f"the {split} dataset has columns {sorted(columns)}: pass dataset_text_field=..., or "
+        "give it a 'text', 'messages' or 'conversations' column, or 'input_ids'"
+    )
 
 
 def check_token_ids(model: Any, dataset: Any, split: str) -> None:
@@ -70,8 +78,10 @@ def check_token_ids(model: Any, dataset: Any, split: str) -> None:
     if bad.size:
         position = int(bad[0])
         row = int(np.searchsorted(dataset._offsets, position, side="right") - 1)
-        raise ValueError(f"{split} row {row} has token id {int(ids[position])}, outside this model's vocabulary "
-                         f"of {vocab} tokens: the data was tokenized with another tokenizer")
+        raise ValueError(
+            f"{split} row {row} has token id {int(ids[position])}, outside this model's vocabulary "
+            f"of {vocab} tokens: the data was tokenized with another tokenizer"
+        )
 
 
 def choose_collator(given: Callable | None, tokenizer: Any, *, packing: bool, padding_free: bool | None) -> Callable:

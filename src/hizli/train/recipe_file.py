@@ -25,17 +25,28 @@ def write_recipe(output_dir: str | os.PathLike, recipe: dict[str, Any]) -> Path:
     return out / "recipe.yaml"
 
 
-def recipe_from_objects(model: Any, args: TrainingArguments, *, max_seq_length: int, dataset_text_field: str | None,
-                        packing: bool, train_on: str, rows: int) -> dict[str, Any]:
+def recipe_from_objects(
+    model: Any,
+    args: TrainingArguments,
+    *,
+    max_seq_length: int,
+    dataset_text_field: str | None,
+    packing: bool,
+    train_on: str,
+    rows: int,
+) -> dict[str, Any]:
     """What a run started from Python can say about its recipe."""
     from hizli.models.record import find_state
 
     record = find_state(model)
     info = record.info if record is not None else None
     return {
-        "model": {"name": info.source if info else None, "max_seq_length": max_seq_length,
-                  "dtype": info.dtype if info else None,
-                  "load_in_4bit": info.load_in_4bit_requested if info else None},
+        "model": {
+            "name": info.source if info else None,
+            "max_seq_length": max_seq_length,
+            "dtype": info.dtype if info else None,
+            "load_in_4bit": info.load_in_4bit_requested if info else None,
+        },
         "lora": record.lora if record is not None else None,
         "data": {"dataset_text_field": dataset_text_field, "packing": packing, "train_on": train_on, "rows": rows},
         "train": jsonable(args.to_dict()),

@@ -96,9 +96,15 @@ def loss_sum(model, batch: DeviceBatch, ce_chunk_rows: int | None = None, fused_
         from hizli.kernels.cross_entropy import fused_linear_cross_entropy
 
         # norms kept in fp32 give fp32 hidden states while the head is bf16: meet in the head's dtype
-        return fused_linear_cross_entropy(hidden.to(head.weight.dtype), head.weight, batch.targets,
-                                          reduction="sum", logit_scale=scale, softcap=softcap or None,
-                                          chunk_size=ce_chunk_rows)
+        return fused_linear_cross_entropy(
+            hidden.to(head.weight.dtype),
+            head.weight,
+            batch.targets,
+            reduction="sum",
+            logit_scale=scale,
+            softcap=softcap or None,
+            chunk_size=ce_chunk_rows,
+        )
     return _chunked_module_loss(head, hidden, batch.targets, scale, softcap)
 
 
@@ -115,5 +121,5 @@ def _chunked_module_loss(head, hidden, targets, scale, softcap, chunk: int = 409
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(piece, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
     return total

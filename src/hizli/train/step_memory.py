@@ -42,8 +42,9 @@ class StepMemory:
         return split_step(sum(micro, []), lengths, self.parts, budget)
 
 
-def plan_memory(ctx: StepContext, batch_plan: BatchPlan, total_steps: int,
-                budget_gib: float | None = None) -> StepMemory:
+def plan_memory(
+    ctx: StepContext, batch_plan: BatchPlan, total_steps: int, budget_gib: float | None = None
+) -> StepMemory:
     """The run's ``StepMemory``; applies the plan's layer modes to the model. ``budget_gib``
     overrides ``max_memory_gib`` as the plan budget (the re-plan after an out-of-memory error)."""
     args, model = ctx.args, ctx.model
@@ -63,13 +64,20 @@ def plan_memory(ctx: StepContext, batch_plan: BatchPlan, total_steps: int,
     while len(steps) < total_steps and epoch < 3:  # the longest step of the epochs this run sees
         groups = batch_plan.micro_batches(epoch)
         ga = batch_plan.grad_accum
-        steps += [sum(groups[i:i + ga], []) for i in range(0, len(groups), ga)]
+        steps += [sum(groups[i : i + ga], []) for i in range(0, len(groups), ga)]
         epoch += 1
     n_params = sum(p.numel() for p in ctx.params)
     optimizer_bytes = n_params * (4 + (2 if args.optim.endswith("8bit") else 8))
     elt = 2 if ctx.amp_dtype in (torch.float16, torch.bfloat16) else ctx.params[0].element_size()
-    plan = plan_for(model, steps=steps[:max(total_steps, 1)], lengths=ctx.dataset.lengths, budget_gib=budget_gib,
-                    allocator_capped=bool(args.max_memory_gib), amp_elt=elt, optimizer_bytes=optimizer_bytes)
+    plan = plan_for(
+        model,
+        steps=steps[: max(total_steps, 1)],
+        lengths=ctx.dataset.lengths,
+        budget_gib=budget_gib,
+        allocator_capped=bool(args.max_memory_gib),
+        amp_elt=elt,
+        optimizer_bytes=optimizer_bytes,
+    )
     if merge:  # asked for one micro-batch per step: keep the layer modes, force the count
         plan.micro_batches = 1
     apply_layer_modes(model, plan.layer_modes)
@@ -81,8 +89,9 @@ def plan_memory(ctx: StepContext, batch_plan: BatchPlan, total_steps: int,
     return StepMemory(parts=plan.micro_batches, plan=plan)
 
 
-def step_or_replan(ctx: StepContext, memory: StepMemory, micro: list[list[int]], step_no: int,
-                   replan: Any) -> tuple[StepResult | None, StepMemory]:
+def step_or_replan(
+    ctx: StepContext, memory: StepMemory, micro: list[list[int]], step_no: int, replan: Any
+) -> tuple[StepResult | None, StepMemory]:
     """One optimizer step. Out of GPU memory nothing has been updated yet: with a memory plan and
     retries left, ``replan(budget_gib)`` makes a plan for 3/4 of the budget and the step is repeated;
     else the error is explained and raised. Returns the step's result and the (possibly new) layout."""
@@ -97,15 +106,24 @@ def step_or_replan(ctx: StepContext, memory: StepMemory, micro: list[list[int]],
             e.__traceback__ = None  # its frames hold the step's activations: let them go too
             plan = memory.plan
             if plan is None or memory.retries >= ctx.args.oom_retries:
-                raise oom.explain(e, device=ctx.device, args=ctx.args, model=ctx.model, step=step_no,
-                                  max_seq_length=getattr(ctx.dataset, "max_seq_length", None),
-                                  longest_row=max(lengths), memory_plan=plan.to_dict() if plan else None) from None
+                raise oom.explain(
+                    e,
+                    device=ctx.device,
+                    args=ctx.args,
+                    model=ctx.model,
+                    step=step_no,
+                    max_seq_length=getattr(ctx.dataset, "max_seq_length", None),
+                    longest_row=max(lengths),
+                    memory_plan=plan.to_dict() if plan else None,
+                ) from None
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             smaller = REPLAN_FRACTION * plan.budget_gib
             retries = memory.retries + 1
-            _log.warn_once(f"oom-retry-{retries}",
-                           f"step {step_no} ran out of memory; planning again for {smaller:.2f} GiB and "
-                           f"repeating the step (retry {retries} of {ctx.args.oom_retries})")
+            _log.warn_once(
+                f"oom-retry-{retries}",
+                f"step {step_no} ran out of memory; planning again for {smaller:.2f} GiB and "
+                f"repeating the step (retry {retries} of {ctx.args.oom_retries})",
+            )
             memory = replan(smaller)
             memory.retries = retries

@@ -68,12 +68,25 @@ class SFTTrainer:
             through ``train_on_responses_only(trainer)``).
     """
 
-    def __init__(self, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, *,
-                 args: TrainingArguments | None = None, data_collator: Callable | None = None,
-                 dataset_text_field: str | None = None, max_seq_length: int | None = None,
-                 dataset_num_proc: int | None = None, packing: bool = False,
-                 formatting_func: Callable | None = None, processing_class=None,
-                 callbacks: list | None = None, train_on: str = "all", **unknown: Any) -> None:
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        dataset_text_field: str | None = None,
+        max_seq_length: int | None = None,
+        dataset_num_proc: int | None = None,
+        packing: bool = False,
+        formatting_func: Callable | None = None,
+        processing_class=None,
+        callbacks: list | None = None,
+        train_on: str = "all",
+        **unknown: Any,
+    ) -> None:
         if unknown:
             raise TypeError(_unknown_message("SFTTrainer", list(unknown), set(_SFT_ARGS)))
         if model is None:
@@ -97,8 +110,10 @@ class SFTTrainer:
         self.callbacks = list(callbacks or [])
         for cb in self.callbacks:
             if not callable(cb):
-                raise TypeError(f"callbacks: {type(cb).__name__} is not callable. hizli calls each callback "
-                                "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)")
+                raise TypeError(
+                    f"callbacks: {type(cb).__name__} is not callable. hizli calls each callback "
+                    "with every optimizer step's metrics (a dict: step, loss, lr, tokens, ...)"
+                )
         self.recipe: dict[str, Any] | None = None  # set by `hizli train` to save beside outputs
         self.memory_plan: dict[str, Any] | None = None  # the plan of the last train() call, as a dict
         self._ce_chunk_rows: int | None = None
@@ -112,14 +127,20 @@ class SFTTrainer:
 
     # ---------------------------------------------------------------- data
     def _prepare(self, dataset, split: str):
-        settings = DataSettings(max_seq_length=self.max_seq_length, num_proc=self.dataset_num_proc,
-                                text_field=self.dataset_text_field, formatting_func=self.formatting_func,
-                                train_on=self.train_on, bad_rows=self.args.bad_rows)
+        settings = DataSettings(
+            max_seq_length=self.max_seq_length,
+            num_proc=self.dataset_num_proc,
+            text_field=self.dataset_text_field,
+            formatting_func=self.formatting_func,
+            train_on=self.train_on,
+            bad_rows=self.args.bad_rows,
+        )
         return prepare_dataset(dataset, self.tokenizer, settings, split)
 
     def _collator(self) -> Callable:
-        return choose_collator(self.data_collator, self.tokenizer, packing=self.packing,
-                               padding_free=self.args.padding_free)
+        return choose_collator(
+            self.data_collator, self.tokenizer, packing=self.packing, padding_free=self.args.padding_free
+        )
 
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
@@ -142,11 +163,17 @@ class SFTTrainer:
         position, start_step = Position(), 0
         recipe = self.recipe or self._recipe_from_objects()
         self._run = runs.new_run(recipe)  # recorded in every checkpoint of this run
-        resume = checkpoint.resolve(resume_from_checkpoint if resume_from_checkpoint is not None
-                                    else args.resume_from_checkpoint, args.output_dir)
+        resume = checkpoint.resolve(
+            resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint,
+            args.output_dir,
+        )
         if resume is not None:
-            saved = checkpoint.load(resume, self.model, ctx.optimizer,  # refuses another recipe's checkpoint
-                                    check_state=partial(runs.check_same_recipe, recipe=recipe, path=resume))
+            saved = checkpoint.load(
+                resume,
+                self.model,
+                ctx.optimizer,  # refuses another recipe's checkpoint
+                check_state=partial(runs.check_same_recipe, recipe=recipe, path=resume),
+            )
             _log.info(runs.resume_message(resume, saved, total_steps))
             self._run = saved["run"]
             ctx.scheduler.load_state_dict(saved["scheduler"])
@@ -163,9 +190,14 @@ class SFTTrainer:
 
         start_mem = memory.snapshot(ctx.device)  # memory_report() prints it; `hizli train` too
         memory.reset_peak(ctx.device)
-        log = metrics.RunLog(args.output_dir, total_steps, start_step, args.logging_steps,
-                             args.disable_tqdm or not self.ranks.is_main,
-                             history=self.state["log_history"] if resume is not None else None)
+        log = metrics.RunLog(
+            args.output_dir,
+            total_steps,
+            start_step,
+            args.logging_steps,
+            args.disable_tqdm or not self.ranks.is_main,
+            history=self.state["log_history"] if resume is not None else None,
+        )
         self._describe(log, ctx, total_steps, step_memory)
         t_start = time.perf_counter()
         losses: list[float] = []
@@ -187,7 +219,9 @@ class SFTTrainer:
                     if result is not None:
                         losses.append(result.loss)
                         trained_tokens += result.tokens
-                        self._log_step(log, ctx, plan=plan, step_no=step_no, after=after, result=result, elapsed=elapsed)
+                        self._log_step(
+                            log, ctx, plan=plan, step_no=step_no, after=after, result=result, elapsed=elapsed
+                        )
                     epoch_end = after.micro >= len(plan.micro_batches(after.epoch))
                     if self._should_eval(step_no, total_steps, epoch_end):
                         ev = {"step": step_no, **self.evaluate()}
@@ -195,15 +229,19 @@ class SFTTrainer:
                         log.eval(ev)
                         self.state["log_history"].append(ev)
                     # the last step is always saved (when saving is on), so any run can be resumed or extended
-                    saving = args.save_strategy != "no" and (step_no == total_steps or (
-                        args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0))
+                    saving = args.save_strategy != "no" and (
+                        step_no == total_steps
+                        or (args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0)
+                    )
                     if saving or self.stop_signals.requested:
                         path = self._save_checkpoint(ctx, step_no, after)
                         if self.stop_signals.requested:
                             raise TrainingInterrupted(
                                 f"{self.stop_signals.requested} at step {step_no}: checkpoint saved to {path}. "
                                 "Resume with `hizli train RECIPE --resume` or "
-                                "trainer.train(resume_from_checkpoint=True)", path)
+                                "trainer.train(resume_from_checkpoint=True)",
+                                path,
+                            )
         finally:
             restore_cap()
             log.close()
@@ -230,9 +268,11 @@ class SFTTrainer:
         if self.train_dataset is None or len(self.train_dataset) == 0:
             report = getattr(self.train_dataset, "report", None)
             if report is not None and report.rows_in:  # rows came in, none has a label: refuse, say why
-                raise ValueError(f"nothing to train on: none of the {report.rows_in} rows has a trained token "
-                                 f"({report.summary()}). Every label is -100: check the labels, train_on / "
-                                 "train_on_responses_only (does the chat template match?) and max_seq_length")
+                raise ValueError(
+                    f"nothing to train on: none of the {report.rows_in} rows has a trained token "
+                    f"({report.summary()}). Every label is -100: check the labels, train_on / "
+                    "train_on_responses_only (does the chat template match?) and max_seq_length"
+                )
             raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
         check_token_ids(self.model, self.train_dataset, "train")
         if self.eval_dataset is not None:
@@ -246,9 +286,14 @@ class SFTTrainer:
         amp_dtype = self._precision(device)
         torch.manual_seed(args.seed)
         model.train()
-        plan = BatchPlan(self.train_dataset.lengths, args.per_device_train_batch_size,
-                         args.gradient_accumulation_steps, args.data_seed or args.seed,
-                         packing=self.packing, max_seq_length=self.max_seq_length)
+        plan = BatchPlan(
+            self.train_dataset.lengths,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            args.data_seed or args.seed,
+            packing=self.packing,
+            max_seq_length=self.max_seq_length,
+        )
         total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.build_optimizer(params, args)
@@ -259,25 +304,54 @@ class SFTTrainer:
             optimizer.register_step_post_hook(record.compute_copies.step_taken)
         scheduler = optim.build_scheduler(optimizer, args, total_steps)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        ctx = StepContext(model=model, args=args, dataset=self.train_dataset, optimizer=optimizer,
-                          scheduler=scheduler, scaler=scaler, params=params, device=device, amp_dtype=amp_dtype,
-                          collate=self._collator(), ranks=self.ranks, fused_ce=args.fused_cross_entropy)
+        ctx = StepContext(
+            model=model,
+            args=args,
+            dataset=self.train_dataset,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            params=params,
+            device=device,
+            amp_dtype=amp_dtype,
+            collate=self._collator(),
+            ranks=self.ranks,
+            fused_ce=args.fused_cross_entropy,
+        )
         warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         return ctx, plan, total_steps
 
-    def _plan_memory(self, ctx: StepContext, plan: BatchPlan, total_steps: int,
-                     budget_gib: float | None = None) -> StepMemory:
+    def _plan_memory(
+        self, ctx: StepContext, plan: BatchPlan, total_steps: int, budget_gib: float | None = None
+    ) -> StepMemory:
         step_memory = plan_memory(ctx, plan, total_steps, budget_gib)
         self._ce_chunk_rows = ctx.ce_chunk_rows  # evaluation uses the plan's loss chunks too
         self.memory_plan = step_memory.plan.to_dict() if step_memory.plan is not None else None
         return step_memory
 
-    def _log_step(self, log: metrics.RunLog, ctx: StepContext, *, plan: BatchPlan, step_no: int, after: Position,
-                  result: Any, elapsed: float) -> None:
+    def _log_step(
+        self,
+        log: metrics.RunLog,
+        ctx: StepContext,
+        *,
+        plan: BatchPlan,
+        step_no: int,
+        after: Position,
+        result: Any,
+        elapsed: float,
+    ) -> None:
         epoch = after.epoch + after.micro / max(1, len(plan.micro_batches(after.epoch)))
-        entry = {"step": step_no, "loss": result.loss, "lr": ctx.scheduler.get_last_lr()[0],
-                 "grad_norm": result.grad_norm, "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed,
-                 "step_time_s": elapsed, "epoch": round(epoch, 4), "peak_reserved_gib": peak_gib(ctx.device)}
+        entry = {
+            "step": step_no,
+            "loss": result.loss,
+            "lr": ctx.scheduler.get_last_lr()[0],
+            "grad_norm": result.grad_norm,
+            "tokens": result.tokens,
+            "tokens_per_s": result.tokens / elapsed,
+            "step_time_s": elapsed,
+            "epoch": round(epoch, 4),
+            "peak_reserved_gib": peak_gib(ctx.device),
+        }
         if self.ranks.is_main:
             log.step(entry)
         self.state["log_history"].append(entry)
@@ -293,9 +367,14 @@ class SFTTrainer:
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs eval_dataset=...")
         device = next(self.model.parameters()).device
-        result = evaluate_loss(self.model, self.eval_dataset, self._collator(),
-                               batch_size=self.args.per_device_eval_batch_size,
-                               amp_dtype=self._precision(device, quiet=True), ce_chunk_rows=self._ce_chunk_rows)
+        result = evaluate_loss(
+            self.model,
+            self.eval_dataset,
+            self._collator(),
+            batch_size=self.args.per_device_eval_batch_size,
+            amp_dtype=self._precision(device, quiet=True),
+            ce_chunk_rows=self._ce_chunk_rows,
+        )
         return result.metrics()
 
     def _should_eval(self, step_no: int, total: int, epoch_end: bool = False) -> bool:
@@ -311,9 +390,12 @@ class SFTTrainer:
         a = self.args
         if device.type != "cuda":
             if (a.fp16 or a.bf16) and not quiet:
-                _log.warn_once("cpu-precision", f"{'fp16' if a.fp16 else 'bf16'}=True was asked for, but there is "
-                                                "no GPU: training in the model's own precision on the CPU "
-                                                "(float32 by default)")
+                _log.warn_once(
+                    "cpu-precision",
+                    f"{'fp16' if a.fp16 else 'bf16'}=True was asked for, but there is "
+                    "no GPU: training in the model's own precision on the CPU "
+                    "(float32 by default)",
+                )
             return None
         if a.bf16:
             if not torch.cuda.is_bf16_supported():
@@ -335,25 +417,41 @@ class SFTTrainer:
         }
         path = checkpoint.path_for(self.args.output_dir, step_no)
         if self.ranks.is_main:
-            path = checkpoint.save(self.args.output_dir, step_no, self.model, ctx.optimizer, state,
-                                   self.args.save_total_limit)
+            path = checkpoint.save(
+                self.args.output_dir, step_no, self.model, ctx.optimizer, state, self.args.save_total_limit
+            )
         self.ranks.barrier()
         return path
 
     def _recipe_from_objects(self) -> dict[str, Any]:
-        return recipe_from_objects(self.model, self.args, max_seq_length=self.max_seq_length,
-                                   dataset_text_field=self.dataset_text_field, packing=self.packing,
-                                   train_on=self.train_on, rows=len(self.train_dataset) if self.train_dataset else 0)
+        return recipe_from_objects(
+            self.model,
+            self.args,
+            max_seq_length=self.max_seq_length,
+            dataset_text_field=self.dataset_text_field,
+            packing=self.packing,
+            train_on=self.train_on,
+            rows=len(self.train_dataset) if self.train_dataset else 0,
+        )
 
     def _describe(self, log: metrics.RunLog, ctx: StepContext, total_steps: int, step_memory: StepMemory) -> None:
         layout = getattr(ctx.collate, "layout", type(ctx.collate).__name__)
         parts = step_memory.parts
-        how = "" if parts is None else (f" (each step's rows run as up to {parts} micro-batches)" if parts > 1
-                                        else " (each step's rows run as 1 micro-batch)")
+        how = (
+            ""
+            if parts is None
+            else (
+                f" (each step's rows run as up to {parts} micro-batches)"
+                if parts > 1
+                else " (each step's rows run as 1 micro-batch)"
+            )
+        )
         precision = str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "model dtype"
-        log.note(f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
-                 f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
-                 f"layout {layout}{how}, precision {precision}, on {ctx.device}")
+        log.note(
+            f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
+            f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
+            f"layout {layout}{how}, precision {precision}, on {ctx.device}"
+        )
 
     def save_model(self, output_dir: str | None = None) -> None:
         out = output_dir or self.args.output_dir
@@ -361,6 +459,19 @@ class SFTTrainer:
         self.tokenizer.save_pretrained(out)
 
 
-_SFT_ARGS = ("model", "tokenizer", "train_dataset", "eval_dataset", "args", "data_collator", "dataset_text_field",
-             "max_seq_length", "dataset_num_proc", "packing", "formatting_func", "processing_class", "callbacks",
-             "train_on")
+_SFT_ARGS = (
+    "model",
+    "tokenizer",
+    "train_dataset",
+    "eval_dataset",
+    "args",
+    "data_collator",
+    "dataset_text_field",
+    "max_seq_length",
+    "dataset_num_proc",
+    "packing",
+    "formatting_func",
+    "processing_class",
+    "callbacks",
+    "train_on",
+)
