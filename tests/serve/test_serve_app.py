@@ -91,7 +91,7 @@ def test_adapter_folder_is_served_hot_on_its_4bit_base(two_adapters):
     try:
         served = next(iter(models.values()))
         model = served.engine.slots.model
-        assert hasattr(model, "peft_config") and model.hizli_info.quantization == "nf4"  # not merged, NF4 base
+        assert hasattr(model, "peft_config") and model.hizli.info.quantization == "nf4"  # not merged, NF4 base
         prompt = list(range(30, 40))
         ref, _ = loader.load(two_adapters["one"], load_in_4bit=True, adapter_trainable=False)
         with torch.no_grad():
