@@ -99,7 +99,7 @@ def test_reference_matches_peft_mlp(tmp_path, rel, autocast):
     model = one_layer_lora_model(
         tmp_path,
         hidden=HIDDEN,
-        inter=INTER + 60,
+        inter=INTER + 28,  # down_proj reads rows of 128: see tiny_llama_config on bitsandbytes' AVX512 rows
         heads=3,
         kv_heads=1,
         head_dim=24,

@@ -270,7 +270,9 @@ def test_patched_model_trains_like_peft(tmp_path, request, path):
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     assert g0.keys() == g1.keys() and len(g0) == 14
     for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+        # summation order moves each entry by a few ulp of the largest one (cancellation leaves small
+        # entries with that absolute error), so the absolute tolerance follows the tensor's scale
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5 * float(g0[k].abs().max()))
 
 
 # ------------------------------------------------------------------------------------------------
