@@ -67,13 +67,15 @@ def optimizer_step(ctx: StepContext, groups: list[list[int]], step_no: int) -> S
     if n_trained == 0:
         _log.warn_once("empty-step", f"step {step_no}: no trained token in its rows; skipped")
         return None
-    total = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    # the logged loss is summed in float64 (one scalar): in float32 how a step's rows are split into
+    # micro-batches would move it by an ulp (MPS has no float64)
+    total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
     for b in batches:
         with ctx.autocast():
             loss_sum = step_mod.loss_sum(ctx.model, b, ce_chunk_rows=ctx.ce_chunk_rows, fused_ce=ctx.fused_ce)
         scaled = loss_sum / n_trained
         (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
-        total += loss_sum.detach().float()
+        total += loss_sum.detach().to(total.dtype)
     del batches
     if ctx.scaler is not None:
         ctx.scaler.unscale_(ctx.optimizer)
