@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -126,17 +128,26 @@ def hizli_rate(model, clients: int, prompts: list[list[int]], new_tokens: int) -
             engine.submit(Request(prompts[i % len(prompts)], SamplingParams(max_tokens=new_tokens, temperature=0)))
             for i in range(clients)
         ]
-        first = []
-        for r in reqs:
+        # each request is read by its own thread, so a first token is timed when it arrives, not when
+        # the requests before it in this list have finished
+        first: list[float] = []
+
+        def drain(r) -> None:
             t_first = None
             while True:
                 ev = r.events.get()
                 if t_first is None:
                     t_first = time.perf_counter() - start
+                    first.append(t_first)
                 if ev.finish_reason is not None:
                     assert ev.finish_reason == "length", ev
-                    break
-            first.append(t_first)
+                    return
+
+        readers = [threading.Thread(target=drain, args=(r,)) for r in reqs]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
         sync(model)
         wall = time.perf_counter() - start
         tokens = sum(len(r.generated) for r in reqs)
@@ -145,6 +156,7 @@ def hizli_rate(model, clients: int, prompts: list[list[int]], new_tokens: int) -
             "tokens": tokens,
             "wall_s": round(wall, 3),
             "tok_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(statistics.median(first), 3),
             "ttft_max_s": round(max(first), 3),
         }
     finally:
