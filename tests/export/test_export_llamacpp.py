@@ -47,7 +47,20 @@ def llama_cpp():
         import llama_cpp
     except Exception as e:  # not installed, or installed without its shared library
         pytest.skip(f"llama-cpp-python is not usable here ({type(e).__name__}: {e})")
-    return llama_cpp
+    # Plain CPU buffers only: on a CPU with AMX-INT8, llama.cpp's extra buffer types (AMX, repacked
+    # weights) crash in decode on quantized files (the packaged Q4_1 one too), and these tests check
+    # the files, not llama.cpp's fastest kernels
+    default_params = llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as mp:
+        if hasattr(default_params(), "use_extra_bufts"):
+            mp.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_buffers)
+        yield llama_cpp
 
 
 def _vocab(llama_cpp, path):
