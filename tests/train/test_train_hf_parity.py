@@ -137,7 +137,9 @@ def _hf(folder: str, tmp_path, s: Setting, rows, micro, initial):
     base = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **quant
     )
-    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_PROJECTIONS))
+    config = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_PROJECTIONS), task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, config)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(trainable) == sorted(initial)
