@@ -148,3 +148,35 @@ def random_lora_part(
     a = (torch.randn(rank, in_features, generator=g) * in_features**-0.5).to(device).requires_grad_()
     b = (torch.randn(out_features, rank, generator=g) * 0.5).to(device).requires_grad_()
     return LoraPart(base, a, b, scaling)
+
+
+def gpu_llama_folder(out) -> str:
+    """A 4-layer random Llama (bf16) saved in ``out`` with a real tokenizer: Llama 3's from the GPU
+    bundle when it is there (the GPU machine has no embedded model package), else the embedded model's.
+    The GPU tests' model: big enough for the fused kernels' real tile shapes, small enough for 20 steps."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hizli.bench.shapes import load_tokenizer
+
+    bundle = Path(__file__).resolve().parents[1] / ".gpu-bundle" / "tok" / "tokenizer.json"
+    tok = load_tokenizer(str(bundle) if bundle.is_file() else None)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

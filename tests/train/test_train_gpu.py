@@ -15,41 +15,11 @@ import os
 import pytest
 import torch
 
+from helpers import gpu_llama_folder
+
 pytestmark = pytest.mark.gpu
 
 STEPS = 20
-
-
-def _model_folder(tmp_path_factory):
-    """A 4-layer random Llama with a real tokenizer: Llama 3's from the GPU bundle when it is there
-    (the GPU machine has no embedded model package), else the embedded model's."""
-    from pathlib import Path
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hizli.bench.shapes import load_tokenizer
-
-    bundle = Path(__file__).resolve().parents[2] / ".gpu-bundle" / "tok" / "tokenizer.json"
-    tok = load_tokenizer(str(bundle) if bundle.is_file() else None)
-    out = tmp_path_factory.mktemp("gpu-llama")
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def _run(folder, tmp_path, fast: bool, dtype: str, max_memory_gib=None, full=False):
@@ -100,7 +70,7 @@ def _run(folder, tmp_path, fast: bool, dtype: str, max_memory_gib=None, full=Fal
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return _model_folder(tmp_path_factory)
+    return gpu_llama_folder(tmp_path_factory.mktemp("gpu-llama"))
 
 
 @pytest.mark.parametrize("dtype, per_step", [("bfloat16", 0.02), ("float16", 0.01)])
