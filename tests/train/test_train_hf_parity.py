@@ -29,8 +29,7 @@ Gradient norms (before clipping) are compared too: AdamW hardly sees a gradient 
 so a normalisation off by a constant factor barely moves the losses (dividing by ``n_trained + 1``
 moved them by 3e-7) but moves the gradient norm by that factor (6e-3 here).
 
-Not compared: the logged learning rate. hizli logs the rate the next step will use (read after the
-scheduler steps), ``Trainer`` the rate the step just used; the losses show the schedules agree.
+Learning rates: each step logs the rate its update used, on both sides.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ class Setting:
 def _hizli(folder: str, tmp_path, s: Setting, dataset):
     """hizli on its default (fast) path: padding-free rows, its attention, fused loss, checkpointing.
     Returns the rows, the plan's micro-batches for ``s.steps`` steps, the initial adapter weights, and
-    the logged losses and gradient norms."""
+    the logged losses, gradient norms and learning rates."""
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template
     from hizli.train.batches import BatchPlan
 
@@ -97,7 +96,8 @@ def _hizli(folder: str, tmp_path, s: Setting, dataset):
     stats = trainer.train()
     logged = [e for e in stats.log_history if "loss" in e]
     rows = [data[i] for i in range(len(data))]
-    return rows, micro, initial, [e["loss"] for e in logged], [e["grad_norm"] for e in logged]
+    losses, norms, lrs = ([e[k] for e in logged] for k in ("loss", "grad_norm", "lr"))
+    return rows, micro, initial, losses, norms, lrs
 
 
 def _hyper(s: Setting) -> dict:
@@ -174,7 +174,7 @@ def _hf(folder: str, tmp_path, s: Setting, rows, micro, initial):
     assert trainer.model_accepts_loss_kwargs
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
-    return [e["loss"] for e in logged], [float(e["grad_norm"]) for e in logged]
+    return [e["loss"] for e in logged], [float(e["grad_norm"]) for e in logged], [e["learning_rate"] for e in logged]
 
 
 def _relative(a: list[float], b: list[float]) -> list[float]:
@@ -235,9 +235,10 @@ def test_losses_match_transformers_trainer_with_peft_on_cpu(tiny_folder, tmp_pat
     reference = None
     for merge in (None, False):
         s = Setting(**{**CPU.__dict__, "merge": merge})
-        rows, micro, initial, losses, norms = _hizli(tiny_folder, tmp_path, s, chat_rows(48))
-        hf_losses, hf_norms = reference = reference or _hf(tiny_folder, tmp_path, s, rows, micro, initial)
+        rows, micro, initial, losses, norms, lrs = _hizli(tiny_folder, tmp_path, s, chat_rows(48))
+        hf_losses, hf_norms, hf_lrs = reference = reference or _hf(tiny_folder, tmp_path, s, rows, micro, initial)
         assert len(losses) == len(hf_losses) == CPU.steps
+        assert lrs == pytest.approx(hf_lrs, rel=1e-12, abs=0.0)  # each step logs the rate its update used
         assert max(_relative(losses, hf_losses)) <= CPU_LOSS_REL, (merge, list(zip(losses, hf_losses)))
         assert max(_relative(norms, hf_norms)) <= CPU_GRAD_REL, (merge, list(zip(norms, hf_norms)))
     assert hf_losses[-1] < hf_losses[0] - 0.05  # the steps move the weights: later steps test the update too
@@ -262,8 +263,8 @@ def test_fast_path_losses_match_transformers_trainer_with_peft_on_gpu(gpu_folder
     if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     s = Setting(steps=20, dtype=dtype, load_in_4bit=True, seq=1024, lr=2e-4, warmup=5, random_b=False)
-    rows, micro, initial, losses, _ = _hizli(gpu_folder, tmp_path, s, load_conversations(sample_path("sharegpt")))
-    hf_losses, _ = _hf(gpu_folder, tmp_path, s, rows, micro, initial)
+    rows, micro, initial, losses, _, _ = _hizli(gpu_folder, tmp_path, s, load_conversations(sample_path("sharegpt")))
+    hf_losses, _, _ = _hf(gpu_folder, tmp_path, s, rows, micro, initial)
     assert len(losses) == len(hf_losses) == s.steps
     rel = _relative(losses, hf_losses)
     assert max(rel) <= per_step, list(zip(losses, hf_losses))

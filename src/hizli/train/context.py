@@ -30,6 +30,7 @@ class StepResult:
     loss: float  # mean over the step's trained tokens (all ranks)
     grad_norm: float
     tokens: int  # real tokens this rank processed
+    lr: float  # the learning rate this step's update used (as transformers' Trainer logs it)
 
 
 @dataclass
@@ -86,6 +87,7 @@ def optimizer_step(ctx: StepContext, groups: list[list[int]], step_no: int) -> S
     if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and ctx.scaler is None):
         _refuse_non_finite(ctx, groups, step_no, loss_value, norm_value)
         return None
+    lr = ctx.optimizer.param_groups[0]["lr"]
     if ctx.scaler is not None:
         ctx.scaler.step(ctx.optimizer)  # skips the update itself if fp16 gradients overflowed
         ctx.scaler.update()
@@ -93,7 +95,7 @@ def optimizer_step(ctx: StepContext, groups: list[list[int]], step_no: int) -> S
         ctx.optimizer.step()
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, norm_value, tokens)
+    return StepResult(loss_value, norm_value, tokens, lr)
 
 
 def _refuse_non_finite(ctx: StepContext, groups: list[list[int]], step_no: int, loss: float, norm: float) -> None:

@@ -344,7 +344,7 @@ class SFTTrainer:
         entry = {
             "step": step_no,
             "loss": result.loss,
-            "lr": ctx.scheduler.get_last_lr()[0],
+            "lr": result.lr,
             "grad_norm": result.grad_norm,
             "tokens": result.tokens,
             "tokens_per_s": result.tokens / elapsed,
