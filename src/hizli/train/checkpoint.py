@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from hizli.train.args import TrainingArguments
+
 PREFIX = "checkpoint-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
 
@@ -134,6 +136,16 @@ def save(
         raise
     rotate(out, save_total_limit, keep=final)
     return final
+
+
+def save_due(args: TrainingArguments, step_no: int, total: int) -> bool:
+    """Whether ``args.save_strategy`` / ``save_steps`` saves after step ``step_no`` of ``total``. The
+    last step is always saved (when saving is on), so any run can be resumed or extended."""
+    if args.save_strategy == "no":
+        return False
+    return step_no == total or bool(
+        args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0
+    )
 
 
 def path_for(output_dir: str | os.PathLike, step: int) -> Path:

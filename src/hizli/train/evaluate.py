@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from hizli.train.args import TrainingArguments
+
 from hizli.train import step as step_mod
 
 
@@ -122,3 +124,14 @@ def evaluate_loss(
         raise ValueError(f"nothing to evaluate: none of the {n} rows has a scored token (every label is -100)")
     loss = float(total) / trained
     return EvalResult(loss=loss, perplexity=perplexity(loss), trained_tokens=trained, tokens=tokens, rows=n)
+
+
+def eval_due(args: TrainingArguments, step_no: int, total: int, epoch_end: bool) -> bool:
+    """Whether ``args.eval_strategy`` (``no``, ``steps`` every ``eval_steps`` or ``logging_steps``,
+    ``epoch``) evaluates after step ``step_no`` of ``total``; the last step always evaluates."""
+    if args.eval_strategy == "no":
+        return False
+    if args.eval_strategy == "epoch":
+        return epoch_end or step_no == total
+    every = args.eval_steps or args.logging_steps
+    return step_no % every == 0 or step_no == total

@@ -139,3 +139,68 @@ def plot_loss(output_dir: str | os.PathLike, eval_points: list[tuple[int, float]
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def run_summary(
+    *, rows: int, total_steps: int, batch: tuple[int, int], layout: str, parts: int | None, amp_dtype: Any, device: Any
+) -> str:
+    """The line a run starts with: rows, steps, batch shape, layout, precision, device."""
+    how = ""
+    if parts is not None:
+        how = (
+            f" (each step's rows run as up to {parts} micro-batches)"
+            if parts > 1
+            else " (each step's rows run as 1 micro-batch)"
+        )
+    precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "model dtype"
+    return (
+        f"hizli: {rows} rows, {total_steps} steps of {batch[0]} x {batch[1]} rows, "
+        f"layout {layout}{how}, precision {precision}, on {device}"
+    )
+
+
+def step_entry(
+    step_no: int, result: Any, elapsed: float, epoch: float, peak_reserved_gib: float | None
+) -> dict[str, Any]:
+    """One optimizer step's line of ``metrics.jsonl`` (``result``: ``hizli.train.context.StepResult``)."""
+    return {
+        "step": step_no,
+        "loss": result.loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens / elapsed,
+        "step_time_s": elapsed,
+        "epoch": round(epoch, 4),
+        "peak_reserved_gib": peak_reserved_gib,
+    }
+
+
+def train_metrics(
+    *,
+    losses: list[float],
+    trained_tokens: int,
+    runtime: float,
+    rows_per_step: int,
+    peak_reserved_gib: float | None,
+    total_steps: int,
+    epoch: float,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``TrainOutput.metrics``: transformers' names (``train_runtime``, ``train_loss``, ...), the last
+    evaluation's ``eval_*`` figures; ``losses`` holds the steps of this call that updated the weights."""
+    steps = len(losses)
+    out = {
+        "train_runtime": round(runtime, 4),
+        "train_loss": float(sum(losses) / steps) if steps else float("nan"),
+        "train_steps_per_second": round(steps / runtime, 4) if runtime else 0.0,
+        "train_samples_per_second": round(steps * rows_per_step / runtime, 4) if runtime else 0.0,
+        "train_tokens_per_second": round(trained_tokens / runtime, 2) if runtime else 0.0,
+        "peak_reserved_gib": peak_reserved_gib,
+        "total_steps": total_steps,
+        "epoch": epoch,
+    }
+    evals = [e for e in history if "eval_loss" in e]
+    if evals:
+        out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    return out

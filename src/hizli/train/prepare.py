@@ -84,6 +84,22 @@ def check_token_ids(model: Any, dataset: Any, split: str) -> None:
         )
 
 
+def check_trainable(model: Any, train_dataset: Any, eval_dataset: Any) -> None:
+    """Refuse, saying why, a training set with nothing to train on or token ids the model lacks."""
+    if train_dataset is None or len(train_dataset) == 0:
+        report = getattr(train_dataset, "report", None)
+        if report is not None and report.rows_in:  # rows came in, none has a label: refuse, say why
+            raise ValueError(
+                f"nothing to train on: none of the {report.rows_in} rows has a trained token "
+                f"({report.summary()}). Every label is -100: check the labels, train_on / "
+                "train_on_responses_only (does the chat template match?) and max_seq_length"
+            )
+        raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
+    check_token_ids(model, train_dataset, "train")
+    if eval_dataset is not None:
+        check_token_ids(model, eval_dataset, "eval")
+
+
 def choose_collator(given: Callable | None, tokenizer: Any, *, packing: bool, padding_free: bool | None) -> Callable:
     """The collator a run uses. hizli's own collators may be swapped for the padding-free layout
     (same loss, no compute on pads); a collator that is not hizli's is used exactly as given."""

@@ -97,7 +97,7 @@ def new_run(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(run: dict[str, Any] | None) -> str:
-    """``run started 2026-12-02T17:20:01+00:00, recipe 1a2b3c4d5e6f`` (or that it is unknown)."""
+    """``run started <start time, ISO 8601 with offset>, recipe <12 hex digits>`` (or that it is unknown)."""
     if not run:
         return "a run with no run record"
     return f"run started {run.get('started', '?')}, recipe {run.get('recipe_hash', '?')}"

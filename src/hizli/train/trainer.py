@@ -14,6 +14,7 @@ counts, logs or saves across processes, it goes through ``self.ranks`` (``hizli.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,8 +29,9 @@ from hizli.train import checkpoint, memory, metrics, optim, runs
 from hizli.train.allocator import cap_allocator, peak_gib
 from hizli.train.args import TrainingArguments, _unknown_message
 from hizli.train.batches import BatchPlan, Position
-from hizli.train.context import NonFiniteLossError, StepContext
-from hizli.train.prepare import DataSettings, check_token_ids, choose_collator, prepare_dataset
+from hizli.train.context import NonFiniteLossError, StepContext, autocast_dtype
+from hizli.train.evaluate import eval_due
+from hizli.train.prepare import DataSettings, check_trainable, choose_collator, prepare_dataset
 from hizli.train.ranks import Ranks
 from hizli.train.recipe_file import jsonable, recipe_from_objects, write_recipe
 from hizli.train.signals import StopSignals, TrainingInterrupted
@@ -47,7 +49,6 @@ class TrainOutput:
     metrics: dict[str, Any]
     memory: memory.MemoryReport | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
-    start_step: int = 0  # the resumed checkpoint's step (== global_step when nothing was left to train)
     start_step: int = 0  # the resumed checkpoint's step (== global_step when nothing was left to train)
 
 
@@ -156,7 +157,7 @@ class SFTTrainer:
 
     def _train(self, resume_from_checkpoint: str | bool | None, record: Any) -> TrainOutput:
         args = self.args
-        self._check_data()
+        check_trainable(self.model, self.train_dataset, self.eval_dataset)
         ctx, plan, total_steps = self._start(record)
         step_memory = self._plan_memory(ctx, plan, total_steps)
 
@@ -198,7 +199,17 @@ class SFTTrainer:
             args.disable_tqdm or not self.ranks.is_main,
             history=self.state["log_history"] if resume is not None else None,
         )
-        self._describe(log, ctx, total_steps, step_memory)
+        log.note(
+            metrics.run_summary(
+                rows=len(self.train_dataset),
+                total_steps=total_steps,
+                batch=(args.per_device_train_batch_size, args.gradient_accumulation_steps),
+                layout=getattr(ctx.collate, "layout", type(ctx.collate).__name__),
+                parts=step_memory.parts,
+                amp_dtype=ctx.amp_dtype,
+                device=ctx.device,
+            )
+        )
         t_start = time.perf_counter()
         losses: list[float] = []
         trained_tokens = 0
@@ -223,17 +234,12 @@ class SFTTrainer:
                             log, ctx, plan=plan, step_no=step_no, after=after, result=result, elapsed=elapsed
                         )
                     epoch_end = after.micro >= len(plan.micro_batches(after.epoch))
-                    if self._should_eval(step_no, total_steps, epoch_end):
+                    if self.eval_dataset is not None and eval_due(args, step_no, total_steps, epoch_end):
                         ev = {"step": step_no, **self.evaluate()}
                         eval_points.append((step_no, ev["eval_loss"]))
                         log.eval(ev)
                         self.state["log_history"].append(ev)
-                    # the last step is always saved (when saving is on), so any run can be resumed or extended
-                    saving = args.save_strategy != "no" and (
-                        step_no == total_steps
-                        or (args.save_strategy == "steps" and args.save_steps and step_no % args.save_steps == 0)
-                    )
-                    if saving or self.stop_signals.requested:
+                    if checkpoint.save_due(args, step_no, total_steps) or self.stop_signals.requested:
                         path = self._save_checkpoint(ctx, step_no, after)
                         if self.stop_signals.requested:
                             raise TrainingInterrupted(
@@ -249,41 +255,24 @@ class SFTTrainer:
         report = memory.finish(start_mem, runtime)
         if self.ranks.is_main:
             metrics.plot_loss(args.output_dir, eval_points)
-        out = {
-            "train_runtime": round(runtime, 4),
-            "train_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
-            "train_steps_per_second": round(len(losses) / runtime, 4) if runtime else 0.0,
-            "train_samples_per_second": round(len(losses) * args.train_batch_rows / runtime, 4) if runtime else 0.0,
-            "train_tokens_per_second": round(trained_tokens / runtime, 2) if runtime else 0.0,
-            "peak_reserved_gib": report.figures()["peak_reserved_gib"],
-            "total_steps": step_no,
-            "epoch": step_no / max(1, plan.steps_per_epoch()),
-        }
-        evals = [e for e in self.state["log_history"] if "eval_loss" in e]
-        if evals:
-            out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+        out = metrics.train_metrics(
+            losses=losses,
+            trained_tokens=trained_tokens,
+            runtime=runtime,
+            rows_per_step=args.train_batch_rows,
+            peak_reserved_gib=report.figures()["peak_reserved_gib"],
+            total_steps=step_no,
+            epoch=step_no / max(1, plan.steps_per_epoch()),
+            history=self.state["log_history"],
+        )
         return TrainOutput(step_no, out["train_loss"], out, report, self.state["log_history"], start_step)
-
-    def _check_data(self) -> None:
-        if self.train_dataset is None or len(self.train_dataset) == 0:
-            report = getattr(self.train_dataset, "report", None)
-            if report is not None and report.rows_in:  # rows came in, none has a label: refuse, say why
-                raise ValueError(
-                    f"nothing to train on: none of the {report.rows_in} rows has a trained token "
-                    f"({report.summary()}). Every label is -100: check the labels, train_on / "
-                    "train_on_responses_only (does the chat template match?) and max_seq_length"
-                )
-            raise ValueError("nothing to train on: train_dataset is empty (see the data report above)")
-        check_token_ids(self.model, self.train_dataset, "train")
-        if self.eval_dataset is not None:
-            check_token_ids(self.model, self.eval_dataset, "eval")
 
     def _start(self, record: Any) -> tuple[StepContext, BatchPlan, int]:
         """The step context, the batch plan and the number of steps of this ``train()`` call; the
         model's record (``hizli.models.record``) gets this run's LoRA compute copies."""
         args, model = self.args, self.model
         device = next(model.parameters()).device
-        amp_dtype = self._precision(device)
+        amp_dtype = autocast_dtype(args, device)
         torch.manual_seed(args.seed)
         model.train()
         plan = BatchPlan(
@@ -341,17 +330,7 @@ class SFTTrainer:
         elapsed: float,
     ) -> None:
         epoch = after.epoch + after.micro / max(1, len(plan.micro_batches(after.epoch)))
-        entry = {
-            "step": step_no,
-            "loss": result.loss,
-            "lr": result.lr,
-            "grad_norm": result.grad_norm,
-            "tokens": result.tokens,
-            "tokens_per_s": result.tokens / elapsed,
-            "step_time_s": elapsed,
-            "epoch": round(epoch, 4),
-            "peak_reserved_gib": peak_gib(ctx.device),
-        }
+        entry = metrics.step_entry(step_no, result, elapsed, epoch, peak_gib(ctx.device))
         if self.ranks.is_main:
             log.step(entry)
         self.state["log_history"].append(entry)
@@ -372,39 +351,12 @@ class SFTTrainer:
             self.eval_dataset,
             self._collator(),
             batch_size=self.args.per_device_eval_batch_size,
-            amp_dtype=self._precision(device, quiet=True),
+            amp_dtype=autocast_dtype(self.args, device, quiet=True),
             ce_chunk_rows=self._ce_chunk_rows,
         )
         return result.metrics()
 
-    def _should_eval(self, step_no: int, total: int, epoch_end: bool = False) -> bool:
-        if self.eval_dataset is None or self.args.eval_strategy == "no":
-            return False
-        if self.args.eval_strategy == "epoch":
-            return epoch_end or step_no == total
-        every = self.args.eval_steps or self.args.logging_steps
-        return step_no % every == 0 or step_no == total
-
     # ---------------------------------------------------------------- helpers
-    def _precision(self, device: torch.device, quiet: bool = False):
-        a = self.args
-        if device.type != "cuda":
-            if (a.fp16 or a.bf16) and not quiet:
-                _log.warn_once(
-                    "cpu-precision",
-                    f"{'fp16' if a.fp16 else 'bf16'}=True was asked for, but there is "
-                    "no GPU: training in the model's own precision on the CPU "
-                    "(float32 by default)",
-                )
-            return None
-        if a.bf16:
-            if not torch.cuda.is_bf16_supported():
-                raise ValueError("bf16=True but this GPU has no bfloat16; set fp16=True instead")
-            return torch.bfloat16
-        if a.fp16:
-            return torch.float16
-        return None  # neither asked for: no autocast, as in transformers
-
     def _save_checkpoint(self, ctx: StepContext, step_no: int, after: Position) -> Path:
         state = {
             "global_step": step_no,
@@ -434,44 +386,11 @@ class SFTTrainer:
             rows=len(self.train_dataset) if self.train_dataset else 0,
         )
 
-    def _describe(self, log: metrics.RunLog, ctx: StepContext, total_steps: int, step_memory: StepMemory) -> None:
-        layout = getattr(ctx.collate, "layout", type(ctx.collate).__name__)
-        parts = step_memory.parts
-        how = (
-            ""
-            if parts is None
-            else (
-                f" (each step's rows run as up to {parts} micro-batches)"
-                if parts > 1
-                else " (each step's rows run as 1 micro-batch)"
-            )
-        )
-        precision = str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "model dtype"
-        log.note(
-            f"hizli: {len(self.train_dataset)} rows, {total_steps} steps of "
-            f"{self.args.per_device_train_batch_size} x {self.args.gradient_accumulation_steps} rows, "
-            f"layout {layout}{how}, precision {precision}, on {ctx.device}"
-        )
-
     def save_model(self, output_dir: str | None = None) -> None:
         out = output_dir or self.args.output_dir
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
 
-_SFT_ARGS = (
-    "model",
-    "tokenizer",
-    "train_dataset",
-    "eval_dataset",
-    "args",
-    "data_collator",
-    "dataset_text_field",
-    "max_seq_length",
-    "dataset_num_proc",
-    "packing",
-    "formatting_func",
-    "processing_class",
-    "callbacks",
-    "train_on",
-)
+# the keywords SFTTrainer takes, named when an unknown one is passed
+_SFT_ARGS = tuple(p for p in inspect.signature(SFTTrainer.__init__).parameters if p not in ("self", "unknown"))
