@@ -21,47 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import statistics
+import sys
 import tempfile
 import threading
 import time
 
 import torch
 
-SHAPES = {
-    "llama-3.2-3b": dict(
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-    ),
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,11 +43,13 @@ class CountingTokenizer:
 
 def build(shape: str, device: str, nf4: bool, tokenizer: str | None = None):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from hizli.bench.shapes import config_for
 
     from hizli.models import loader
 
-    config = LlamaConfig(**SHAPES[shape])
+    config = config_for(shape)  # the benchmarks' published shapes
     folder = tempfile.mkdtemp(prefix="serve-gpu-check-")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(
@@ -191,6 +160,8 @@ def sync(model) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hizli.bench.shapes import SHAPES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-3.2-3b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda")
