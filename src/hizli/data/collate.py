@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-IGNORE = -100
+from hizli.data.tokenized import IGNORE
 
 
 def _pad_id(tokenizer) -> int:
