@@ -116,20 +116,19 @@ def _refuse_non_finite(ctx: StepContext, groups: list[list[int]], step_no: int, 
 
 def autocast_dtype(args: TrainingArguments, device: torch.device, *, quiet: bool = False) -> torch.dtype | None:
     """The autocast dtype ``args`` (``bf16`` / ``fp16``) asks for on ``device``; None: no autocast."""
-    a = args
     if device.type != "cuda":
-        if (a.fp16 or a.bf16) and not quiet:
+        if (args.fp16 or args.bf16) and not quiet:
             _log.warn_once(
                 "cpu-precision",
-                f"{'fp16' if a.fp16 else 'bf16'}=True was asked for, but there is "
+                f"{'fp16' if args.fp16 else 'bf16'}=True was asked for, but there is "
                 "no GPU: training in the model's own precision on the CPU "
                 "(float32 by default)",
             )
         return None
-    if a.bf16:
+    if args.bf16:
         if not torch.cuda.is_bf16_supported():
             raise ValueError("bf16=True but this GPU has no bfloat16; set fp16=True instead")
         return torch.bfloat16
-    if a.fp16:
+    if args.fp16:
         return torch.float16
     return None  # neither asked for: no autocast, as in transformers
