@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-SUITES = ("recipe", "compare", "longest", "kernels")
+SUITES = ("recipe", "compare", "longest", "kernels", "serve")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?Z)?$")
 _TOP: dict[str, tuple[type, ...]] = {
     "schema": (int,),

@@ -8,6 +8,7 @@ arguments, turn them into typed settings, call the library. Errors a user can fi
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log.setup()
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command as typed, for benchmark records (argv is given when called from Python)
+    args.command_line = shlex.join(["hizli", *(sys.argv[1:] if argv is None else argv)])
     if args.command is None:
         parser.print_help()
         return 0

@@ -120,6 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--temperature", type=float, default=0.0)
     sv.add_argument("--label", default="", help="name of the server under test, stored with the results")
     sv.add_argument("--json", help="append the results here (one JSON object per level)")
+    sv.add_argument("--results", metavar="DIR", help="append schema records to DIR/serve.jsonl (system: --label)")
     k = suites.add_parser("kernels", help="hizli's kernels at the recipe's shapes")
     k.add_argument("--tokens", type=int, default=12_000, help="tokens per step (sequences scaled to it)")
     k.add_argument("--bandwidth", type=float, default=3.0e12, help="peak bytes/s for the floors")
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         from hizli.serve.load import measure
 
         levels = [int(x) for x in args.clients.split(",") if x.strip()]
-        measure(
+        rows = measure(
             args.url,
             model=args.model,
             levels=levels,
@@ -193,6 +194,18 @@ def run(args: argparse.Namespace) -> int:
             label=args.label,
             json_path=args.json,
         )
+        if args.results:
+            from hizli.bench import results
+            from hizli.serve.load import serve_records
+
+            records = serve_records(
+                rows,
+                system=args.label or "server",
+                requests=args.requests,
+                temperature=args.temperature,
+                command=args.command_line,
+            )
+            print(f"records appended to {results.append(args.results, records)}")
         return 0
     if suite == "longest":
         from hizli.bench.longest.run import LongestBench, bench_longest

@@ -232,3 +232,39 @@ def measure(
                 f.write(json.dumps(dict(row, results=[asdict(r) for r in run.results])) + "\n")
         rows.append(row)
     return rows
+
+
+def serve_records(rows: list[dict], *, system: str, requests: int, temperature: float, command: str) -> list[dict]:
+    """``measure``'s rows as ``benchmarks/results/serve.jsonl`` records (one per concurrency level, one
+    call). ``system`` names the server under test (``hizli``, ``llama.cpp``, ...); the device is this
+    machine, where the server runs in a local measurement."""
+    from hizli.bench import results
+
+    date = results.utc_now()
+    device = results.device_info()
+    call = f"{date}-{results.slug(device['name'])}-serve"
+    metric_keys = ("completed", "errors", "completion_tokens", "aggregate_tok_s", "per_client_tok_s")
+    metric_keys += ("ttft_p50_s", "ttft_p95_s", "wall_s")
+    return [
+        results.make_record(
+            "serve",
+            system,
+            {
+                "model": row["model"],
+                "clients": row["clients"],
+                "requests_per_client": requests,
+                "max_tokens": row["max_tokens"],
+                "temperature": temperature,
+                "url": row["url"],
+            },
+            {
+                **{k: row[k] for k in metric_keys},
+                "load_average": [row["load_average_before"], row["load_average_after"]],
+            },
+            command=command,
+            call=call,
+            device=device,
+            date=date,
+        )
+        for row in rows
+    ]
