@@ -121,7 +121,7 @@ def _hyper(s: Setting) -> dict:
 
 def _hf(folder: str, tmp_path, s: Setting, rows, micro, initial):
     """transformers ``Trainer`` + PEFT on ``micro`` (lists of row indices, in order). Returns the logged
-    losses and gradient norms."""
+    losses, gradient norms and learning rates."""
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer
