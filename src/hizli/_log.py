@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 logger = logging.getLogger("hizli")
@@ -22,10 +23,14 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup(level: int = logging.INFO) -> None:
-    """Print hizli's messages as ``hizli: ...`` lines on stderr (idempotent)."""
+    """Print hizli's messages as ``hizli: ...`` lines on stderr (idempotent). Of several ranks
+    (torchrun sets ``RANK``), the others say only warnings and errors, named with their rank."""
+    rank = os.environ.get("RANK", "0") or "0"
+    if rank != "0":
+        level = max(level, logging.WARNING)
     if not any(getattr(h, "_hizli", False) for h in logger.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("hizli: %(message)s"))
+        handler.setFormatter(logging.Formatter("hizli: " + (f"rank {rank}: " if rank != "0" else "") + "%(message)s"))
         handler._hizli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False

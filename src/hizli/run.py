@@ -6,6 +6,7 @@ memory report -> train -> memory report -> save adapter + tokenizer -> one chat 
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from contextlib import contextmanager
@@ -72,7 +73,11 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
     from hizli.data.templates import stop_token_ids
     from hizli.models.inference import generate_reply
     from hizli.train.memory import MemorySnapshot
+    from hizli.train.ranks import Ranks
 
+    ranks = Ranks.current()  # joins the process group when torchrun / accelerate started this process
+    if not ranks.is_main:  # every rank runs the recipe; the first one alone prints and writes
+        out = io.StringIO()
     if resume in (None, False) and not recipe.output.overwrite:
         found = _existing_run(recipe)
         if found:
@@ -142,10 +147,11 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
         trainer.recipe = recipe.to_dict()  # the data summary was logged by the tokenizer step
     before = memory_report(printed=False)
     print("\n".join(MemorySnapshot(**before).lines()), file=out)
-    if resume in (None, False) and recipe.output.overwrite:
+    if resume in (None, False) and recipe.output.overwrite and ranks.is_main:
         from hizli.train.runs import remove_earlier_run
 
         remove_earlier_run(recipe.train.output_dir)
+    ranks.barrier()  # every rank has read output_dir before the first one writes to it
     with timings.part("train"):
         stats = trainer.train(resume_from_checkpoint=resume)
     if stats.global_step == stats.start_step and resume not in (None, False):
@@ -160,14 +166,15 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
         }
     print("\n".join(stats.memory.lines()), file=out)
     with timings.part("save adapter"):
-        model.save_pretrained(recipe.output.adapter_dir)
-        tokenizer.save_pretrained(recipe.output.adapter_dir)
+        if ranks.is_main:
+            model.save_pretrained(recipe.output.adapter_dir)
+            tokenizer.save_pretrained(recipe.output.adapter_dir)
         print(
             f"adapter saved to {recipe.output.adapter_dir}/ (load it with FastLanguageModel.from_pretrained"
             f"('{recipe.output.adapter_dir}') or peft.PeftModel.from_pretrained)",
             file=out,
         )
-        if recipe.output.push_to_hub:
+        if recipe.output.push_to_hub and ranks.is_main:
             from hizli.export import hub
 
             hub.push_adapter(model, recipe.output.push_to_hub, tokenizer)
@@ -182,7 +189,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
                 max_new_tokens=recipe.chat.max_new_tokens,
                 temperature=recipe.chat.temperature,
                 min_p=recipe.chat.min_p,
-                stream=True,
+                stream=ranks.is_main,  # a sharded model answers on every rank at once, in step
                 seed=recipe.train.seed,
                 stop_ids=stop_token_ids(tokenizer),
             )

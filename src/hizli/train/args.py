@@ -25,6 +25,12 @@ class TrainingArguments:
     ("stop" or "skip" a step whose loss or gradient is not finite), ``bad_rows`` ("error" or "skip"
     unusable data rows), ``oom_retries`` (how often a step that runs out of GPU memory is planned
     again for 3/4 of the budget and repeated; 0 stops at the first one, with an explanation).
+
+    Several processes (torchrun): ``parallel`` ("ddp": every rank holds the whole model; "fsdp": the
+    frozen base weights are sharded over the ranks, FSDP2), ``keep_global_batch`` (divide
+    ``gradient_accumulation_steps`` by the number of ranks, so a recipe makes the same optimizer
+    steps on 1 or N processes; otherwise a step holds batch x accumulation x ranks rows, as in
+    transformers), ``reshard`` (allow resuming a checkpoint written by another number of ranks).
     """
 
     output_dir: str = "outputs"
@@ -67,6 +73,9 @@ class TrainingArguments:
     nan_policy: str = "stop"
     bad_rows: str = "error"
     oom_retries: int = 2
+    parallel: str = "ddp"
+    keep_global_batch: bool = False
+    reshard: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -92,6 +101,18 @@ class TrainingArguments:
     def train_batch_rows(self) -> int:
         """Rows per optimizer step (per device)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches each rank runs per optimizer step on ``world_size`` ranks."""
+        if not self.keep_global_batch or world_size == 1:
+            return self.gradient_accumulation_steps
+        if self.gradient_accumulation_steps % world_size:
+            raise ValueError(
+                f"keep_global_batch: gradient_accumulation_steps={self.gradient_accumulation_steps} cannot "
+                f"be divided by {world_size} ranks; use a multiple of {world_size}, or leave "
+                "keep_global_batch off (a step then holds batch x accumulation x ranks rows)"
+            )
+        return self.gradient_accumulation_steps // world_size
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -156,6 +177,8 @@ def validate_fields(a: TrainingArguments) -> list[str]:
         problems.append(f"bad_rows={a.bad_rows!r}: use 'error' or 'skip'")
     if a.max_memory_gib is not None and not (isinstance(a.max_memory_gib, (int, float)) and a.max_memory_gib > 0):
         problems.append(f"max_memory_gib={a.max_memory_gib!r} must be a number > 0 or None")
+    if a.parallel not in ("ddp", "fsdp"):
+        problems.append(f"parallel={a.parallel!r}: use 'ddp' (data parallel) or 'fsdp' (sharded base weights)")
     if a.report_to not in ("none", None, [], ["none"]):
         problems.append(f"report_to={a.report_to!r}: hizli writes OUTPUT_DIR/metrics.jsonl; use report_to='none'")
     return problems

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ class NonFiniteLossError(RuntimeError):
 class StepResult:
     loss: float  # mean over the step's trained tokens (all ranks)
     grad_norm: float
-    tokens: int  # real tokens this rank processed
+    tokens: int  # real tokens of the step (all ranks)
     lr: float  # the learning rate this step's update used (as transformers' Trainer logs it)
 
 
@@ -57,27 +57,34 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def optimizer_step(ctx: StepContext, groups: list[list[int]], step_no: int) -> StepResult | None:
+def optimizer_step(
+    ctx: StepContext, groups: list[list[int]], step_no: int, fillers: Sequence[list[int]] = ()
+) -> StepResult | None:
     """Forward and backward each micro-batch (``groups``: row indices), then update the weights.
-    Returns None if the step was skipped (no trained token, or a non-finite loss under
-    ``nan_policy='skip'``)."""
+    ``fillers``: micro-batches run at weight 0, so that every rank runs as many passes (see
+    ``hizli.train.ranks.shard_rows``). Returns None if the step was skipped (no trained token, or a
+    non-finite loss under ``nan_policy='skip'``)."""
     batches = [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in groups]
-    counts = torch.tensor([sum(b.n_trained for b in batches)], dtype=torch.int64)
-    n_trained = int(ctx.ranks.sum(counts)[0])
-    tokens = sum(b.n_tokens for b in batches)
+    counts = torch.tensor(
+        [sum(b.n_trained for b in batches), sum(b.n_tokens for b in batches)], dtype=torch.float64
+    )
+    n_trained, tokens = (int(c) for c in ctx.ranks.sum(counts))
     if n_trained == 0:
         _log.warn_once("empty-step", f"step {step_no}: no trained token in its rows; skipped")
         return None
+    batches += [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in fillers]
     # the logged loss is summed in float64 (one scalar): in float32 how a step's rows are split into
     # micro-batches would move it by an ulp (MPS has no float64)
     total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
-    for b in batches:
+    for k, b in enumerate(batches):
+        weight = 1.0 if k < len(groups) else 0.0
         with ctx.autocast():
-            loss_sum = step_mod.loss_sum(ctx.model, b, ce_chunk_rows=ctx.ce_chunk_rows, fused_ce=ctx.fused_ce)
+            loss_sum = step_mod.loss_sum(ctx.model, b, ce_chunk_rows=ctx.ce_chunk_rows, fused_ce=ctx.fused_ce) * weight
         scaled = loss_sum / n_trained
         (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
         total += loss_sum.detach().to(total.dtype)
     del batches
+    ctx.ranks.sum_gradients(ctx.params)
     if ctx.scaler is not None:
         ctx.scaler.unscale_(ctx.optimizer)
     max_norm = ctx.args.max_grad_norm if ctx.args.max_grad_norm > 0 else float("inf")

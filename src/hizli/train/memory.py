@@ -76,6 +76,7 @@ class MemoryReport:
     start: MemorySnapshot
     peak_gib: float
     runtime_s: float
+    rank_peaks_gib: list[float] | None = None  # every rank's peak, when several trained (rank order)
 
     @property
     def peak_for_training_gib(self) -> float:
@@ -103,10 +104,15 @@ class MemoryReport:
             f"Peak {what} for training = {f['peak_reserved_for_training_gib']} GB.",
             f"Peak {what} % of {of} = {f['peak_reserved_pct']} %.",
             f"Peak {what} for training % of {of} = {f['peak_reserved_for_training_pct']} %.",
-        ]
+        ] + (
+            [f"Peak {what} per rank = " + ", ".join(f"rank {r}: {g:.3f} GB" for r, g in enumerate(self.rank_peaks_gib))]
+            if self.rank_peaks_gib
+            else []
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": asdict(self.start), **self.figures()}
+        extra = {"rank_peaks_gib": self.rank_peaks_gib} if self.rank_peaks_gib else {}
+        return {"start": asdict(self.start), **self.figures(), **extra}
 
 
 def finish(start: MemorySnapshot, runtime_s: float) -> MemoryReport:

@@ -30,9 +30,24 @@ class RunLog:
         logging_steps: int,
         disable_bar: bool = False,
         history: list[dict[str, Any]] | None = None,
+        writes: bool = True,
     ) -> None:
+        """``writes=False`` (every rank but the first): no file, no bar, nothing printed."""
         from tqdm.auto import tqdm
 
+        self.writes = writes
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="training",
+            unit="step",
+            disable=disable_bar or not writes,
+            dynamic_ncols=True,
+        )
+        self.logging_steps = logging_steps
+        self.file = None
+        if not writes:
+            return
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -41,10 +56,6 @@ class RunLog:
         else:
             self._truncate_after(start_step)
         self.file = open(self.path, "a")
-        self.logging_steps = logging_steps
-        self.bar = tqdm(
-            total=total_steps, initial=start_step, desc="training", unit="step", disable=disable_bar, dynamic_ncols=True
-        )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -66,6 +77,8 @@ class RunLog:
         os.replace(tmp, self.path)
 
     def step(self, entry: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         self.bar.update(1)
@@ -79,6 +92,8 @@ class RunLog:
 
     def eval(self, entry: dict[str, Any]) -> None:
         """An evaluation at ``entry["step"]``: a line in metrics.jsonl and one printed above the bar."""
+        if not self.writes:
+            return
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         self.bar.write(
@@ -87,11 +102,13 @@ class RunLog:
         )
 
     def note(self, text: str) -> None:
-        self.bar.write(text)
+        if self.writes:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _round(d: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +159,15 @@ def plot_loss(output_dir: str | os.PathLike, eval_points: list[tuple[int, float]
 
 
 def run_summary(
-    *, rows: int, total_steps: int, batch: tuple[int, int], layout: str, parts: int | None, amp_dtype: Any, device: Any
+    *,
+    rows: int,
+    total_steps: int,
+    batch: tuple[int, int],
+    layout: str,
+    parts: int | None,
+    amp_dtype: Any,
+    device: Any,
+    world_size: int = 1,
 ) -> str:
     """The line a run starts with: rows, steps, batch shape, layout, precision, device."""
     how = ""
@@ -153,8 +178,9 @@ def run_summary(
             else " (each step's rows run as 1 micro-batch)"
         )
     precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "model dtype"
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
     return (
-        f"hizli: {rows} rows, {total_steps} steps of {batch[0]} x {batch[1]} rows, "
+        f"hizli: {rows} rows, {total_steps} steps of {batch[0]} x {batch[1]}{ranks} rows, "
         f"layout {layout}{how}, precision {precision}, on {device}"
     )
 

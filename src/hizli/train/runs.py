@@ -16,7 +16,7 @@ Settings that may change on resume (``RESUMABLE``): how long to train (``train.m
 computed for the new total from the resumed step on), how often to log, save and evaluate, where
 outputs go, memory and error-handling policy that does not change the update (``max_memory_gib``,
 ``merge_micro_batches``, ``oom_retries``, ``nan_policy``, ``use_gradient_checkpointing``), data-loading
-processes, the LoRA ``random_state`` (it only seeds the adapter the checkpoint replaces), and the
+processes, how the ranks hold the base (``parallel``) and ``reshard``, the LoRA ``random_state`` (it only seeds the adapter the checkpoint replaces), and the
 ``output`` and ``chat`` sections (used after training). Everything else (model, LoRA, data, batch
 size, optimizer, learning rate, seeds, ...) must match.
 
@@ -61,6 +61,8 @@ RESUMABLE = frozenset(
         "train.oom_retries",
         "train.nan_policy",
         "train.dataloader_num_workers",
+        "train.parallel",  # whole or sharded base weights: the same update
+        "train.reshard",  # says that the number of ranks may change; keep_global_batch keeps the steps
         "data.dataset_num_proc",
         "lora.random_state",  # only seeds the initial adapter, which the checkpoint replaces
         "lora.use_gradient_checkpointing",  # recomputes or keeps activations: the same update

@@ -21,6 +21,7 @@ from hizli.models.checkpointing import apply_layer_modes
 from hizli.train.batches import BatchPlan
 from hizli.train.context import StepContext, StepResult, optimizer_step
 from hizli.train.memory_plan import MemoryPlan, plan_for, split_step
+from hizli.train.ranks import cut, deal_rows, equal_passes
 
 REPLAN_FRACTION = 0.75  # of the previous budget, after an out-of-memory error
 
@@ -66,6 +67,12 @@ def plan_memory(
         ga = batch_plan.grad_accum
         steps += [sum(groups[i : i + ga], []) for i in range(0, len(groups), ga)]
         epoch += 1
+    if ctx.ranks.world_size > 1:  # the plan is per GPU: the busiest rank's share of each step
+        lengths = ctx.dataset.lengths
+        steps = [
+            max(deal_rows([rows], lengths, ctx.ranks.world_size), key=lambda o: sum(lengths[i] for i in o))
+            for rows in steps
+        ]
     n_params = sum(p.numel() for p in ctx.params)
     optimizer_bytes = n_params * (4 + (2 if args.optim.endswith("8bit") else 8))
     elt = 2 if ctx.amp_dtype in (torch.float16, torch.bfloat16) else ctx.params[0].element_size()
@@ -100,7 +107,12 @@ def step_or_replan(
     lengths = ctx.dataset.lengths
     while True:
         try:
-            return optimizer_step(ctx, memory.groups(micro, lengths), step_no), memory
+            if ctx.ranks.world_size == 1:
+                return optimizer_step(ctx, memory.groups(micro, lengths), step_no), memory
+            batch = ctx.args.per_device_train_batch_size
+            per_rank = [memory.groups(cut(rows, batch), lengths) for rows in deal_rows(micro, lengths, ctx.ranks.world_size)]
+            share = equal_passes(per_rank, ctx.ranks.rank, lengths)
+            return optimizer_step(ctx, share.groups, step_no, share.fillers), memory
         except torch.OutOfMemoryError as e:
             ctx.optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
             e.__traceback__ = None  # its frames hold the step's activations: let them go too

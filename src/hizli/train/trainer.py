@@ -173,7 +173,7 @@ class SFTTrainer:
                 resume,
                 self.model,
                 ctx.optimizer,  # refuses another recipe's checkpoint
-                check_state=partial(runs.check_same_recipe, recipe=recipe, path=resume),
+                check_state=partial(self._check_resumable, recipe=recipe, path=resume),
             )
             _log.info(runs.resume_message(resume, saved, total_steps))
             self._run = saved["run"]
@@ -185,6 +185,7 @@ class SFTTrainer:
             self.state["log_history"] = saved.get("log_history", [])
         elif self.ranks.is_main:
             runs.set_aside_earlier_run(args.output_dir)
+        self.ranks.barrier()  # no rank looks at output_dir while rank 0 sets an earlier run aside
         self.state["global_step"] = start_step
         if self.ranks.is_main:
             write_recipe(args.output_dir, recipe)
@@ -196,14 +197,16 @@ class SFTTrainer:
             total_steps,
             start_step,
             args.logging_steps,
-            args.disable_tqdm or not self.ranks.is_main,
+            args.disable_tqdm,
             history=self.state["log_history"] if resume is not None else None,
+            writes=self.ranks.is_main,
         )
         log.note(
             metrics.run_summary(
                 rows=len(self.train_dataset),
                 total_steps=total_steps,
-                batch=(args.per_device_train_batch_size, args.gradient_accumulation_steps),
+                batch=(args.per_device_train_batch_size, args.accumulation(self.ranks.world_size)),
+                world_size=self.ranks.world_size,
                 layout=getattr(ctx.collate, "layout", type(ctx.collate).__name__),
                 parts=step_memory.parts,
                 amp_dtype=ctx.amp_dtype,
@@ -253,13 +256,15 @@ class SFTTrainer:
             log.close()
         runtime = time.perf_counter() - t_start
         report = memory.finish(start_mem, runtime)
+        if self.ranks.world_size > 1:
+            report.rank_peaks_gib = self.ranks.gather(round(report.peak_gib, 3))
         if self.ranks.is_main:
             metrics.plot_loss(args.output_dir, eval_points)
         out = metrics.train_metrics(
             losses=losses,
             trained_tokens=trained_tokens,
             runtime=runtime,
-            rows_per_step=args.train_batch_rows,
+            rows_per_step=plan.batch_size * plan.grad_accum,
             peak_reserved_gib=report.figures()["peak_reserved_gib"],
             total_steps=step_no,
             epoch=step_no / max(1, plan.steps_per_epoch()),
@@ -275,10 +280,17 @@ class SFTTrainer:
         amp_dtype = autocast_dtype(args, device)
         torch.manual_seed(args.seed)
         model.train()
-        plan = BatchPlan(
+        world = self.ranks.world_size
+        if world > 1:
+            self.ranks.same_everywhere(len(self.train_dataset), "the number of training rows")
+            if args.parallel == "fsdp":
+                from hizli.models.sharding import shard_base_weights
+
+                shard_base_weights(model)
+        plan = BatchPlan(  # a step's micro-batches over all ranks (hizli.train.ranks deals them out)
             self.train_dataset.lengths,
             args.per_device_train_batch_size,
-            args.gradient_accumulation_steps,
+            args.accumulation(world) * world,
             args.data_seed or args.seed,
             packing=self.packing,
             max_seq_length=self.max_seq_length,
@@ -365,6 +377,7 @@ class SFTTrainer:
             "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
             "log_history": self.state["log_history"],
             "run": self._run,
+            "world_size": self.ranks.world_size,
             "args": jsonable(self.args.to_dict()),
         }
         path = checkpoint.path_for(self.args.output_dir, step_no)
@@ -374,6 +387,17 @@ class SFTTrainer:
             )
         self.ranks.barrier()
         return path
+
+    def _check_resumable(self, state: dict[str, Any], recipe: dict[str, Any], path: Path) -> None:
+        """A checkpoint resumes only in its own run, and on another number of ranks only when asked."""
+        runs.check_same_recipe(state, recipe=recipe, path=path)
+        saved = state.get("world_size", 1)
+        if saved != self.ranks.world_size and not self.args.reshard:
+            raise checkpoint.CheckpointError(
+                f"{path} was written by {saved} rank(s) and this run has {self.ranks.world_size}. Resume "
+                "with --reshard (reshard=True) to continue it here; with keep_global_batch on, the "
+                "optimizer steps stay the same"
+            )
 
     def _recipe_from_objects(self) -> dict[str, Any]:
         return recipe_from_objects(

@@ -1,0 +1,138 @@
+"""Frozen base weights sharded over ranks with PyTorch's FSDP2 (``fully_shard``), 4-bit included.
+
+``shard_base_weights`` puts every decoder layer in its own FSDP2 group, then the decoder: each rank
+keeps 1/N of the frozen weights and gathers a layer's whole weights just before it runs (forward,
+recompute and backward), freeing them after. The LoRA weights are left out of the groups
+(``ignored_params``): each rank keeps them whole, so the fused kernels see whole adapters, any
+optimizer works on them (8-bit AdamW included), and their gradients are summed once per step by
+``hizli.train.ranks`` exactly as in data-parallel training.
+
+A 4-bit weight is sharded as raw bytes, never as floats. bitsandbytes' ``Params4bit`` cannot be
+(its quantization blocks run through the flat weight across row ends, and its state lives beside
+the tensor), so each one becomes a :class:`ShardedNF4Linear`: packed NF4 codes ``[out, in / 2]``
+uint8 and one fp32 scale per block of a row ``[out, in / blocksize]``, two plain tensors that FSDP2
+cuts by rows. The codes are the same as bitsandbytes' (a dequantized NF4 weight quantizes back to
+itself), so the model computes the same function. ``quantize_rows`` also lets each rank quantize only
+its own rows of a model built on the meta device (``random_nf4_shards``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hizli.kernels._lora import compute_dtype
+from hizli.kernels.nf4 import NF4_CODE, dequantize_nf4
+
+BLOCKSIZE = 64
+
+
+@dataclass
+class RowQuantState:
+    """What :func:`hizli.kernels.nf4.dequantize_nf4` reads, for blocks that never cross a row end."""
+
+    absmax: torch.Tensor
+    shape: tuple[int, int]
+    blocksize: int
+    dtype: torch.dtype
+    quant_type: str = "nf4"
+    nested: bool = False
+    packing_format_for_cpu: bool = False
+
+
+def quantize_rows(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [out, in]`` in NF4, blocks of ``blocksize`` within each row: ``(codes [out, in / 2]
+    uint8, high nibble first; scales [out, in / blocksize] fp32)``. Nearest level, as bitsandbytes."""
+    out_f, in_f = weight.shape
+    if in_f % blocksize:
+        raise ValueError(f"in_features={in_f} is not a multiple of the NF4 block size {blocksize}")
+    blocks = weight.float().reshape(out_f, in_f // blocksize, blocksize)
+    scales = blocks.abs().amax(dim=2)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    normalized = (blocks / safe[..., None]).reshape(out_f, in_f)
+    code = torch.tensor(NF4_CODE, device=weight.device)
+    codes = torch.bucketize(normalized, (code[1:] + code[:-1]) / 2).to(torch.uint8)
+    return (codes[:, 0::2] << 4) | codes[:, 1::2], scales
+
+
+class ShardedNF4Linear(torch.nn.Module):
+    """A frozen NF4 linear layer whose bytes FSDP2 can shard by rows (see the module docstring).
+
+    ``weight`` looks like bitsandbytes' to hizli's fused LoRA ops: the packed bytes carrying a
+    ``quant_state``."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.codes = torch.nn.Parameter(codes, requires_grad=False)
+        self.scales = torch.nn.Parameter(scales, requires_grad=False)
+        self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.out_features, self.in_features = codes.shape[0], codes.shape[1] * 2
+        self.blocksize = self.in_features // scales.shape[1]
+        self.dtype = dtype
+
+    @classmethod
+    def from_linear4bit(cls, layer: Any) -> "ShardedNF4Linear":
+        """The same weights as a bitsandbytes ``Linear4bit`` (NF4 only)."""
+        import bitsandbytes.functional as bnbf
+
+        weight = layer.weight
+        state = weight.quant_state
+        if state.quant_type != "nf4":
+            raise ValueError(f"parallel='fsdp' shards NF4 weights; this layer is {state.quant_type}")
+        full = bnbf.dequantize_4bit(weight.data, state).float()
+        codes, scales = quantize_rows(full, BLOCKSIZE)
+        bias = layer.bias.detach() if layer.bias is not None else None
+        return cls(codes, scales, state.dtype, bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        codes, scales = self.codes, self.scales
+        if hasattr(codes, "to_local"):  # sharded (outside a forward): this rank's rows
+            codes, scales = codes.to_local(), scales.to_local()
+        packed = codes.detach().reshape(-1)
+        packed.quant_state = RowQuantState(
+            scales.detach().reshape(-1), (codes.shape[0], codes.shape[1] * 2), self.blocksize, self.dtype
+        )
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_nf4(self.weight, dtype=compute_dtype(x))
+        bias = self.bias.to(w.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x.to(w.dtype), w, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {self.blocksize}"
+
+
+def _to_row_nf4(model: torch.nn.Module) -> int:
+    """Replace every bitsandbytes 4-bit layer by a :class:`ShardedNF4Linear`; returns how many."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child).__name__ == "Linear4bit" and type(child).__module__.startswith("bitsandbytes")
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, ShardedNF4Linear.from_linear4bit(child))
+    return len(swaps)
+
+
+def shard_base_weights(model: torch.nn.Module) -> dict[str, int]:
+    """Shard ``model``'s frozen weights over the default process group with FSDP2: one group per
+    decoder layer, then the decoder (its embedding and final norm). The output head stays whole on
+    every rank (the fused loss reads its weight directly). Returns what was done, for the log."""
+    from torch.distributed.fsdp import fully_shard
+
+    from hizli.models.checkpointing import decoder_layers
+
+    converted = _to_row_nf4(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = lm.get_decoder()
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, ignored_params={p for p in layer.parameters() if p in trainable})
+    fully_shard(decoder, ignored_params={p for p in decoder.parameters() if p in trainable})
+    return {"layers": len(layers), "nf4_weights": converted}
