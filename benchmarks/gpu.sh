@@ -16,6 +16,8 @@
 #   compare   hizli bench compare --shape $SHAPE for each of $SHAPES ($SYSTEMS: a subset, in order)
 #   longest   hizli bench longest --caps $CAPS ($LONGEST_ARGS: more options, e.g. --search-budget 200)
 #   kernels   hizli bench kernels
+#   ranks     hizli bench recipe under torchrun --nproc-per-node $NPROC (default 1), for each SHAPE:MODE of
+#             $RANK_RUNS (MODE: plain = no torchrun, ddp, fsdp; a shape under fsdp is built in place)
 # STEPS (default 20) is every training suite's optimizer steps. Records land in
 # /tmp/hizli-gpu/results/<suite>.jsonl; append the ones worth keeping to benchmarks/results/.
 set -u
@@ -74,10 +76,20 @@ B="python3 -m hizli.cli bench"
         $B longest --caps ${CAPS:-8,whole} --tokenizer $TOK --data $DATA --work $R/longest --model $R/longest/llama-3.2-3b \
           ${LONGEST_ARGS:-} --results $R/results > $R/longest.log 2>&1
         echo "longest exit $?"; grep -A12 "^cap " $R/longest.log ;;
+      ranks)
+        for RUN in ${RANK_RUNS:-llama-3.2-3b:plain llama-3.2-3b:ddp llama-3.2-3b:fsdp}; do
+          SHAPE=${RUN%%:*}; MODE=${RUN##*:}; N=${NPROC:-1}
+          L="python3 -m torch.distributed.run --standalone --nproc-per-node $N -m hizli.cli bench"; P="--parallel $MODE"
+          [ "$MODE" = plain ] && { L="$B"; P=""; N=1; }
+          timeout ${RANK_TIMEOUT:-540} $L recipe --model $SHAPE $P --tokenizer $TOK --data $DATA --steps $STEPS \
+            --results $R/results --json $R/ranks-$SHAPE-$MODE-$N.json > $R/ranks-$SHAPE-$MODE-$N.log 2>&1
+          echo "ranks $SHAPE $MODE x$N exit $?"
+          grep -E "^(tokens_per_s|peak_reserved|first_step_s|mfu|ranks)" $R/ranks-$SHAPE-$MODE-$N.log
+        done ;;
       kernels)
         timeout 300 $B kernels --results $R/results > $R/kernels.log 2>&1
         echo "kernels exit $?"; tail -25 $R/kernels.log ;;
-      *) echo "unknown suite $S (env tests recipe compare longest kernels)" ;;
+      *) echo "unknown suite $S (env tests recipe compare longest kernels ranks)" ;;
     esac
   done
   echo "== end $(date -u +%H:%M:%S)"

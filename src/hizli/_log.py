@@ -22,6 +22,12 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def first_rank() -> bool:
+    """True unless a launcher (torchrun) started this process as another rank than 0: the others
+    show no progress bars and say only warnings."""
+    return (os.environ.get("RANK", "0") or "0") == "0"
+
+
 def setup(level: int = logging.INFO) -> None:
     """Print hizli's messages as ``hizli: ...`` lines on stderr (idempotent). Of several ranks
     (torchrun sets ``RANK``), the others say only warnings and errors, named with their rank."""

@@ -148,3 +148,18 @@ def test_checkpoints_resume_on_another_number_of_ranks(runs):
     shutil.copytree(tmp / "single" / "checkpoint-3", one_to_two / "checkpoint-3")
     _ok(_train(tmp, "one-to-two", 2, "--parallel", "fsdp", "--resume", "--reshard", output=one_to_two))
     _same(_losses(one_to_two), want, range(4, STEPS + 1))
+
+
+@pytest.mark.gpu
+def test_nccl_at_world_size_one_matches_one_process(tmp_path, smol_folder):
+    """On one GPU (bf16, hizli's kernels): the same code as N GPUs, NCCL process group included, at a
+    world size of 1. Data parallel and sharded losses track the plain process within bf16 noise."""
+    single = _train(tmp_path, "single", 1, "--set", "train.bf16=true")
+    _ok(single)
+    want = _losses(tmp_path / "single")
+    for mode in ("ddp", "fsdp"):
+        result = _train(tmp_path, mode, 1, "--parallel", mode, "--set", "train.bf16=true")
+        _ok(result)
+        got = _losses(tmp_path / mode)
+        assert max(abs(got[s] - want[s]) / want[s] for s in want) <= 0.02, (mode, got, want)
+        assert "per rank = rank 0:" in result.stdout

@@ -42,6 +42,7 @@ class RecipeBench:
     levers: dict[str, bool] = field(default_factory=lambda: {name: True for name in LEVERS})
     profile_dir: str | None = None
     skip_steps: int = 10  # steps left out of the steady rate (at most a third of the run)
+    parallel: str | None = None  # under torchrun: "ddp" or "fsdp" (random shapes built sharded, in place)
 
 
 # configs/demo-cpu.yaml's settings (tests/bench/test_bench_recipe.py keeps them equal)
@@ -107,39 +108,60 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
 
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does
     from hizli.models.record import state_of
-    from hizli.bench.shapes import attention_flops, is_shape, load_tokenizer, matmul_params, random_model_folder
+    from hizli.bench.shapes import (
+        attention_flops,
+        config_for,
+        is_shape,
+        load_tokenizer,
+        matmul_params,
+        random_model_folder,
+    )
+    from hizli.models.loader import default_device, resolve_dtype
+    from hizli.models.sharding import random_sharded_model
     from hizli.data.load import load_conversations
     from hizli.data.sample import dataset_source
 
+    from hizli.train.ranks import Ranks
+
     marks = {"imports": time.time()}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    folder = bench.model
-    if is_shape(bench.model):
-        folder = random_model_folder(bench.model)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # making random weights cached GBs the run must not be charged for
-        if not (Path(folder) / "tokenizer_config.json").is_file():  # random weights come without one
-            load_tokenizer(bench.tokenizer).save_pretrained(folder)
+    ranks = Ranks.current()  # under torchrun: this process's rank; every rank runs the benchmark
+    device = torch.device(default_device())
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
     if bench.dtype not in dtypes:
         raise ValueError(f"dtype={bench.dtype!r}: use bf16, fp16, fp32 or leave it unset for the automatic choice")
+    checkpointing = "unsloth" if levers["checkpointing"] else False
+    lora = dict(r=16, lora_alpha=16, lora_dropout=0, bias="none", use_gradient_checkpointing=checkpointing)
+    in_place = is_shape(bench.model) and bench.parallel == "fsdp" and ranks.grouped
+    folder = bench.model
+    if is_shape(bench.model) and not in_place:
+        if ranks.is_main:
+            folder = random_model_folder(bench.model)
+            if not (Path(folder) / "tokenizer_config.json").is_file():  # random weights come without one
+                load_tokenizer(bench.tokenizer).save_pretrained(folder)
+        ranks.barrier()
+        folder = random_model_folder(bench.model)  # made by rank 0: every rank finds it
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # making random weights cached GBs the run must not be charged for
     t_load = time.time()
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        folder, max_seq_length=bench.seq_len, dtype=dtypes[bench.dtype], load_in_4bit=bench.load_in_4bit
-    )
-    marks["model_load"] = time.time()
+    if in_place:  # no rank holds the whole base, nothing is written: each quantizes its own rows
+        model = random_sharded_model(
+            config_for(bench.model),
+            device=str(device),
+            dtype=resolve_dtype(dtypes[bench.dtype], str(device)),
+            lora={**lora, "random_state": 3407},
+            max_seq_length=bench.seq_len,
+        )
+        tokenizer = load_tokenizer(bench.tokenizer)
+        marks["model_load"] = marks["tokenizer"] = time.time()
+    else:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            folder, max_seq_length=bench.seq_len, dtype=dtypes[bench.dtype], load_in_4bit=bench.load_in_4bit
+        )
+        marks["model_load"] = time.time()
     tokenizer = get_chat_template(tokenizer, chat_template=bench.chat_template)
     marks["tokenizer"] = time.time()
-    checkpointing = "unsloth" if levers["checkpointing"] else False
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        use_gradient_checkpointing=checkpointing,
-        random_state=3407,
-    )
+    if not in_place:
+        model = FastLanguageModel.get_peft_model(model, **lora, random_state=3407)
     marks["lora"] = time.time()
     rows = load_conversations(dataset_source(bench.data or "hizli:sharegpt"), bad_rows="skip")
     marks["data_read"] = time.time()
@@ -168,6 +190,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         disable_tqdm=True,
         bad_rows="skip",
         fused_cross_entropy=levers["fused_ce"],
+        parallel=bench.parallel or "ddp",
     )
     first_step: list[float] = []
     # CPU seconds of this process at every step end: on a shared machine the wall-clock rate depends on
@@ -198,6 +221,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
     flops_per_token = 4 * matmul_params(config) + attention_flops(config, list(lengths)) / max(1, sum(lengths))
     peak = measured_bf16_tflops(device)
     per_step = [e["tokens"] / e["step_time_s"] for e in log if e["step_time_s"]]
+    peaks = ranks.gather(round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None)
     metrics = {
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         "overall_tokens_per_s": round(sum(e["tokens"] for e in log) / stats.metrics["train_runtime"], 1),
@@ -210,6 +234,8 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "load_average": _load_average(),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        "peak_reserved_gib_per_rank": peaks if ranks.grouped else None,
+        "ranks": ranks.world_size,
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_rss_gib": None if cuda else stats.memory.figures()["peak_reserved_gib"],
         "first_step_s": round(first_step[0] - t_process, 2) if first_step else None,
@@ -221,7 +247,9 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "train_runtime_s": stats.metrics["train_runtime"],
         "useful_tflops_per_token": flops_per_token / 1e12,
         "measured_bf16_tflops": round(peak, 1) if peak else None,
-        "mfu": round(tokens_per_s * flops_per_token / (peak * 1e12), 4) if peak and tokens_per_s else None,
+        "mfu": round(tokens_per_s / ranks.world_size * flops_per_token / (peak * 1e12), 4)
+        if peak and tokens_per_s
+        else None,
         "losses": [round(e["loss"], 5) for e in log],
         "predicted_peak_gib": (trainer.memory_plan or {}).get("predicted_peak_gib"),
     }
@@ -295,6 +323,8 @@ SUMMARY = (
     "step_tokens_per_s_max",
     "peak_reserved_gib",
     "peak_allocated_gib",
+    "peak_reserved_gib_per_rank",
+    "ranks",
     "peak_rss_gib",
     "first_step_s",
     "mfu",
@@ -310,7 +340,11 @@ def bench_recipe(
 
     from hizli.bench import results
 
+    from hizli.train.ranks import Ranks
+
     out = run_recipe_bench(bench)
+    if not Ranks.current().is_main:  # rank 0 prints and writes the figures of the whole group
+        return 0
     device = results.device_info()
     record = results.make_record(
         "recipe", "hizli", out["settings"], out["metrics"], command=out["command"], device=device, note=note

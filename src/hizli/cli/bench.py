@@ -7,6 +7,8 @@ import argparse
 BENCH_EXAMPLES = """suites (without one: recipe, so `hizli bench --model llama-3.2-3b` works as before):
   hizli bench recipe --model llama-3.2-3b            the recipe's loop on random weights of a shape (GPU)
   hizli bench recipe --cpu-demo                      the CPU demo recipe (configs/demo-cpu.yaml) measured
+  torchrun --nproc-per-node 2 -m hizli.cli bench recipe --model llama-3.1-70b --parallel fsdp
+                                                     sharded over 2 GPUs (figures per GPU and for the group)
   hizli bench compare --steps 20                     hizli next to the peers at matched memory (GPU)
   hizli bench longest --caps 8,whole                 longest trainable sequence at batch 1 (GPU)
   hizli bench kernels [--counts | --compile]         kernels at the recipe's shapes
@@ -50,6 +52,12 @@ def _add_recipe_options(b: argparse.ArgumentParser) -> None:
         "checkpointing, cast_cache); repeatable",
     )
     b.add_argument("--max-memory-gib", type=float, help="memory cap for the memory plan")
+    b.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        help="under torchrun: ddp (each GPU holds the model) or fsdp (the base sharded; a shape is then "
+        "built in place, each GPU quantizing only its own rows)",
+    )
     b.add_argument("--profile", metavar="DIR", help="profile optimizer steps 11-13 into DIR/profile.txt")
     b.add_argument("--json", help="write the full result (record and memory plan) here as JSON")
     b.add_argument("--results", metavar="DIR", help="append the record to DIR/recipe.jsonl")
@@ -156,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                 max_memory_gib=args.max_memory_gib,
                 levers=parse_levers(args.lever),
                 profile_dir=args.profile,
+                parallel=args.parallel,
             )
             bench = replace(bench, steps=args.steps) if args.steps else bench
         return bench_recipe(bench, json_path=args.json, results_dir=args.results, note=args.note)

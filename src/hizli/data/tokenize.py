@@ -396,7 +396,13 @@ def _run(job: _Job, source: _Source, *, num_proc: int, show_progress: bool) -> T
     size = max(16, min(1000, -(-n // (procs * 8)))) if n else 1
     spans = [(a, min(n, a + size)) for a in range(0, n, size)]
     chunks: list[_Chunk] = []
-    bar = tqdm(total=n, unit="rows", desc="tokenizing", disable=not show_progress or n == 0, leave=False)
+    bar = tqdm(
+        total=n,
+        unit="rows",
+        desc="tokenizing",
+        disable=not show_progress or n == 0 or not _log.first_rank(),
+        leave=False,
+    )
     try:
         if procs == 1:
             for span in spans:

@@ -18,6 +18,7 @@ its own rows of a model built on the meta device (``random_nf4_shards``).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,16 +124,108 @@ def shard_base_weights(model: torch.nn.Module) -> dict[str, int]:
     """Shard ``model``'s frozen weights over the default process group with FSDP2: one group per
     decoder layer, then the decoder (its embedding and final norm). The output head stays whole on
     every rank (the fused loss reads its weight directly). Returns what was done, for the log."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from hizli.models.checkpointing import decoder_layers
 
-    converted = _to_row_nf4(model)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = lm.get_decoder()
+    if isinstance(decoder, FSDPModule):  # sharded by an earlier train() call
+        return {"layers": 0, "nf4_weights": 0}
+    converted = _to_row_nf4(model)
     trainable = {p for p in model.parameters() if p.requires_grad}
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, ignored_params={p for p in layer.parameters() if p in trainable})
     fully_shard(decoder, ignored_params={p for p in decoder.parameters() if p in trainable})
     return {"layers": len(layers), "nf4_weights": converted}
+
+
+# ------------------------------------------------------------------------------------------------
+# A sharded model made in place: built on the meta device, each rank fills and quantizes its own rows.
+
+
+def _rows_of(param: torch.Tensor) -> tuple[int, int]:
+    """The global rows ``[start, stop)`` this rank holds of ``param`` (FSDP2 cuts dim 0 as torch.chunk)."""
+    if not hasattr(param, "to_local"):
+        return 0, param.shape[0]
+    mesh = param.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-param.shape[0] // world)
+    start = min(rank * chunk, param.shape[0])
+    return start, min(start + chunk, param.shape[0])
+
+
+def random_rows(name: str, start: int, stop: int, columns: int, *, device, seed: int = 0, std: float = 0.02):
+    """Rows ``[start, stop)`` of a random ``[*, columns]`` weight called ``name``: the same values
+    whichever rank makes them and however the rows are cut (made in tiles of 64 rows, each seeded by
+    the name and its index)."""
+    tile = 64
+    g = torch.Generator(device=device)
+    parts = []
+    for t in range(start // tile, -(-stop // tile)):
+        g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + t) % 2**63)
+        block = torch.randn(tile, columns, generator=g, device=device, dtype=torch.float32)
+        lo, hi = max(start, t * tile) - t * tile, min(stop, (t + 1) * tile) - t * tile
+        parts.append(block[lo:hi])
+    return (torch.cat(parts) if parts else torch.empty(0, columns, device=device)) * std
+
+
+def random_sharded_model(config, *, device: str, dtype: torch.dtype, lora: dict[str, Any], max_seq_length: int):
+    """A LoRA model of ``config`` with random weights whose frozen base is sharded over the process
+    group, without any rank ever holding the whole base: built on the meta device, sharded, then
+    each rank makes and quantizes (NF4, row blocks) only its own rows. For benchmarks of shapes no
+    GPU of the group could load whole (Llama-3.1-70B in 4-bit on 2 x 24 GB)."""
+    from transformers import AutoModelForCausalLM
+
+    from hizli.models.lora import add_lora
+    from hizli.models.patch import use_fused_ops, use_hizli_attention
+    from hizli.models.record import state_of
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.max_seq_length = max_seq_length
+    use_hizli_attention(model)
+    if device.startswith("cuda"):
+        state_of(model).fused_ops = use_fused_ops(model)
+    peft_model = add_lora(model, **lora)
+    for module in peft_model.modules():  # frozen projections: NF4 rows (still on meta)
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Linear) and hasattr(module, "lora_A"):
+            codes = torch.empty(base.out_features, base.in_features // 2, dtype=torch.uint8, device="meta")
+            scales = torch.empty(base.out_features, base.in_features // BLOCKSIZE, device="meta")
+            module.base_layer = ShardedNF4Linear(codes, scales, dtype)
+    shard_base_weights(peft_model)
+    peft_model.to_empty(device=device)
+    with torch.no_grad():
+        _fill_random(peft_model, device, dtype, lora.get("random_state", 3407))
+    decoder = peft_model.get_base_model().get_decoder()
+    with torch.device(device):  # its buffers were made on meta: make them again
+        decoder.rotary_emb = type(decoder.rotary_emb)(config=config)
+    return peft_model
+
+
+def _fill_random(model: torch.nn.Module, device: str, dtype: torch.dtype, lora_seed: int) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, ShardedNF4Linear):
+            start, stop = _rows_of(module.codes)
+            codes, scales = quantize_rows(random_rows(name, start, stop, module.in_features, device=device))
+            local = (lambda t: t.to_local()) if hasattr(module.codes, "to_local") else (lambda t: t.data)
+            local(module.codes).copy_(codes)
+            local(module.scales).copy_(scales)
+    for name, param in model.named_parameters():
+        if param.requires_grad or name.endswith((".codes", ".scales")):
+            continue
+        local = param.to_local() if hasattr(param, "to_local") else param.data
+        if param.dim() == 1:  # norms
+            local.fill_(1.0)
+        else:
+            start, stop = _rows_of(param)
+            local.copy_(random_rows(name, start, stop, param.shape[1], device=device).to(local.dtype))
+    devices = [torch.device(device)] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):  # the same adapter on every rank
+        torch.manual_seed(lora_seed)
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "reset_lora_parameters"):
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, True)

@@ -65,9 +65,7 @@ def optimizer_step(
     ``hizli.train.ranks.shard_rows``). Returns None if the step was skipped (no trained token, or a
     non-finite loss under ``nan_policy='skip'``)."""
     batches = [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in groups]
-    counts = torch.tensor(
-        [sum(b.n_trained for b in batches), sum(b.n_tokens for b in batches)], dtype=torch.float64
-    )
+    counts = torch.tensor([sum(b.n_trained for b in batches), sum(b.n_tokens for b in batches)], dtype=torch.float64)
     n_trained, tokens = (int(c) for c in ctx.ranks.sum(counts))
     if n_trained == 0:
         _log.warn_once("empty-step", f"step {step_no}: no trained token in its rows; skipped")

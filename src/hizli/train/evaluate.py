@@ -10,6 +10,8 @@ same number for the same model and rows.
 
 from __future__ import annotations
 
+from hizli import _log
+
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -103,7 +105,7 @@ def evaluate_loss(
     model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     starts = range(0, n, batch_size)
-    if show_progress:
+    if show_progress and _log.first_rank():
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="evaluating", unit="batch", dynamic_ncols=True)

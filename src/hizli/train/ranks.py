@@ -26,12 +26,10 @@ class RankError(RuntimeError):
     """The process group cannot be set up or a rank stopped answering."""
 
 
-def launched_world_size() -> int:
-    """The ``WORLD_SIZE`` a launcher (torchrun, accelerate) set for this process; 1 without one."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        raise RankError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate) started this process as a rank of a process group
+    (one of one included: ``torchrun --nproc-per-node 1`` runs the same code as N)."""
+    return all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def local_rank() -> int:
@@ -46,7 +44,7 @@ def init_from_env() -> None:
     """
     import torch.distributed as dist
 
-    if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
+    if not launched() or not dist.is_available() or dist.is_initialized():
         return
     timeout = timedelta(minutes=TIMEOUT_MINUTES)
     if torch.cuda.is_available():
@@ -80,6 +78,7 @@ def _monitor_group() -> Any:
 class Ranks:
     rank: int = 0
     world_size: int = 1
+    grouped: bool = False  # in a process group: the collectives run, at a world size of 1 too
     _monitor: Any = field(default=None, compare=False, repr=False)  # a gloo group that names stalled ranks
 
     @classmethod
@@ -89,10 +88,8 @@ class Ranks:
         import torch.distributed as dist
 
         init_from_env()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_rank() != 0:
-                os.environ["TQDM_DISABLE"] = "1"  # one set of progress bars: the first rank's
-            return cls(dist.get_rank(), dist.get_world_size(), _monitor_group())
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), True, _monitor_group())
         return cls()
 
     @property
@@ -102,7 +99,7 @@ class Ranks:
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over ranks (in place where distributed)."""
-        if self.world_size > 1:
+        if self.grouped:
             import torch.distributed as dist
 
             self._collective(dist.all_reduce, value)
@@ -113,7 +110,7 @@ class Ranks:
 
         Each rank divided its loss by the step's global trained-token count, so the sum is the
         gradient of the whole step; a parameter this rank left without a gradient counts as zeros."""
-        if self.world_size <= 1 or not params:
+        if not self.grouped or not params:
             return
         import torch.distributed as dist
 
@@ -129,7 +126,7 @@ class Ranks:
 
     def gather(self, value: Any) -> list[Any]:
         """``value`` of every rank, in rank order (a list of one without a process group)."""
-        if self.world_size <= 1:
+        if not self.grouped:
             return [value]
         import torch.distributed as dist
 
@@ -146,7 +143,7 @@ class Ranks:
             raise RankError(f"the ranks disagree on {what}: {values} (rank: value). Start every rank the same way")
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self.grouped:
             import torch.distributed as dist
 
             self._collective(dist.barrier)

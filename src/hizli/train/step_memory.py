@@ -107,10 +107,12 @@ def step_or_replan(
     lengths = ctx.dataset.lengths
     while True:
         try:
-            if ctx.ranks.world_size == 1:
+            if not ctx.ranks.grouped:
                 return optimizer_step(ctx, memory.groups(micro, lengths), step_no), memory
             batch = ctx.args.per_device_train_batch_size
-            per_rank = [memory.groups(cut(rows, batch), lengths) for rows in deal_rows(micro, lengths, ctx.ranks.world_size)]
+            per_rank = [
+                memory.groups(cut(rows, batch), lengths) for rows in deal_rows(micro, lengths, ctx.ranks.world_size)
+            ]
             share = equal_passes(per_rank, ctx.ranks.rank, lengths)
             return optimizer_step(ctx, share.groups, step_no, share.fillers), memory
         except torch.OutOfMemoryError as e:

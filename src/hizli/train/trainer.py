@@ -281,7 +281,7 @@ class SFTTrainer:
         torch.manual_seed(args.seed)
         model.train()
         world = self.ranks.world_size
-        if world > 1:
+        if self.ranks.grouped:
             self.ranks.same_everywhere(len(self.train_dataset), "the number of training rows")
             if args.parallel == "fsdp":
                 from hizli.models.sharding import shard_base_weights
