@@ -52,7 +52,10 @@ sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-def _train(tmp: Path, name: str, ranks: int, *extra: str, output: Path | None = None) -> subprocess.CompletedProcess:
+def _train(
+    tmp: Path, name: str, ranks: int | None, *extra: str, output: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``hizli train`` as ``ranks`` processes under torchrun, or as a plain process (``ranks=None``)."""
     out = output or tmp / name
     script = tmp / "watched_cli.py"
     script.write_text(WATCHED_CLI)
@@ -71,7 +74,9 @@ def _train(tmp: Path, name: str, ranks: int, *extra: str, output: Path | None = 
     args = [str(RECIPE), "--keep-global-batch", *extra]
     for k, v in sets.items():
         args += ["--set", f"{k}={'null' if v is None else v}"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    launcher = [sys.executable]
+    if ranks is not None:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [*launcher, str(script), str(out), str(tmp / f"{name}-writes.json"), *args],
@@ -100,7 +105,7 @@ def _same(got: dict[int, float], want: dict[int, float], steps) -> None:
 def runs(tmp_path_factory, smol_folder):
     """The single-process run and the two-rank runs, each once for the module."""
     tmp = tmp_path_factory.mktemp("ranks")
-    single = _train(tmp, "single", 1)
+    single = _train(tmp, "single", None)
     _ok(single)
     ddp = _train(tmp, "ddp", 2)
     _ok(ddp)
@@ -138,10 +143,10 @@ def test_checkpoints_resume_on_another_number_of_ranks(runs):
     # written by 2 ranks (data parallel), resumed on 1
     two_to_one = tmp / "two-to-one"
     shutil.copytree(tmp / "ddp" / "checkpoint-3", two_to_one / "checkpoint-3")
-    refused = _train(tmp, "refused", 1, "--resume", output=two_to_one)
-    assert refused.returncode != 0  # torchrun reports a failed rank as 1
+    refused = _train(tmp, "refused", None, "--resume", output=two_to_one)
+    assert refused.returncode == 2
     assert "written by 2 rank(s)" in refused.stderr and "--reshard" in refused.stderr
-    _ok(_train(tmp, "two-to-one", 1, "--resume", "--reshard", output=two_to_one))
+    _ok(_train(tmp, "two-to-one", None, "--resume", "--reshard", output=two_to_one))
     _same(_losses(two_to_one), want, range(4, STEPS + 1))
     # written by 1 rank, resumed on 2 (sharded)
     one_to_two = tmp / "one-to-two"
@@ -151,14 +156,19 @@ def test_checkpoints_resume_on_another_number_of_ranks(runs):
 
 
 @pytest.mark.gpu
-def test_nccl_at_world_size_one_matches_one_process(tmp_path, smol_folder):
-    """On one GPU (bf16, hizli's kernels): the same code as N GPUs, NCCL process group included, at a
-    world size of 1. Data parallel and sharded losses track the plain process within bf16 noise."""
-    single = _train(tmp_path, "single", 1, "--set", "train.bf16=true")
-    _ok(single)
+def test_nccl_at_world_size_one_matches_one_process(tmp_path):
+    """On one GPU (bf16, hizli's kernels, a 4-layer random Llama): the same code as N GPUs, NCCL process
+    group included, at a world size of 1. Data parallel and sharded losses track the plain process
+    within bf16 noise."""
+    from helpers import gpu_llama_folder
+
+    folder = gpu_llama_folder(tmp_path / "model")
+    template = "llama-3.1" if "begin_of_text" in (Path(folder) / "tokenizer_config.json").read_text() else "smollm2"
+    model = ("--set", f"model.name={folder}", "--set", f"data.chat_template={template}", "--set", "train.bf16=true")
+    _ok(_train(tmp_path, "single", None, *model))
     want = _losses(tmp_path / "single")
     for mode in ("ddp", "fsdp"):
-        result = _train(tmp_path, mode, 1, "--parallel", mode, "--set", "train.bf16=true")
+        result = _train(tmp_path, mode, 1, "--parallel", mode, *model)
         _ok(result)
         got = _losses(tmp_path / mode)
         assert max(abs(got[s] - want[s]) / want[s] for s in want) <= 0.02, (mode, got, want)

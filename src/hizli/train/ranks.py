@@ -66,11 +66,11 @@ _MONITOR: list[Any] = []
 
 def _monitor_group() -> Any:
     """A gloo group over all ranks (made once; every rank makes it at the same point), through which a
-    failed NCCL collective finds out which ranks stopped answering. None under gloo: the default."""
+    failed collective finds out which ranks stopped answering (the failed group itself may be closed)."""
     import torch.distributed as dist
 
     if not _MONITOR:
-        _MONITOR.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
+        _MONITOR.append(dist.new_group(backend="gloo"))
     return _MONITOR[0]
 
 
@@ -159,7 +159,8 @@ class Ranks:
         import torch.distributed as dist
 
         try:
-            dist.monitored_barrier(group=self._monitor, timeout=timedelta(seconds=30), wait_all_ranks=True)
+            wait = timedelta(minutes=min(TIMEOUT_MINUTES, 1.0))
+            dist.monitored_barrier(group=self._monitor, timeout=wait, wait_all_ranks=True)
         except RuntimeError as e:  # gloo's message lists the ranks that did not arrive
             return f"Stalled: {e}"
         return "Every rank still answers; the failure was not a stall"
