@@ -155,6 +155,49 @@ def test_checkpoints_resume_on_another_number_of_ranks(runs):
     _same(_losses(one_to_two), want, range(4, STEPS + 1))
 
 
+# The recipe's Python as a user writes it; `accelerate launch` starts it on 2 processes.
+API_SCRIPT = """
+import json, sys
+from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template
+from hizli.data.load import load_conversations
+from hizli.data.sample import dataset_source
+
+model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m-instruct", max_seq_length=96, load_in_4bit=True)
+model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, random_state=3407)
+tokenizer = get_chat_template(tokenizer, chat_template="smollm2")
+args = TrainingArguments(
+    per_device_train_batch_size=2, gradient_accumulation_steps=4, keep_global_batch=True, max_steps=3,
+    learning_rate=2e-4, optim="adamw_8bit", seed=3407, output_dir=sys.argv[1], save_strategy="no",
+)
+rows = load_conversations(dataset_source("hizli:sharegpt"), max_rows=32)
+trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows, max_seq_length=96, args=args)
+stats = trainer.train()
+if trainer.ranks.is_main:
+    print("LOSSES", json.dumps([trainer.ranks.world_size, [e["loss"] for e in stats.log_history]]))
+"""
+
+
+def test_accelerate_launch_of_a_recipe_script_trains_data_parallel(tmp_path, smol_folder):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "recipe.py"
+    script.write_text(API_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def losses(command: list[str]) -> tuple[int, list[float]]:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads(next(x for x in result.stdout.splitlines() if x.startswith("LOSSES"))[7:])
+
+    world, one = losses([sys.executable, str(script), str(tmp_path / "one")])
+    assert world == 1
+    # accelerate's multi-process launcher (torch.distributed's elastic agent); gloo where there is no GPU
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    world, two = losses([*launch, str(script), str(tmp_path / "two")])
+    assert world == 2
+    assert two == pytest.approx(one, rel=1e-5)
+
+
 @pytest.mark.gpu
 def test_nccl_at_world_size_one_matches_one_process(tmp_path):
     """On one GPU (bf16, hizli's kernels, a 4-layer random Llama): the same code as N GPUs, NCCL process

@@ -29,6 +29,7 @@ class RunLog:
         start_step: int,
         logging_steps: int,
         disable_bar: bool = False,
+        *,
         history: list[dict[str, Any]] | None = None,
         writes: bool = True,
     ) -> None:
