@@ -102,6 +102,10 @@ class Ranks:
         if self.grouped:
             import torch.distributed as dist
 
+            if value.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+                on_gpu = value.to(torch.device("cuda", torch.cuda.current_device()))
+                self._collective(dist.all_reduce, on_gpu)
+                return value.copy_(on_gpu)
             self._collective(dist.all_reduce, value)
         return value
 
