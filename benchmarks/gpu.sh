@@ -17,7 +17,8 @@
 #   longest   hizli bench longest --caps $CAPS ($LONGEST_ARGS: more options, e.g. --search-budget 200)
 #   kernels   hizli bench kernels
 #   ranks     hizli bench recipe under torchrun --nproc-per-node $NPROC (default 1), for each SHAPE:MODE of
-#             $RANK_RUNS (MODE: plain = no torchrun, ddp, fsdp; a shape under fsdp is built in place)
+#             $RANK_RUNS (MODE: plain = no torchrun, ddp, fsdp; a shape under fsdp is built in place;
+#             an optional :STEPS after the mode overrides STEPS for that run)
 # STEPS (default 20) is every training suite's optimizer steps. Records land in
 # /tmp/hizli-gpu/results/<suite>.jsonl; append the ones worth keeping to benchmarks/results/.
 set -u
@@ -78,10 +79,10 @@ B="python3 -m hizli.cli bench"
         echo "longest exit $?"; grep -A12 "^cap " $R/longest.log ;;
       ranks)
         for RUN in ${RANK_RUNS:-llama-3.2-3b:plain llama-3.2-3b:ddp llama-3.2-3b:fsdp}; do
-          SHAPE=${RUN%%:*}; MODE=${RUN##*:}; N=${NPROC:-1}
+          IFS=: read -r SHAPE MODE RUN_STEPS <<< "$RUN"; N=${NPROC:-1}
           L="python3 -m torch.distributed.run --standalone --nproc-per-node $N -m hizli.cli bench"; P="--parallel $MODE"
           [ "$MODE" = plain ] && { L="$B"; P=""; N=1; }
-          timeout ${RANK_TIMEOUT:-540} $L recipe --model $SHAPE $P --tokenizer $TOK --data $DATA --steps $STEPS \
+          timeout ${RANK_TIMEOUT:-540} $L recipe --model $SHAPE $P --tokenizer $TOK --data $DATA --steps ${RUN_STEPS:-$STEPS} \
             --results $R/results --json $R/ranks-$SHAPE-$MODE-$N.json > $R/ranks-$SHAPE-$MODE-$N.log 2>&1
           echo "ranks $SHAPE $MODE x$N exit $?"
           grep -E "^(tokens_per_s|peak_reserved|first_step_s|mfu|ranks)" $R/ranks-$SHAPE-$MODE-$N.log
