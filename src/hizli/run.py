@@ -100,27 +100,33 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
             }
     timings = Timings()
     m, lo, d = recipe.model, recipe.lora, recipe.data
+    lora = dict(
+        r=lo.r,
+        target_modules=lo.target_modules,
+        lora_alpha=lo.lora_alpha,
+        lora_dropout=lo.lora_dropout,
+        bias=lo.bias,
+        use_gradient_checkpointing=lo.use_gradient_checkpointing,
+        random_state=lo.random_state,
+        use_rslora=lo.use_rslora,
+        loftq_config=lo.loftq_config,
+    )
     with timings.part("load model"):
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            m.name,
-            max_seq_length=m.max_seq_length,
-            dtype=m.dtype,
-            load_in_4bit=m.load_in_4bit,
-            trust_remote_code=m.trust_remote_code,
-            allow_pickle=m.allow_pickle,
-        )
-        model = FastLanguageModel.get_peft_model(
-            model,
-            r=lo.r,
-            target_modules=lo.target_modules,
-            lora_alpha=lo.lora_alpha,
-            lora_dropout=lo.lora_dropout,
-            bias=lo.bias,
-            use_gradient_checkpointing=lo.use_gradient_checkpointing,
-            random_state=lo.random_state,
-            use_rslora=lo.use_rslora,
-            loftq_config=lo.loftq_config,
-        )
+        if ranks.grouped and recipe.train.parallel == "fsdp" and m.load_in_4bit:
+            from hizli.models.sharding import load_sharded
+
+            # no GPU holds the whole base: each rank reads and quantizes its own rows
+            model, tokenizer = load_sharded(m.name, max_seq_length=m.max_seq_length, dtype=m.dtype, lora=lora)
+        else:
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                m.name,
+                max_seq_length=m.max_seq_length,
+                dtype=m.dtype,
+                load_in_4bit=m.load_in_4bit,
+                trust_remote_code=m.trust_remote_code,
+                allow_pickle=m.allow_pickle,
+            )
+            model = FastLanguageModel.get_peft_model(model, **lora)
         tokenizer = get_chat_template(tokenizer, chat_template=d.chat_template)
     with timings.part("prepare data"):
         rows = load_conversations(

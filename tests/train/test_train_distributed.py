@@ -1,11 +1,12 @@
 """Several processes on the CPU (gloo), the way a user starts them: ``torchrun --nproc-per-node 2 -m
-hizli.cli train RECIPE``. The embedded model in 4-bit, fp32 compute.
+hizli.cli train RECIPE``. The embedded model, fp32.
 
 At the same global batch (``--keep-global-batch``: 2 x 4 on one process, 2 x 2 on each of two),
 data parallel and sharded (FSDP2) runs give the single process's per-step losses; a checkpoint
 written by 2 ranks resumes on 1 and one written by 1 resumes on 2 with the uninterrupted run's
 losses; only rank 0 writes files (every other rank runs under an audit hook that records any file
-it opens for writing, creates, renames or removes under the output folder)."""
+it opens for writing, creates, renames or removes under the output folder). In 4-bit, a sharded
+run loads its base rank by rank (each reads and quantizes its own rows) and trains as one rank does."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def _train(
     script = tmp / "watched_cli.py"
     script.write_text(WATCHED_CLI)
     sets = {
-        "model.max_seq_length": 96,
-        "data.max_rows": 48,
+        "model.load_in_4bit": False,  # fp32 base: exact comparisons (4-bit: see the last CPU test)
+        "model.max_seq_length": 64,
+        "data.max_rows": 40,
         "data.dataset_num_proc": 1,
         "train.max_steps": STEPS,
         "train.warmup_steps": 1,
@@ -71,9 +73,10 @@ def _train(
         "output.adapter_dir": out / "lora_model",
         "chat.max_new_tokens": 2,
     }
-    args = [str(RECIPE), "--keep-global-batch", *extra]
+    args = [str(RECIPE), "--keep-global-batch"]
     for k, v in sets.items():
-        args += ["--set", f"{k}={'null' if v is None else v}"]
+        args += ["--set", f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"]
+    args += extra  # after the defaults: a later --set wins
     launcher = [sys.executable]
     if ranks is not None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
@@ -155,6 +158,21 @@ def test_checkpoints_resume_on_another_number_of_ranks(runs):
     _same(_losses(one_to_two), want, range(4, STEPS + 1))
 
 
+def test_a_sharded_4bit_base_loads_rank_by_rank_and_trains_as_one_rank(tmp_path, smol_folder):
+    four_bit = ("--parallel", "fsdp", "--set", "model.load_in_4bit=true", "--set", "train.max_steps=3")
+    _ok(_train(tmp_path, "one", 1, *four_bit))
+    two = _train(tmp_path, "two", 2, *four_bit)
+    _ok(two)
+    _same(_losses(tmp_path / "two"), _losses(tmp_path / "one"), range(1, 4))
+    assert json.loads((tmp_path / "two-writes.json").read_text()) == []
+    from peft import PeftConfig
+
+    # the adapter names its base as the recipe did, for `hizli chat` and PEFT
+    assert PeftConfig.from_pretrained(str(tmp_path / "two" / "lora_model")).base_model_name_or_path == (
+        "smollm2-135m-instruct"
+    )
+
+
 # The recipe's Python as a user writes it; `accelerate launch` starts it on 2 processes.
 API_SCRIPT = """
 import json, sys
@@ -208,6 +226,7 @@ def test_nccl_at_world_size_one_matches_one_process(tmp_path):
     folder = gpu_llama_folder(tmp_path / "model")
     template = "llama-3.1" if "begin_of_text" in (Path(folder) / "tokenizer_config.json").read_text() else "smollm2"
     model = ("--set", f"model.name={folder}", "--set", f"data.chat_template={template}", "--set", "train.bf16=true")
+    model += ("--set", "model.load_in_4bit=true")  # fsdp: the base loaded rank by rank, NF4 rows, fused kernels
     _ok(_train(tmp_path, "single", None, *model))
     want = _losses(tmp_path / "single")
     for mode in ("ddp", "fsdp"):

@@ -117,7 +117,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         random_model_folder,
     )
     from hizli.models.loader import default_device, resolve_dtype
-    from hizli.models.sharding import random_sharded_model
+    from hizli.models.sharding import RandomRows, sharded_model
     from hizli.data.load import load_conversations
     from hizli.data.sample import dataset_source
 
@@ -144,8 +144,9 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
             torch.cuda.empty_cache()  # making random weights cached GBs the run must not be charged for
     t_load = time.time()
     if in_place:  # no rank holds the whole base, nothing is written: each quantizes its own rows
-        model = random_sharded_model(
+        model = sharded_model(
             config_for(bench.model),
+            RandomRows(),
             device=str(device),
             dtype=resolve_dtype(dtypes[bench.dtype], str(device)),
             lora={**lora, "random_state": 3407},

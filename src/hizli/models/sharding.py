@@ -171,11 +171,63 @@ def random_rows(name: str, start: int, stop: int, columns: int, *, device, seed:
     return (torch.cat(parts) if parts else torch.empty(0, columns, device=device)) * std
 
 
-def random_sharded_model(config, *, device: str, dtype: torch.dtype, lora: dict[str, Any], max_seq_length: int):
-    """A LoRA model of ``config`` with random weights whose frozen base is sharded over the process
-    group, without any rank ever holding the whole base: built on the meta device, sharded, then
-    each rank makes and quantizes (NF4, row blocks) only its own rows. For benchmarks of shapes no
-    GPU of the group could load whole (Llama-3.1-70B in 4-bit on 2 x 24 GB)."""
+class RandomRows:
+    """Random weights (``random_rows``; norms 1, biases 0): speed and memory do not depend on values."""
+
+    def rows(self, name: str, start: int, stop: int, columns: int, device) -> torch.Tensor:
+        return random_rows(name, start, stop, columns, device=device)
+
+    def vector(self, name: str, start: int, stop: int, device) -> torch.Tensor:
+        return torch.full((stop - start,), 0.0 if name.endswith(".bias") else 1.0, device=device)
+
+
+class CheckpointRows:
+    """Rows of the weights in a folder of safetensors files, read slice by slice (only the rows asked for)."""
+
+    def __init__(self, folder: str) -> None:
+        import json
+        from pathlib import Path
+
+        root = Path(folder)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(root / "model.safetensors"), "pt") as f:
+                self.files = {k: root / "model.safetensors" for k in f.keys()}
+
+    def _key(self, name: str) -> str:
+        """A parameter of the LoRA model -> its checkpoint key (``lm_head`` falls back to a tied embedding)."""
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if key not in self.files and key == "lm_head.weight":
+            key = "model.embed_tokens.weight"
+        if key not in self.files:
+            raise KeyError(f"{key} is not in the checkpoint (parameter {name})")
+        return key
+
+    def _read(self, name: str, start: int, stop: int, device) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = self._key(name)
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_slice(key)[start:stop].to(device=device, dtype=torch.float32)
+
+    def rows(self, name: str, start: int, stop: int, columns: int, device) -> torch.Tensor:
+        return self._read(name, start, stop, device)
+
+    def vector(self, name: str, start: int, stop: int, device) -> torch.Tensor:
+        return self._read(name, start, stop, device)
+
+
+def sharded_model(
+    config, source, *, device: str, dtype: torch.dtype, lora: dict[str, Any], max_seq_length: int
+) -> torch.nn.Module:
+    """A LoRA model of ``config`` whose frozen base is sharded over the process group without any
+    rank ever holding the whole base: built on the meta device, sharded, then each rank reads
+    (``source``: ``RandomRows`` or ``CheckpointRows``) and quantizes (NF4, row blocks) only its own
+    rows. For bases no GPU of the group could load whole (Llama-3.1-70B in 4-bit on 2 x 24 GB)."""
     from transformers import AutoModelForCausalLM
 
     from hizli.models.lora import add_lora
@@ -194,34 +246,38 @@ def random_sharded_model(config, *, device: str, dtype: torch.dtype, lora: dict[
         if isinstance(base, torch.nn.Linear) and hasattr(module, "lora_A"):
             codes = torch.empty(base.out_features, base.in_features // 2, dtype=torch.uint8, device="meta")
             scales = torch.empty(base.out_features, base.in_features // BLOCKSIZE, device="meta")
-            module.base_layer = ShardedNF4Linear(codes, scales, dtype)
+            bias = torch.empty(base.out_features, dtype=dtype, device="meta") if base.bias is not None else None
+            module.base_layer = ShardedNF4Linear(codes, scales, dtype, bias)
     shard_base_weights(peft_model)
     peft_model.to_empty(device=device)
     with torch.no_grad():
-        _fill_random(peft_model, device, dtype, lora.get("random_state", 3407))
+        _fill(peft_model, source, device, lora.get("random_state", 3407))
     decoder = peft_model.get_base_model().get_decoder()
     with torch.device(device):  # its buffers were made on meta: make them again
         decoder.rotary_emb = type(decoder.rotary_emb)(config=config)
     return peft_model
 
 
-def _fill_random(model: torch.nn.Module, device: str, dtype: torch.dtype, lora_seed: int) -> None:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t.data
+
+
+def _fill(model: torch.nn.Module, source, device: str, lora_seed: int) -> None:
     for name, module in model.named_modules():
         if isinstance(module, ShardedNF4Linear):
             start, stop = _rows_of(module.codes)
-            codes, scales = quantize_rows(random_rows(name, start, stop, module.in_features, device=device))
-            local = (lambda t: t.to_local()) if hasattr(module.codes, "to_local") else (lambda t: t.data)
-            local(module.codes).copy_(codes)
-            local(module.scales).copy_(scales)
+            codes, scales = quantize_rows(source.rows(name + ".weight", start, stop, module.in_features, device))
+            _local(module.codes).copy_(codes)
+            _local(module.scales).copy_(scales)
     for name, param in model.named_parameters():
         if param.requires_grad or name.endswith((".codes", ".scales")):
             continue
-        local = param.to_local() if hasattr(param, "to_local") else param.data
-        if param.dim() == 1:  # norms
-            local.fill_(1.0)
+        start, stop = _rows_of(param)
+        if param.dim() == 1:  # norms, biases
+            values = source.vector(name, start, stop, device)
         else:
-            start, stop = _rows_of(param)
-            local.copy_(random_rows(name, start, stop, param.shape[1], device=device).to(local.dtype))
+            values = source.rows(name, start, stop, param.shape[1], device)
+        _local(param).copy_(values.to(param.dtype))
     devices = [torch.device(device)] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):  # the same adapter on every rank
         torch.manual_seed(lora_seed)
@@ -229,3 +285,43 @@ def _fill_random(model: torch.nn.Module, device: str, dtype: torch.dtype, lora_s
             if hasattr(module, "lora_A") and hasattr(module, "reset_lora_parameters"):
                 for adapter in module.lora_A:
                     module.reset_lora_parameters(adapter, True)
+
+
+def load_sharded(model_name: str, *, max_seq_length: int, dtype: Any, lora: dict[str, Any]):
+    """``(LoRA model, tokenizer)`` for ``model_name`` (a folder of safetensors, an embedded model or a
+    hub id), 4-bit and sharded over the process group as it loads: each rank reads and quantizes only
+    its own rows, so no GPU ever holds the whole base. What ``hizli train`` does with
+    ``parallel: fsdp`` and ``load_in_4bit: true``."""
+    from transformers import AutoConfig
+
+    from hizli.models.loader import LoadInfo, default_device, load_tokenizer, resolve_dtype, resolve_source
+    from hizli.models.record import state_of
+
+    src = resolve_source(model_name)
+    folder = src.path
+    if src.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(src.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    elif src.kind not in ("folder", "embedded"):
+        raise ValueError(
+            f"parallel='fsdp' loads 4-bit bases from safetensors folders or the hub; {model_name!r} is a "
+            f"{src.kind}. Convert it to a folder first, or use parallel='ddp'"
+        )
+    device = default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    config = AutoConfig.from_pretrained(folder)
+    model = sharded_model(
+        config, CheckpointRows(folder), device=device, dtype=torch_dtype, lora=lora, max_seq_length=max_seq_length
+    )
+    state_of(model).info = LoadInfo(
+        source=src.source,
+        kind=src.kind,
+        dtype=str(torch_dtype).replace("torch.", ""),
+        device=device,
+        max_seq_length=max_seq_length,
+        load_in_4bit_requested=True,
+        quantization="nf4 (row blocks, sharded)",
+    )
+    model.peft_config["default"].base_model_name_or_path = src.source
+    return model, load_tokenizer(folder, max_seq_length=max_seq_length)
