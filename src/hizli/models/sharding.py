@@ -19,6 +19,7 @@ its own rows of a model built on the meta device (``random_nf4_shards``).
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,10 +136,30 @@ def shard_base_weights(model: torch.nn.Module) -> dict[str, int]:
     converted = _to_row_nf4(model)
     trainable = {p for p in model.parameters() if p.requires_grad}
     layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, ignored_params={p for p in layer.parameters() if p in trainable})
-    fully_shard(decoder, ignored_params={p for p in decoder.parameters() if p in trainable})
+    with _frozen_integer_parameters():
+        for layer in layers:
+            fully_shard(layer, ignored_params={p for p in layer.parameters() if p in trainable})
+        fully_shard(decoder, ignored_params={p for p in decoder.parameters() if p in trainable})
     return {"layers": len(layers), "nf4_weights": converted}
+
+
+@contextmanager
+def _frozen_integer_parameters():
+    """Some torch releases (2.11) wrap each shard as ``nn.Parameter(shard)``, which asks for a gradient
+    before copying the original's ``requires_grad`` and so refuses the uint8 NF4 codes. While sharding,
+    a parameter of a non-float dtype is made without one (it could never have one)."""
+    original = torch.nn.Parameter.__new__
+
+    def new(cls, data=None, requires_grad=True):
+        if data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return original(cls, data, requires_grad)
+
+    torch.nn.Parameter.__new__ = new
+    try:
+        yield
+    finally:
+        torch.nn.Parameter.__new__ = original
 
 
 # ------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ class SFTTrainer:
             log.close()
         runtime = time.perf_counter() - t_start
         report = memory.finish(start_mem, runtime)
-        if self.ranks.world_size > 1:
+        if self.ranks.grouped:
             report.rank_peaks_gib = self.ranks.gather(round(report.peak_gib, 3))
         if self.ranks.is_main:
             metrics.plot_loss(args.output_dir, eval_points)
