@@ -263,8 +263,16 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         "settings": settings,
         "metrics": metrics,
         "memory_plan": trainer.memory_plan,
-        "command": " ".join(shlex.quote(a) for a in ["hizli", *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in [*_launcher(ranks), *sys.argv[1:]]),
     }
+
+
+def _launcher(ranks: Any) -> list[str]:
+    """How this process was started, for the record: ``hizli``, or torchrun with its process count."""
+    if not ranks.grouped:
+        return ["hizli"]
+    per_host = os.environ.get("LOCAL_WORLD_SIZE", str(ranks.world_size))
+    return ["torchrun", f"--nproc-per-node={per_host}", "-m", "hizli.cli"]
 
 
 def _load_average() -> list[float] | None:
