@@ -65,8 +65,9 @@ def _check_resume(recipe: Recipe, resume: str | bool) -> str | None:
     return None
 
 
-def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout) -> dict[str, Any]:
-    """Run ``recipe``; returns the train metrics, memory figures, adapter path, answer and timings."""
+def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=None) -> dict[str, Any]:
+    """Run ``recipe``; returns the train metrics, memory figures, adapter path, answer and timings.
+    ``out``: where the report goes (``sys.stdout`` as it is at the call, when None)."""
     from hizli.api import FastLanguageModel, SFTTrainer, get_chat_template, memory_report
     from hizli.data.load import load_conversations
     from hizli.data.sample import dataset_source
@@ -75,6 +76,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=sys.stdout)
     from hizli.train.memory import MemorySnapshot
     from hizli.train.ranks import Ranks
 
+    out = out if out is not None else sys.stdout
     ranks = Ranks.current()  # joins the process group when torchrun / accelerate started this process
     if not ranks.is_main:  # every rank runs the recipe; the first one alone prints and writes
         out = io.StringIO()
