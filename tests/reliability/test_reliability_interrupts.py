@@ -60,8 +60,11 @@ KILLS = 40
 PHASES = ("adapter", "optimizer", "checksums", "rename", "renamed")  # where inside a write to stop
 
 SERVER = textwrap.dedent(r"""
-    import json, os, sys, time, traceback
+    import json, os, signal, sys, time, traceback
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Ctrl-C as a terminal delivers it, even when the suite runs as a background job (which starts
+    # with SIGINT ignored, so that Python would never raise KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, TESTS)
     import torch
     torch.set_num_threads(1)  # the same arithmetic in every child: losses compare exactly
