@@ -96,3 +96,11 @@ def test_a_stalled_rank_is_named(tmp_path):
     assert result.returncode != 0
     line = next(x for x in result.stdout.splitlines() if x.startswith("ERROR"))
     assert "rank 0: a collective failed" in line and "Ranks 1 failed to pass monitoredBarrier" in line
+
+
+def test_device_map_auto_under_torchrun_is_refused_before_loading(monkeypatch):
+    from hizli import FastLanguageModel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="device_map='auto' under torchrun spreads one model"):
+        FastLanguageModel.from_pretrained("smollm2-135m-instruct", device_map="auto")

@@ -241,6 +241,12 @@ def load(
         )
 
     seconds = _Stopwatch()  # where loading goes: model.hizli.load_seconds, shown by `hizli bench`
+    if device_map in ("auto", "balanced", "sequential") and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise ValueError(
+            f"device_map={device_map!r} under torchrun spreads one model over this host's GPUs, so every "
+            "rank would load it over the same GPUs and train alone. Leave device_map out: each rank "
+            "then loads its model on cuda:LOCAL_RANK (or use parallel='fsdp' for a model one GPU cannot hold)"
+        )
     device = default_device() if device_map is None else _device_of(device_map)
     torch_dtype = resolve_dtype(dtype, device)
     if fast_path:  # first, so that it compiles while transformers and bitsandbytes import
