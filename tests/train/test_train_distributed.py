@@ -80,7 +80,8 @@ def _train(
     launcher = [sys.executable]
     if ranks is not None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    threads = max(1, (os.cpu_count() or 1) // (ranks or 1))  # the machine's cores, shared by the ranks
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [*launcher, str(script), str(out), str(tmp / f"{name}-writes.json"), *args],
         capture_output=True,
