@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+from dataclasses import asdict
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,17 +103,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=None) -> di
             }
     timings = Timings()
     m, lo, d = recipe.model, recipe.lora, recipe.data
-    lora = dict(
-        r=lo.r,
-        target_modules=lo.target_modules,
-        lora_alpha=lo.lora_alpha,
-        lora_dropout=lo.lora_dropout,
-        bias=lo.bias,
-        use_gradient_checkpointing=lo.use_gradient_checkpointing,
-        random_state=lo.random_state,
-        use_rslora=lo.use_rslora,
-        loftq_config=lo.loftq_config,
-    )
+    lora = asdict(lo)  # LoraSettings mirrors get_peft_model's arguments one to one
     with timings.part("load model"):
         if ranks.grouped and recipe.train.parallel == "fsdp" and m.load_in_4bit:
             from hizli.models.sharding import load_sharded

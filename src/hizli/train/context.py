@@ -61,8 +61,8 @@ def optimizer_step(
     ctx: StepContext, groups: list[list[int]], step_no: int, fillers: Sequence[list[int]] = ()
 ) -> StepResult | None:
     """Forward and backward each micro-batch (``groups``: row indices), then update the weights.
-    ``fillers``: micro-batches run at weight 0, so that every rank runs as many passes (see
-    ``hizli.train.ranks.shard_rows``). Returns None if the step was skipped (no trained token, or a
+    ``fillers``: micro-batches run at weight 0, so that every rank of a sharded model runs as many
+    passes (see ``hizli.train.ranks.equal_passes``). Returns None if the step was skipped (no trained token, or a
     non-finite loss under ``nan_policy='skip'``)."""
     batches = [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in groups]
     counts = torch.tensor([sum(b.n_trained for b in batches), sum(b.n_tokens for b in batches)], dtype=torch.float64)

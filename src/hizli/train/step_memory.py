@@ -114,7 +114,9 @@ def step_or_replan(
                 memory.groups(cut(rows, batch), lengths) for rows in deal_rows(micro, lengths, ctx.ranks.world_size)
             ]
             share = equal_passes(per_rank, ctx.ranks.rank, lengths)
-            return optimizer_step(ctx, share.groups, step_no, share.fillers), memory
+            # fillers only where the base is sharded: data-parallel ranks meet once a step, not per pass
+            fillers = share.fillers if ctx.args.parallel == "fsdp" else []
+            return optimizer_step(ctx, share.groups, step_no, fillers), memory
         except torch.OutOfMemoryError as e:
             ctx.optimizer.zero_grad(set_to_none=True)  # free the step's gradients before measuring
             e.__traceback__ = None  # its frames hold the step's activations: let them go too
