@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from hizli.data.collate import IGNORE, DataCollatorForSeq2Seq, PaddingFreeCollator, best_fit_decreasing
+from hizli.data.collate import (
+    IGNORE,
+    DataCollatorForSeq2Seq,
+    PaddingFreeCollator,
+    best_fit_decreasing,
+    bucket_length,
+    pad_to_length,
+)
 from hizli.models.patch import padding_free, use_hizli_attention
 
 from helpers import tiny_llama_config
@@ -106,6 +113,42 @@ def test_three_layouts_give_every_token_the_same_loss(smol_tokenizer):
             # The bound allows about 12 ulp; a token attending across a boundary or a shifted label
             # moves its loss by O(1).
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"row {r}")
+
+
+def test_a_bucket_filler_changes_no_real_token_and_trains_nothing(smol_tokenizer):
+    rows = _rows(smol_tokenizer, n=6)
+    model = _model()
+    flat = PaddingFreeCollator()(rows)
+    n = flat["input_ids"].shape[1]
+    _, t, losses = _token_losses(model, flat)
+    reference = _by_row_flat(flat, losses, t, list(range(len(rows))))
+
+    length = bucket_length(n + 1)  # at least one filler token, whatever n is
+    padded = pad_to_length(flat, length, pad_id=7)
+    assert padded["input_ids"].shape == (1, length) and padded["filler_tokens"] == length - n
+    assert (padded["labels"][0, n:] == IGNORE).all()  # nothing of the filler is trained
+    assert padded["cu_seqlens"].tolist() == flat["cu_seqlens"].tolist() + [length]
+    _, t, losses = _token_losses(model, padded)
+    bucketed = _by_row_flat(padded, losses, t, list(range(len(rows))) + ["filler"])
+    assert bucketed.pop("filler") == []
+    for r in reference:
+        # the same per-row sums over other shapes: a few ulp (see the layouts test above)
+        a = torch.tensor([x for _, x in bucketed[r]])
+        b = torch.tensor([x for _, x in reference[r]])
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"row {r}")
+
+    from hizli.train.step import to_device
+
+    assert to_device(padded, torch.device("cpu")).n_tokens == n  # tokens/s counts real tokens only
+
+
+def test_bucket_lengths_repeat_and_stay_within_the_plan():
+    lengths = [bucket_length(n) for n in range(1000, 16385)]
+    assert all(0 <= b - n <= n / 16 + 64 for n, b in zip(range(1000, 16385), lengths))
+    assert len(set(lengths)) <= 16 * 4 + 1  # about 16 lengths per doubling: shapes repeat
+    assert bucket_length(4389, limit=4400) == 4400  # the plan's micro-batch size is never exceeded
+    assert bucket_length(4389, limit=4389) == 4389
+    assert bucket_length(5000, limit=4389) == 5000  # a batch already above it is left alone
 
 
 def test_padding_free_labels_never_cross_a_boundary(smol_tokenizer):

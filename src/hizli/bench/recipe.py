@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-LEVERS = ("padding_free", "merge_micro", "fused_ce", "kernels", "checkpointing", "cast_cache")
+LEVERS = ("padding_free", "merge_micro", "fused_ce", "kernels", "checkpointing", "cast_cache", "token_buckets")
 
 
 @dataclass
@@ -210,6 +210,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         callbacks=callbacks,
     )
     trainer.keep_lora_copies = levers["cast_cache"]  # off: cast the LoRA weights at every use
+    trainer.token_buckets = levers["token_buckets"]  # off: micro-batches keep their own token counts
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()
@@ -304,7 +305,8 @@ def startup_parts(
 
 
 class _Profiler:
-    """torch.profiler over optimizer steps 11-13; writes the kernel table to DIR/profile.txt."""
+    """torch.profiler over optimizer steps 11-13; writes the kernel table to DIR/profile.txt and the
+    host's (self CPU time: where a host-bound step spends its time) to DIR/profile_host.txt."""
 
     def __init__(self, folder: str, device: Any) -> None:
         self.folder, self.device, self.prof = Path(folder), device, None
@@ -322,6 +324,8 @@ class _Profiler:
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = self.prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
             (self.folder / "profile.txt").write_text(table)
+            host = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=70)
+            (self.folder / "profile_host.txt").write_text(host)
             self.prof = None
 
 

@@ -49,7 +49,7 @@ def _add_recipe_options(b: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=on|off",
         help="turn one speed lever on or off (padding_free, fused_ce, kernels, merge_micro, "
-        "checkpointing, cast_cache); repeatable",
+        "checkpointing, cast_cache, token_buckets); repeatable",
     )
     b.add_argument("--max-memory-gib", type=float, help="memory cap for the memory plan")
     b.add_argument(

@@ -19,6 +19,11 @@ from typing import Any, Sequence
 from hizli.data.tokenized import IGNORE
 
 
+def pad_id_of(collator) -> int:
+    """The pad token id of a collator's tokenizer (0 when it has none)."""
+    return _pad_id(getattr(collator, "tokenizer", None))
+
+
 def _pad_id(tokenizer) -> int:
     if tokenizer is None:
         return 0
@@ -117,6 +122,40 @@ class PaddingFreeCollator:
             "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
             "max_seqlen": max(lengths),
         }
+
+
+def bucket_length(n: int, limit: int | None = None) -> int:
+    """The length a padding-free batch of ``n`` tokens is padded to: ``n`` rounded up to a multiple of
+    1/16 of the power of two at or below it (at least 64), so lengths fall on about 16 values per
+    doubling and cost at most 1/16 more tokens. Never above ``limit`` (the memory plan's micro-batch
+    size) unless ``n`` itself is."""
+    if n <= 0:
+        return n
+    step = max(64, 1 << max(0, n.bit_length() - 5))
+    padded = -(-n // step) * step
+    if limit is not None and padded > limit:
+        padded = max(n, limit)
+    return padded
+
+
+def pad_to_length(batch: dict[str, Any], length: int, pad_id: int = 0) -> dict[str, Any]:
+    """A padding-free batch (one ``[1, N]`` row with ``cu_seqlens``) made ``length`` tokens long by one
+    filler sequence at the end: its own attention segment, positions from 0, nothing trained. The
+    real tokens' loss and gradients are unchanged; ``filler_tokens`` says how many were added."""
+    import torch
+
+    n = batch["input_ids"].shape[1]
+    extra = length - n
+    if extra <= 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), pad_id, dtype=torch.long)], dim=1)
+    out["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE, dtype=torch.long)], dim=1)
+    out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra, dtype=torch.long)[None]], dim=1)
+    out["cu_seqlens"] = torch.cat([batch["cu_seqlens"], torch.tensor([length], dtype=torch.int32)])
+    out["max_seqlen"] = max(int(batch["max_seqlen"]), extra)
+    out["filler_tokens"] = extra
+    return out
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

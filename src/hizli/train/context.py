@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hizli import _log
+from hizli.data.collate import bucket_length, pad_id_of, pad_to_length
 from hizli.train import step as step_mod
 from hizli.train.args import TrainingArguments
 from hizli.train.ranks import Ranks
@@ -50,6 +51,18 @@ class StepContext:
     ranks: Ranks
     fused_ce: bool = True  # False materialises all logits (benchmarks measure the lever)
     ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
+    # Padding-free micro-batches padded to a few lengths (``bucket_length``), so the matmuls and kernels
+    # see shapes they have run before: a new row count costs the host a fresh kernel choice per op.
+    token_buckets: bool = False
+    bucket_limit: int | None = None  # the memory plan's micro-batch size: no bucket goes above it
+
+    def device_batch(self, rows: Sequence[int]) -> step_mod.DeviceBatch:
+        """The micro-batch of these dataset rows, collated (bucketed if asked) and on the device."""
+        batch = self.collate([self.dataset[i] for i in rows])
+        if self.token_buckets and "cu_seqlens" in batch:
+            n = batch["input_ids"].shape[1]
+            batch = pad_to_length(batch, bucket_length(n, self.bucket_limit), pad_id_of(self.collate))
+        return step_mod.to_device(batch, self.device)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -64,13 +77,13 @@ def optimizer_step(
     ``fillers``: micro-batches run at weight 0, so that every rank of a sharded model runs as many
     passes (see ``hizli.train.ranks.equal_passes``). Returns None if the step was skipped (no trained token, or a
     non-finite loss under ``nan_policy='skip'``)."""
-    batches = [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in groups]
+    batches = [ctx.device_batch(rows) for rows in groups]
     counts = torch.tensor([sum(b.n_trained for b in batches), sum(b.n_tokens for b in batches)], dtype=torch.float64)
     n_trained, tokens = (int(c) for c in ctx.ranks.sum(counts))
     if n_trained == 0:
         _log.warn_once("empty-step", f"step {step_no}: no trained token in its rows; skipped")
         return None
-    batches += [step_mod.to_device(ctx.collate([ctx.dataset[i] for i in rows]), ctx.device) for rows in fillers]
+    batches += [ctx.device_batch(rows) for rows in fillers]
     # the logged loss is summed in float64 (one scalar): in float32 how a step's rows are split into
     # micro-batches would move it by an ulp (MPS has no float64)
     total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)

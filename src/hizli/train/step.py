@@ -43,8 +43,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> DeviceBatch:
     if "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=non_blocking)
         n_tokens = int(batch["attention_mask"].sum())
-    else:
-        n_tokens = int(batch["input_ids"].numel())
+    else:  # padding-free: every token is real except a bucket's filler
+        n_tokens = int(batch["input_ids"].numel()) - int(batch.get("filler_tokens", 0))
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=non_blocking)
     if "cu_seqlens" in batch:

@@ -90,6 +90,7 @@ def plan_memory(
     apply_layer_modes(model, plan.layer_modes)
     if ctx.device.type == "cuda":
         ctx.ce_chunk_rows = plan.ce_chunk_rows
+        ctx.bucket_limit = plan.tokens_per_micro_batch
     _log.info(plan.describe())
     for note in plan.notes:
         _log.warn_once(f"plan-{note}", note)
