@@ -46,9 +46,10 @@ def _existing_run(recipe: Recipe) -> list[str]:
     return found
 
 
-def _check_resume(recipe: Recipe, resume: str | bool) -> str | None:
-    """Before anything loads: refuse a checkpoint of another recipe (CheckpointError), and return the
-    "nothing left to train" message when the checkpoint has already reached ``train.max_steps``."""
+def _check_resume(recipe: Recipe, resume: str | bool, world_size: int) -> str | None:
+    """Before anything loads: refuse a checkpoint of another recipe or, without ``train.reshard``, of
+    another number of ranks (CheckpointError), and return the "nothing left to train" message when the
+    checkpoint has already reached ``train.max_steps``."""
     import json
 
     from hizli.train import checkpoint, runs
@@ -61,6 +62,7 @@ def _check_resume(recipe: Recipe, resume: str | bool) -> str | None:
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return None
     runs.check_same_recipe(state, recipe.to_dict(), path)
+    checkpoint.check_world_size(state, world_size, recipe.train.reshard, path)
     if recipe.train.max_steps > 0 and state["global_step"] >= recipe.train.max_steps:
         return runs.resume_message(path, state, recipe.train.max_steps)
     return None
@@ -90,7 +92,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, out=None) -> di
                 "--set output.overwrite=true"
             )
     if resume not in (None, False):
-        left = _check_resume(recipe, resume)
+        left = _check_resume(recipe, resume, ranks.world_size)
         if left is not None:  # nothing left to train: the adapter folder stays as it is
             print(f"{left}\n{recipe.output.adapter_dir}/ is left as it was", file=out)
             return {

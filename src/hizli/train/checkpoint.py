@@ -38,6 +38,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, incomplete or corrupted)."""
 
 
+def check_world_size(state: dict, world_size: int, reshard: bool, path) -> None:
+    """Refuse a checkpoint written by another number of ranks unless ``reshard`` allows it."""
+    saved = state.get("world_size", 1)
+    if saved != world_size and not reshard:
+        raise CheckpointError(
+            f"{path} was written by {saved} rank(s) and this run has {world_size}. Resume "
+            "with --reshard (reshard=True) to continue it here; with keep_global_batch on, the "
+            "optimizer steps stay the same"
+        )
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

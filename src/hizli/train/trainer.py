@@ -393,13 +393,7 @@ class SFTTrainer:
     def _check_resumable(self, state: dict[str, Any], recipe: dict[str, Any], path: Path) -> None:
         """A checkpoint resumes only in its own run, and on another number of ranks only when asked."""
         runs.check_same_recipe(state, recipe=recipe, path=path)
-        saved = state.get("world_size", 1)
-        if saved != self.ranks.world_size and not self.args.reshard:
-            raise checkpoint.CheckpointError(
-                f"{path} was written by {saved} rank(s) and this run has {self.ranks.world_size}. Resume "
-                "with --reshard (reshard=True) to continue it here; with keep_global_batch on, the "
-                "optimizer steps stay the same"
-            )
+        checkpoint.check_world_size(state, self.ranks.world_size, self.args.reshard, path)
 
     def _recipe_from_objects(self) -> dict[str, Any]:
         return recipe_from_objects(
