@@ -12,7 +12,7 @@ from hizli.train.trainer import SFTTrainer
 from helpers import FakeTokenizer, tiny_lora_model, token_rows
 
 
-def _train(rows, batch, accum, steps=3, padding_free=False, merge=False, tmp_path=None):
+def _train(rows, batch, accum, steps=3, padding_free=False, merge=False, tmp_path=None, buckets=None):
     model = tiny_lora_model(torch.float64)
     args = TrainingArguments(
         per_device_train_batch_size=batch,
@@ -31,6 +31,7 @@ def _train(rows, batch, accum, steps=3, padding_free=False, merge=False, tmp_pat
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, tokenizer=FakeTokenizer(), train_dataset=rows, args=args)
+    trainer.token_buckets = buckets
     stats = trainer.train()
     weights = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     return [e["loss"] for e in stats.log_history], weights
@@ -52,6 +53,8 @@ def test_two_by_four_equals_eight_by_one_and_one_by_eight(tmp_path):
     # layouts: padding-free, and padding-free with the step's micro-batches run as one
     _close(_train(rows, 2, 4, padding_free=True, tmp_path=tmp_path), eight_by_one)
     _close(_train(rows, 2, 4, padding_free=True, merge=True, tmp_path=tmp_path), eight_by_one)
+    # micro-batches padded to a bucket length by an untrained filler sequence (the GPU default)
+    _close(_train(rows, 2, 4, padding_free=True, tmp_path=tmp_path, buckets=True), eight_by_one)
 
 
 def test_per_micro_batch_averaging_would_differ(tmp_path):

@@ -210,7 +210,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         callbacks=callbacks,
     )
     trainer.keep_lora_copies = levers["cast_cache"]  # off: cast the LoRA weights at every use
-    trainer.token_buckets = levers["token_buckets"]  # off: micro-batches keep their own token counts
+    trainer.token_buckets = None if levers["token_buckets"] else False  # off: micro-batches keep their lengths
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()

@@ -121,7 +121,8 @@ class SFTTrainer:
         self.ranks = Ranks.current()
         self.stop_signals = StopSignals()
         self.keep_lora_copies = True  # False: cast the LoRA weights at every use (a benchmark lever)
-        self.token_buckets = True  # False: padding-free micro-batches keep their own lengths (a benchmark lever)
+        # padding-free micro-batches padded to repeating lengths: None on a GPU, True / False always / never
+        self.token_buckets: bool | None = None
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -319,7 +320,7 @@ class SFTTrainer:
             collate=self._collator(),
             ranks=self.ranks,
             fused_ce=args.fused_cross_entropy,
-            token_buckets=self.token_buckets and device.type == "cuda",
+            token_buckets=device.type == "cuda" if self.token_buckets is None else self.token_buckets,
         )
         warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         return ctx, plan, total_steps
