@@ -81,7 +81,19 @@ LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 
 def one_layer_lora_model(
-    tmp_path, *, hidden, inter, heads, kv_heads, head_dim, dtype, device, seed=0, use_rslora=False, lora_dropout=0.0
+    tmp_path,
+    *,
+    hidden,
+    inter,
+    heads,
+    kv_heads,
+    head_dim,
+    dtype,
+    device,
+    seed=0,
+    use_rslora=False,
+    lora_dropout=0.0,
+    attention_bias=False,
 ):
     """A 1-layer Llama of this shape loaded in NF4 + double quant (as the loader does), LoRA r=16 on all
     seven projections with random B (so the adapters matter), in train mode."""
@@ -98,6 +110,7 @@ def one_layer_lora_model(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
+        attention_bias=attention_bias,  # q/k/v/o with a bias, as Qwen2's q/k/v
     )
     folder = tmp_path / f"m{hidden}x{inter}"
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)

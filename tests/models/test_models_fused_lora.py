@@ -355,3 +355,18 @@ def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, f
     (kept_losses, kept_params), (cast_losses, cast_params) = results
     assert kept_losses == cast_losses and len(set(kept_losses)) == 3  # the adapters did change
     assert all(torch.equal(a, b) for a, b in zip(kept_params, cast_params))
+
+
+def test_a_model_with_biased_attention_projections_is_planned_as_unfused(tmp_path):
+    """Qwen2's q/k/v carry a bias, which the fused ops do not take: those projections run PEFT's
+    layers, so the memory plan must not assume the fused layers' smaller activations."""
+    from hizli.models.patch import model_uses_fused_lora, use_fused_ops, use_hizli_attention
+
+    kw = dict(hidden=128, inter=256, heads=4, kv_heads=2, head_dim=32, dtype=torch.float32, device="cpu")
+    plain_attention = one_layer_lora_model(tmp_path / "a", **kw)
+    biased_attention = one_layer_lora_model(tmp_path / "b", attention_bias=True, **kw)
+    for m in (plain_attention, biased_attention):
+        use_hizli_attention(m)
+        use_fused_ops(m)
+    assert model_uses_fused_lora(plain_attention)
+    assert not model_uses_fused_lora(biased_attention)

@@ -214,14 +214,28 @@ _FUSED_FORWARDS = {
 
 
 def model_uses_fused_lora(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s MLPs were routed through hizli (``use_fused_ops``), their LoRA layers qualify
-    for the fused ops and ``HIZLI_KERNELS`` does not send the ops to their references (the memory
-    plan's activation sizes depend on it; on a CUDA device the ops then run fused)."""
+    """Whether every LoRA projection of ``model``'s decoder runs through the fused ops: its MLPs and
+    attention modules routed through hizli (``use_fused_ops``), their LoRA layers qualifying, and
+    ``HIZLI_KERNELS`` not sending the ops to their references. The memory plan's activation sizes
+    depend on it: a model whose q/k/v carry a bias (Qwen2) runs them through PEFT's layers, which keep
+    more per token, so it is planned as unfused."""
     from hizli.kernels.dispatch import kernels_mode
     from hizli.models.fused_lora import group_parts
 
     if kernels_mode() == "reference":
         return False
+    mlp = attention = None
+    for module in model.modules():
+        if mlp is None and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
+            mlp = module
+        if attention is None and hasattr(module, "q_proj") and hasattr(module, "o_proj"):
+            attention = module
+    groups = [(mlp, ("gate_proj", "up_proj", "down_proj"))]
+    if attention is not None:
+        groups += [(attention, ("q_proj", "k_proj", "v_proj")), (attention, ("o_proj",))]
+    return mlp is not None and all(
+        routed_through_hizli(module) and group_parts(module, names) is not None for module, names in groups
+    )
     for module in model.modules():
         if routed_through_hizli(module) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
             return group_parts(module, ("gate_proj", "up_proj", "down_proj")) is not None
