@@ -10,6 +10,11 @@ Every layout gives each real token the same prediction target, so the per-token 
   label of each sequence is set to -100: it is the target of the previous sequence's last position.
 - packed: which rows share a micro-batch is chosen by best-fit-decreasing bins of at most
   ``max_tokens``; the bins are then laid out padding-free.
+
+On a GPU the trainer pads each padding-free micro-batch to one of a few lengths (``bucket_length``)
+with one filler sequence that attends only to itself and is never trained (``pad_to_length``): the
+matmuls and kernels then see row counts they have run before, where a new one costs the host a fresh
+kernel choice, and with PyTorch's default cuBLAS a wait for the GPU to drain.
 """
 
 from __future__ import annotations
