@@ -109,3 +109,29 @@ def test_levers_name_the_fix(bad):
 
     with pytest.raises(ValueError, match="NAME=on|off"):
         parse_levers(bad)
+
+
+def test_each_record_is_kept_as_its_run_ends_so_a_call_cut_short_keeps_them(tmp_path, monkeypatch):
+    """A GPU call that hits its time limit mid-compare still leaves the records of the runs that ended,
+    the hizli one with its matched peer."""
+    from hizli.bench import compare, results, shapes
+
+    monkeypatch.setattr(shapes, "recipe_model_folder", lambda shape, tokenizer, work: tmp_path / "model")
+    monkeypatch.setattr(compare, "importable", lambda module: True)
+    monkeypatch.setattr(compare, "run_peer", lambda bench, model, kind, *a: run(kind, 7106, 3.074))
+
+    def hizli_run(bench, model, name, extra):
+        if name == "hizli":
+            raise KeyboardInterrupt  # the call's time limit, while the second hizli run trains
+        assert extra == ["--max-memory-gib", "3.074"]  # capped at the seed mode's peak
+        return run(name, 10143, 3.06, cap_gib=3.074, batch=2, grad_accum=4, dtype="bf16")
+
+    monkeypatch.setattr(compare, "run_hizli", hizli_run)
+    bench = compare.CompareBench(systems=("unsloth_best", "hizli_capped", "unsloth_big", "hizli"), work=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        compare.bench_compare(bench, results_dir=str(tmp_path / "results"))
+    kept = results.read(tmp_path / "results" / "compare.jsonl")
+    assert [r["system"] for r in kept] == ["unsloth_best", "hizli_capped", "unsloth_big"]
+    assert len({r["call"] for r in kept}) == 1  # one call, as the pairs' comparison needs
+    capped = kept[1]["metrics"]["matched"]
+    assert capped["peer"] == "unsloth_best" and capped["ratio"] == round(10143 / 7106, 3)

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hizli
 
@@ -258,8 +258,15 @@ def render(found: dict[str, dict], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_compare(bench: CompareBench) -> tuple[dict[str, dict], list[dict[str, Any]]]:
-    """Every system of ``bench.systems`` in order; the results by system and the matched rows."""
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def run_compare(
+    bench: CompareBench, on_result: Callable[[str, dict[str, dict]], None] | None = None
+) -> tuple[dict[str, dict], list[dict[str, Any]]]:
+    """Every system of ``bench.systems`` in order; the results by system and the matched rows.
+    ``on_result(system, found)`` is called as each run finishes (its peers have run before it)."""
     from hizli.bench.shapes import recipe_model_folder
 
     work = Path(bench.work)
@@ -280,7 +287,7 @@ def run_compare(bench: CompareBench) -> tuple[dict[str, dict], list[dict[str, An
             elif system == "hizli_t4":
                 extra = ["--dtype", "fp16", "--max-memory-gib", str(bench.t4_cap_gib)]
             result = run_hizli(bench, model, system, extra)
-        elif importlib.util.find_spec(PEER_MODULES[system]) is None:
+        elif not importable(PEER_MODULES[system]):
             print(f"{system}: {PEER_MODULES[system]} is not importable; skipped", flush=True)
             continue
         elif system == "unsloth_t4":
@@ -296,37 +303,48 @@ def run_compare(bench: CompareBench) -> tuple[dict[str, dict], list[dict[str, An
             result = run_peer(bench, model, system)
         if result is not None:
             found[system] = result
+            if on_result is not None:
+                on_result(system, found)
     return found, matched(found)
 
 
-def bench_compare(bench: CompareBench, results_dir: str | None = None) -> int:
-    """Run, print the tables, append one record per system (the hizli ones carry their matched peer)."""
+def make_compare_record(bench: CompareBench, name: str, found: dict[str, dict], command: str, device, call):
+    """The results record of system ``name`` (a hizli one carries its matched peer, if that ran)."""
     from hizli.bench import results
 
-    found, rows = run_compare(bench)
-    print(render(found, rows))
-    device, call, records = results.device_info(), None, []
-    command = " ".join(shlex.quote(a) for a in ["hizli", *sys.argv[1:]])
-    for name, r in found.items():
-        pair = next((row for row in rows if row["hizli"] == name), None)
-        settings = {
-            "shape": bench.shape,
-            "steps": bench.steps,
-            "batch": r.get("batch"),
-            "grad_accum": r.get("grad_accum"),
-            "dtype": r.get("dtype"),
-            "cap_gib": r.get("cap_gib"),
-        }
-        skip = {"system", "batch", "grad_accum", "dtype", "cap_gib", "command", "env", "versions", "gpu", "memory_plan"}
-        metrics = {k: v for k, v in r.items() if k not in skip}
-        if pair:
-            metrics["matched"] = {k: pair[k] for k in ("pair", "peer", "peer_tokens_per_s", "peer_peak_gib", "ratio")}
-        env = r.get("env") or {"python": None, **(r.get("versions") or {})}
-        record = results.make_record(
-            "compare", name, settings, metrics, command=command, call=call, device=device, env=env
-        )
+    r = found[name]
+    pair = next((row for row in matched(found) if row["hizli"] == name), None)
+    settings = {
+        "shape": bench.shape,
+        "steps": bench.steps,
+        "batch": r.get("batch"),
+        "grad_accum": r.get("grad_accum"),
+        "dtype": r.get("dtype"),
+        "cap_gib": r.get("cap_gib"),
+    }
+    skip = {"system", "batch", "grad_accum", "dtype", "cap_gib", "command", "env", "versions", "gpu", "memory_plan"}
+    metrics = {k: v for k, v in r.items() if k not in skip}
+    if pair:
+        metrics["matched"] = {k: pair[k] for k in ("pair", "peer", "peer_tokens_per_s", "peer_peak_gib", "ratio")}
+    env = r.get("env") or {"python": None, **(r.get("versions") or {})}
+    return results.make_record("compare", name, settings, metrics, command=command, call=call, device=device, env=env)
+
+
+def bench_compare(bench: CompareBench, results_dir: str | None = None) -> int:
+    """Run, print the tables; each system's record is appended as soon as its run ends, so a call cut
+    short keeps what it measured (the hizli ones carry their matched peer)."""
+    from hizli.bench import results
+
+    device, command = results.device_info(), " ".join(shlex.quote(a) for a in ["hizli", *sys.argv[1:]])
+    call: str | None = None
+
+    def keep(name: str, found: dict[str, dict]) -> None:
+        nonlocal call
+        record = make_compare_record(bench, name, found, command, device, call)
         call = call or record["call"]
-        records.append(record)
-    if results_dir and records:
-        print(f"records appended to {results.append(results_dir, records)}")
+        if results_dir:
+            print(f"record appended to {results.append(results_dir, [record])}", flush=True)
+
+    found, rows = run_compare(bench, on_result=keep)
+    print(render(found, rows))
     return 0 if "hizli" in found or "hizli_capped" in found or "hizli_t4" in found else 1
