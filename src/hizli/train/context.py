@@ -51,15 +51,18 @@ class StepContext:
     ranks: Ranks
     fused_ce: bool = True  # False materialises all logits (benchmarks measure the lever)
     ce_chunk_rows: int | None = None  # rows per chunk of the fused loss (None: the kernel's choice)
-    # Padding-free micro-batches padded to a few lengths (``bucket_length``), so the matmuls and kernels
-    # see shapes they have run before: a new row count costs the host a fresh kernel choice per op.
-    token_buckets: bool = False
+    # Padding-free micro-batches padded to a few lengths (``hizli.data.collate.bucket_length``) so
+    # shapes repeat. None: on a GPU whose memory plan sets the limit (the plan then accounts for them).
+    token_buckets: bool | None = None
     bucket_limit: int | None = None  # the memory plan's micro-batch size: no bucket goes above it
 
     def device_batch(self, rows: Sequence[int]) -> step_mod.DeviceBatch:
         """The micro-batch of these dataset rows, collated (bucketed if asked) and on the device."""
         batch = self.collate([self.dataset[i] for i in rows])
-        if self.token_buckets and "cu_seqlens" in batch:
+        buckets = self.token_buckets
+        if buckets is None:
+            buckets = self.device.type == "cuda" and self.bucket_limit is not None
+        if buckets and "cu_seqlens" in batch:
             n = batch["input_ids"].shape[1]
             batch = pad_to_length(batch, bucket_length(n, self.bucket_limit), pad_id_of(self.collate))
         return step_mod.to_device(batch, self.device)

@@ -121,7 +121,8 @@ class SFTTrainer:
         self.ranks = Ranks.current()
         self.stop_signals = StopSignals()
         self.keep_lora_copies = True  # False: cast the LoRA weights at every use (a benchmark lever)
-        # padding-free micro-batches padded to repeating lengths: None on a GPU, True / False always / never
+        # padding-free micro-batches padded to repeating lengths: None on a GPU under a memory plan,
+        # True / False always / never (a benchmark lever; see hizli.data.collate)
         self.token_buckets: bool | None = None
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
@@ -320,7 +321,7 @@ class SFTTrainer:
             collate=self._collator(),
             ranks=self.ranks,
             fused_ce=args.fused_cross_entropy,
-            token_buckets=device.type == "cuda" if self.token_buckets is None else self.token_buckets,
+            token_buckets=self.token_buckets,
         )
         warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         return ctx, plan, total_steps
