@@ -159,6 +159,42 @@ def test_cpu_forward_and_grads(request, rel, dtype, nf4, lead, path):
     _check_against_float64(fn, x, _parts(nf4, "cpu"), TOL[("cpu", dtype)], rel)
 
 
+def _unread(x, parts):
+    return lora_mlp(x, parts, output_unread=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "16-bit"])
+def test_cpu_unread_output_gives_the_same_gradients(fused_on_cpu, rel, dtype, nf4):
+    """The recomputed layer's MLP: zeros out, and every gradient as the full function's against float64.
+    INTER = 100 in pieces of 32 rows (NF4 rows of 72 values start on a 64-value block every 8 rows):
+    three whole pieces and a ragged one."""
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    parts = _parts(nf4, "cpu")
+    for lead in LEADS:
+        x = torch.randn(*lead, HIDDEN, generator=torch.Generator().manual_seed(7)).to(dtype)
+        out, dx, grads = _run(_unread, x, parts)
+        _out64, dx64, grads64 = _run(lora_mlp_reference, x.double(), _float64_parts(parts))
+        assert out.shape == (*lead, HIDDEN) and out.dtype == dtype and not out.any()
+        assert dx.dtype == dtype and all(g.dtype == torch.float32 for g in grads)
+        tol = TOL[("cpu", dtype)]
+        for what, got, truth in [("dx", dx, dx64)] + [
+            (f"grad{i}", g, t) for i, (g, t) in enumerate(zip(grads, grads64))
+        ]:
+            assert rel(got, truth) < tol, f"{what}: {rel(got, truth):.2e} >= {tol:.0e}"
+
+
+def test_row_chunks_start_on_quantization_blocks():
+    from hizli.kernels._lora import row_chunk
+
+    pytest.importorskip("bitsandbytes")
+    nf4_part, plain_part = _parts(nf4=True, device="cpu")[0], _parts(nf4=False, device="cpu")[0]
+    assert row_chunk([plain_part.base], 100, 4) == 25
+    assert row_chunk([nf4_part.base], 100, 4) == 32  # 72 features: a block boundary every 8 rows
+    assert row_chunk([nf4_part.base], 8, 4) == 8  # never more than the rows
+
+
 def test_cpu_fused_under_autocast_runs_in_bf16(fused_on_cpu, rel):
     """fp32 activations under bf16 autocast (the training step): bf16 out, as PEFT's layers give."""
     parts = _parts(nf4=False, device="cpu")
@@ -175,3 +211,15 @@ def test_kernel_forward_and_grads(kernel_device, rel, dtype, nf4):
     for lead in LEADS:
         x = torch.randn(*lead, HIDDEN, generator=torch.Generator().manual_seed(7)).to(kernel_device, dtype)
         _check_against_float64(lora_mlp, x, _parts(nf4, kernel_device), TOL[(kernel_device.type, dtype)], rel)
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "16-bit"])
+def test_kernel_unread_output_gradients(kernel_device, rel, nf4):
+    pytest.importorskip("bitsandbytes")
+    parts = _parts(nf4, kernel_device)
+    x = torch.randn(1, 37, HIDDEN, generator=torch.Generator().manual_seed(7)).to(kernel_device, torch.bfloat16)
+    out, dx, grads = _run(_unread, x, parts)
+    _out64, dx64, grads64 = _run(lora_mlp_reference, x.double(), _float64_parts(parts))
+    assert not out.any()
+    for got, truth in [(dx, dx64), *zip(grads, grads64)]:
+        assert rel(got, truth) < TOL[(kernel_device.type, torch.bfloat16)]

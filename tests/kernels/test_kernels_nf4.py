@@ -254,6 +254,42 @@ def test_kernel_into_out_slices(kernel_device, monkeypatch):
         buffer.fill_(float("nan"))
 
 
+# Row ranges whose blocks start inside a group of the nested scales (256 blocks a group): rows 300-450 of
+# a [600, 64] weight start at block 300, past the first group's end.
+ROW_RANGES = [(0, 1), (300, 450), (255, 600), (0, 600)]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_reference_rows_are_the_whole_weights_rows(nested):
+    packed, qs = _quantize((600, 64), torch.bfloat16, 64, nested)
+    whole = dequantize_nf4_reference(packed, qs)
+    whole_fp32 = dequantize_nf4_reference(packed, qs, dtype=torch.float32)
+    for start, stop in ROW_RANGES:
+        assert torch.equal(dequantize_nf4_reference(packed, qs, rows=(start, stop)), whole[start:stop])
+        out = torch.full((stop - start, 64), float("nan"), dtype=torch.float32)
+        dequantize_nf4_reference(packed, qs, out=out, rows=(start, stop))
+        assert torch.equal(out, whole_fp32[start:stop])
+
+
+def test_row_range_errors_name_the_range():
+    packed, qs = _quantize((40, 96), torch.bfloat16, 64, nested=False)  # blocks straddle rows
+    with pytest.raises(ValueError, match=r"rows=\(1, 3\).*boundary"):
+        dequantize_nf4_reference(packed, qs, rows=(1, 3))
+    with pytest.raises(ValueError, match=r"rows=\(0, 41\)"):
+        dequantize_nf4_reference(packed, qs, rows=(0, 41))
+    with pytest.raises(ValueError, match="expected"):
+        dequantize_nf4_reference(packed, qs, rows=(0, 2), out=torch.empty(3, 96, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_kernel_rows_match_reference(kernel_device, monkeypatch, nested):
+    monkeypatch.setattr(nf4, "_TILE_BYTES", 256)
+    packed, qs = _quantize((600, 64), torch.float16, 64, nested, device=kernel_device)
+    for start, stop in ROW_RANGES:
+        want = dequantize_nf4_reference(packed, qs, rows=(start, stop))
+        assert torch.equal(dequantize_nf4(packed, qs, rows=(start, stop)), want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernel against bitsandbytes' CUDA kernel
 

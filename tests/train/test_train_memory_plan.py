@@ -181,3 +181,29 @@ def test_capped_plan_uses_the_room_between_row_counts():
         counts = [len(split_step(rows, lengths, 8, plan.tokens_per_micro_batch)) for rows in steps]
         assert max(counts) == plan.micro_batches
     assert tight.tokens_per_micro_batch > loose.tokens_per_micro_batch
+
+
+def test_offloaded_layers_with_the_mlp_deferred_fit_larger_micro_batches():
+    """Where offloaded layers recompute their MLP only in backward (the fused MLP with its output
+    unread), an offloaded layer holds less per token: a tight budget then takes more tokens at a
+    time, with the predicted peak still inside it."""
+    steps, lengths = _steps()
+    kw = dict(
+        steps=steps,
+        lengths=lengths,
+        allowed=("keep", "recompute", "offload"),
+        budget_bytes=3.1 * GIB,
+        static_bytes=2.32 * GIB,
+        max_parts=8,
+        capped=True,
+    )
+    full = make_plan(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True), **kw)
+    deferred = make_plan(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True, mlp_unread=True), **kw)
+    assert set(full.layer_modes) == set(deferred.layer_modes) == {"offload"}
+    assert deferred.predicted_peak_gib <= 3.1 and not deferred.notes
+    assert deferred.tokens_per_micro_batch > full.tokens_per_micro_batch
+    # the deferral is only for offloaded layers: a plan that keeps every layer is unchanged
+    roomy = dict(kw, budget_bytes=80 * GIB)
+    assert make_plan(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True), **roomy) == make_plan(
+        shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True, mlp_unread=True), **roomy
+    )

@@ -45,21 +45,41 @@ def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def dequantize_into(base: Any, out: torch.Tensor) -> None:
-    """Write ``base``'s weight, dequantized if 4-bit, into ``out`` (``[out_features, in_features]``)."""
+def dequantize_into(base: Any, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+    """Write ``base``'s weight, dequantized if 4-bit, into ``out`` (``[out_features, in_features]``),
+    or only its rows ``[start, stop)`` (an NF4 range must start and end on a block boundary: see
+    :func:`row_chunk`)."""
     weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
-        out.copy_(weight)
+        out.copy_(weight if rows is None else weight[rows[0] : rows[1]])
         return
     if state.quant_type == "nf4":
         from hizli.kernels.nf4 import dequantize_nf4  # Triton on CUDA, its PyTorch reference elsewhere
 
-        dequantize_nf4(weight, state, out=out)
+        dequantize_nf4(weight, state, out=out, rows=rows)
         return
     import bitsandbytes.functional as bnbf
 
-    out.copy_(bnbf.dequantize_4bit(weight.data, state))
+    whole = bnbf.dequantize_4bit(weight.data, state)
+    out.copy_(whole if rows is None else whole[rows[0] : rows[1]])
+
+
+def row_chunk(bases: Sequence[Any], rows: int, parts: int) -> int:
+    """Rows per chunk to cut weights of ``rows`` rows into about ``parts`` pieces, each starting on a
+    quantization-block boundary of every 4-bit base (a row starts on one every ``blocksize / gcd(in,
+    blocksize)`` rows)."""
+    from math import gcd
+
+    step = 1
+    for base in bases:
+        state = getattr(base.weight, "quant_state", None)
+        if state is not None:
+            blocksize = int(state.blocksize)
+            need = blocksize // gcd(base.in_features, blocksize)
+            step = step * need // gcd(step, need)
+    chunk = -(-rows // max(1, parts))
+    return min(rows, -(-chunk // step) * step)
 
 
 def dequantized(bases: Sequence[Any], sizes: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -33,6 +33,7 @@ from hizli.kernels._lora import (
     dequantized,
     no_autocast,
     projection_reference,
+    row_chunk,
 )
 from hizli.kernels.dispatch import use_triton
 from hizli.kernels.lora_casts import ComputeCopies, compute_copy
@@ -148,6 +149,98 @@ class _LoraMLPFunction(torch.autograd.Function):
         )
 
 
+# Pieces the unread-output MLP's backward cuts the intermediate features into: its [T, I] temporaries
+# shrink to three [T, I / 4] (the memory plan counts them through this constant), at about 18 more
+# launches per piece.
+UNREAD_CHUNKS = 4
+
+
+class _LoraMLPUnreadFunction(torch.autograd.Function):
+    """The MLP of a layer that is recomputed only for its backward, whose output nobody reads.
+
+    An offloaded layer runs again in backward only to rebuild what its backward needs; its output
+    feeds the residual add alone, whose backward needs no values. So the forward here computes
+    nothing: it keeps the input and returns zeros (a broadcast scalar, no memory), and the backward
+    computes gate, up and SwiGLU itself, ``UNREAD_CHUNKS`` slices of the intermediate features at a
+    time, from the gate and up weights' rows of that slice. What is kept per token falls from the
+    input plus ``[2, T, I]`` to the input, and the backward's temporaries from ``[3, T, I]`` to three
+    ``[T, I / UNREAD_CHUNKS]``; the down projection of the forward is not computed at all.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bases, scalings, dtype, copies, a_gate, b_gate, a_up, b_up, a_down, b_down):
+        with no_autocast(x.device):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        ctx.save_for_backward(x2, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        ctx.bases, ctx.scalings, ctx.dtype, ctx.copies = bases, scalings, dtype, copies
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], b_down.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from hizli.kernels.swiglu import swiglu_backward, swiglu_forward
+
+        x2, *adapters = ctx.saved_tensors
+        dtype, copies, device = ctx.dtype, ctx.copies, x2.device
+        s_gate, s_up, s_down = ctx.scalings
+        g_base, u_base, d_base = ctx.bases
+        n_tokens, hidden = x2.shape
+        with no_autocast(device):
+            a_gate, b_gate, a_up, b_up, a_down, b_down = (compute_copy(t, dtype, copies) for t in adapters)
+            inter, r_gate = b_gate.shape[0], a_gate.shape[0]
+            a_cat = torch.cat([a_gate, a_up])
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+            xa = x2 @ a_cat.t()
+            xa_gate, xa_up = xa[:, :r_gate], xa[:, r_gate:]
+            d_ha = (dy2 @ b_down).mul_(s_down)
+            w_down = dequantized((d_base,), (hidden,), dtype, device)  # [H, I], read by column slices
+            ha = torch.empty((n_tokens, a_down.shape[0]), dtype=dtype, device=device)
+            d_xa = torch.empty_like(xa)
+            dx = torch.empty((n_tokens, hidden), dtype=dtype, device=device)
+            d_a_down_t = torch.empty((inter, a_down.shape[0]), dtype=dtype, device=device)
+            d_b_gate = torch.empty_like(b_gate)
+            d_b_up = torch.empty_like(b_up)
+            chunk = row_chunk((g_base, u_base), inter, UNREAD_CHUNKS)
+            w_flat = torch.empty(2 * chunk * hidden, dtype=dtype, device=device)
+            gu_flat = torch.empty(2 * n_tokens * chunk, dtype=dtype, device=device)
+            for start in range(0, inter, chunk):
+                stop = min(inter, start + chunk)
+                n = stop - start
+                beta = 0.0 if start == 0 else 1.0  # the first slice writes the sums (empty buffers)
+                w = w_flat[: 2 * n * hidden].view(2, n, hidden)
+                dequantize_into(g_base, w[0], rows=(start, stop))
+                dequantize_into(u_base, w[1], rows=(start, stop))
+                gu = gu_flat[: 2 * n_tokens * n].view(2, n_tokens, n)
+                gate, up = gu[0], gu[1]
+                torch.mm(x2, w[0].t(), out=gate)
+                torch.mm(x2, w[1].t(), out=up)
+                gate.addmm_(xa_gate, b_gate[start:stop].t(), alpha=s_gate)
+                up.addmm_(xa_up, b_up[start:stop].t(), alpha=s_up)
+                h = swiglu_forward(gate, up)
+                ha.addmm_(h, a_down[:, start:stop].t(), beta=beta)
+                torch.mm(h.t(), d_ha, out=d_a_down_t[start:stop])
+                del h
+                dh = dy2 @ w_down[:, start:stop]
+                dh.addmm_(d_ha, a_down[:, start:stop])
+                d_gate, d_up = swiglu_backward(dh, gate, up, out=(gate, up))  # over gate and up
+                del dh
+                d_xa[:, :r_gate].addmm_(d_gate, b_gate[start:stop], beta=beta, alpha=s_gate)
+                d_xa[:, r_gate:].addmm_(d_up, b_up[start:stop], beta=beta, alpha=s_up)
+                torch.mm(d_gate.t(), xa_gate, out=d_b_gate[start:stop])
+                torch.mm(d_up.t(), xa_up, out=d_b_up[start:stop])
+                dx.addmm_(d_gate, w[0], beta=beta)
+                dx.addmm_(d_up, w[1])
+            del w_flat, gu_flat, w_down
+            d_b_gate.mul_(s_gate)
+            d_b_up.mul_(s_up)
+            d_b_down = (dy2.t() @ ha).mul_(s_down)
+            d_a_gate, d_a_up = (d_xa.t() @ x2).split([r_gate, a_cat.shape[0] - r_gate], dim=0)
+            dx.addmm_(d_xa, a_cat)
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        grads = (d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down_t.t(), d_b_down)
+        return (dx, None, None, None, None, *(g.to(t.dtype) for g, t in zip(grads, adapters)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference and public op
 
@@ -175,7 +268,9 @@ def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart], copies: Compu
         return projection_reference(h, down)
 
 
-def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None) -> torch.Tensor:
+def lora_mlp(
+    x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None, output_unread: bool = False
+) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` with LoRA on the three projections: the fused function on CUDA
     (its NF4 dequantization and SwiGLU in Triton), the reference elsewhere.
 
@@ -187,9 +282,14 @@ def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies |
         parts: three :class:`~hizli.kernels.lora_qkv.LoraPart`, gate and up (``H -> I``) then down
             (``I -> H``); ``hizli.models.fused_lora.group_parts`` makes them from PEFT layers.
         copies: as in :func:`hizli.kernels.lora_qkv.lora_qkv`.
+        output_unread: the caller never reads the output's values, only backpropagates through it
+            (a layer recomputed for its backward, the output going to a residual add): the fused
+            function then returns zeros and does all its work in backward, keeping only ``x``
+            (see ``_LoraMLPUnreadFunction``). Ignored by the reference, which computes the output.
 
     Returns:
-        ``[..., H_out]`` in the compute dtype (autocast's, else ``x``'s).
+        ``[..., H_out]`` in the compute dtype (autocast's, else ``x``'s); zeros with ``output_unread``
+        on the fused path.
 
     Raises:
         ValueError: not three parts, or parts whose shapes do not chain.
@@ -198,7 +298,8 @@ def lora_mlp(x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies |
     (g_base, a_g, b_g, s_g), (u_base, a_u, b_u, s_u), (d_base, a_d, b_d, s_d) = parts
     if not use_triton("lora_mlp", x, a_g, b_g, a_u, b_u, a_d, b_d):
         return lora_mlp_reference(x, parts)
-    return _LoraMLPFunction.apply(
+    function = _LoraMLPUnreadFunction if output_unread else _LoraMLPFunction
+    return function.apply(
         x,
         (g_base, u_base, d_base),
         (float(s_g), float(s_u), float(s_d)),

@@ -44,7 +44,7 @@ were read for the layout; this code is written from the format above.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from math import prod
 
 import torch
@@ -90,7 +90,7 @@ _WARPS = 4
 # Triton kernel
 
 
-@lazy_jit
+@lazy_jit(do_not_specialize=("block0",))
 def _nf4_dequant_kernel(
     packed_ptr,
     absmax_ptr,
@@ -103,6 +103,7 @@ def _nf4_dequant_kernel(
     n_bytes,
     n_blocks,
     blocksize2,
+    block0,
     HALF: tl.constexpr,
     BLOCKS: tl.constexpr,
     NESTED: tl.constexpr,
@@ -113,7 +114,9 @@ def _nf4_dequant_kernel(
     block_ok = block < n_blocks
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // blocksize2, mask=block_ok, other=0.0)
+        # block0: where a row range starts in the whole weight's blocks (the nested scales index those)
+        owner = (block + block0) // blocksize2
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + owner, mask=block_ok, other=0.0)
         scale = scale + tl.load(offset_ptr)  # a separate rounding: the launch disables fp fusion
     else:
         scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
@@ -158,6 +161,8 @@ class _Spec:
     code2: torch.Tensor | None = None
     blocksize2: int = 0
     offset: torch.Tensor | None = None
+    block0: int = 0  # first block of a row range (``rows=``) in the whole weight
+    row_specs: dict = field(default_factory=dict)  # (start, stop) -> its _Spec, made once
 
 
 def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
@@ -250,7 +255,9 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
 _SPECS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype | None) -> _Spec:
+def _resolve_cached(
+    packed, quant_state, out: torch.Tensor | None, dtype: torch.dtype | None, rows: tuple[int, int] | None = None
+) -> _Spec:
     """``_resolve``, checked once per weight and dtype: the result is kept per quant_state.
 
     A training step dequantizes every weight several times (forward, recompute, backward) per
@@ -276,6 +283,8 @@ def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.
                 pass
         if cache is not None:
             cache[(data.data_ptr(), data.device, spec.dtype)] = spec
+    if rows is not None:
+        spec = _row_range(spec, rows)
     if out is not None:  # the one check every call makes: the buffer differs from call to call
         if out.shape != spec.shape or out.dtype != spec.dtype or out.device != spec.packed.device:
             raise ValueError(
@@ -285,6 +294,40 @@ def _resolve_cached(packed, quant_state, out: torch.Tensor | None, dtype: torch.
         if not out.is_contiguous():
             raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} with strides {out.stride()} is not contiguous")
     return spec
+
+
+def _row_range(spec: _Spec, rows: tuple[int, int]) -> _Spec:
+    """The spec of rows ``[start, stop)`` of a 2-D weight: a view of its bytes and block scales.
+
+    A range must start and end on a block boundary of the flat sequence (true of every row when
+    ``in_features`` is a multiple of the block size, as in the models hizli trains)."""
+    kept = spec.row_specs.get(rows)
+    if kept is not None:
+        return kept
+    start, stop = (int(r) for r in rows)
+    if len(spec.shape) != 2 or not 0 <= start < stop <= spec.shape[0]:
+        raise ValueError(f"dequantize_nf4: rows={rows} is not a non-empty row range of a weight of shape {spec.shape}")
+    cols = spec.shape[1]
+    first, end = start * cols, stop * cols
+    if first % spec.blocksize or (end % spec.blocksize and end != spec.n):
+        raise ValueError(
+            f"dequantize_nf4: rows={rows} of a [{spec.shape[0]}, {cols}] weight do not start and end on a "
+            f"boundary of its {spec.blocksize}-value quantization blocks"
+        )
+    block0, n = first // spec.blocksize, end - first
+    sub = replace(
+        spec,
+        packed=spec.packed[first // 2 :],
+        shape=(stop - start, cols),
+        n=n,
+        n_bytes=(n + 1) // 2,
+        n_blocks=-(-n // spec.blocksize),
+        absmax=spec.absmax[block0:],
+        block0=spec.block0 + block0,
+        row_specs={},
+    )
+    spec.row_specs[(start, stop)] = sub
+    return sub
 
 
 _code_cache: dict[torch.device, torch.Tensor] = {}
@@ -321,6 +364,7 @@ def _dequantize_triton(spec: _Spec, out: torch.Tensor) -> torch.Tensor:
         spec.n_bytes,
         spec.n_blocks,
         spec.blocksize2 if spec.nested else 1,
+        spec.block0,
         HALF=half,
         BLOCKS=blocks,
         NESTED=spec.nested,
@@ -336,7 +380,7 @@ def _block_scales(spec: _Spec) -> torch.Tensor:
     if not spec.nested:
         return spec.absmax[: spec.n_blocks]
     q = spec.absmax[: spec.n_blocks].long()
-    owner = torch.arange(spec.n_blocks, device=q.device) // spec.blocksize2
+    owner = (torch.arange(spec.n_blocks, device=q.device) + spec.block0) // spec.blocksize2
     # Two fp32 roundings, as bitsandbytes: the product, then the sum (eager torch does not fuse them).
     return spec.code2[q] * spec.absmax2[owner] + spec.offset
 
@@ -351,13 +395,17 @@ def _dequantize_reference(spec: _Spec) -> torch.Tensor:
 
 
 def dequantize_nf4_reference(
-    packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    packed: torch.Tensor,
+    quant_state=None,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch statement of bitsandbytes' NF4 format (see the module docstring); no bitsandbytes call.
 
     Same arguments and result as :func:`dequantize_nf4`.
     """
-    spec = _resolve_cached(packed, quant_state, out, dtype)
+    spec = _resolve_cached(packed, quant_state, out, dtype, rows)
     return _into(_dequantize_reference(spec), out)
 
 
@@ -369,7 +417,11 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def dequantize_nf4(
-    packed: torch.Tensor, quant_state=None, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    packed: torch.Tensor,
+    quant_state=None,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """A bitsandbytes NF4 weight as ``quant_state.shape`` (``[out_features, in_features]``) in ``dtype``.
 
@@ -389,16 +441,19 @@ def dequantize_nf4(
             instance a row slice of a stacked weight buffer); returned.
         dtype: bfloat16, float16 or float32; defaults to ``out.dtype`` when ``out`` is given, else to
             ``quant_state.dtype``.
+        rows: ``(start, stop)``: only those rows of a 2-D weight (``out`` then has ``stop - start``
+            rows); the range must start and end on a quantization-block boundary.
 
     Returns:
-        The dequantized weight (``out`` when given).
+        The dequantized weight or its rows (``out`` when given).
 
     Raises:
         ValueError: a quant_type other than nf4, a block size outside 32..4096 (powers of two),
             bitsandbytes' CPU-repacked layout, too few bytes or scales for the shape, tensors on
-            different devices, or an ``out`` of the wrong shape, dtype, device or layout.
+            different devices, a row range off the block boundaries, or an ``out`` of the wrong
+            shape, dtype, device or layout.
     """
-    spec = _resolve_cached(packed, quant_state, out, dtype)
+    spec = _resolve_cached(packed, quant_state, out, dtype, rows)
     tensors = (spec.packed,) if out is None else (spec.packed, out)
     if use_triton("nf4_dequant", *tensors):
         if out is None:

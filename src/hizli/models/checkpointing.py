@@ -20,6 +20,10 @@ transformers 5.x range (the enabling API itself was renamed within it).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,14 +32,39 @@ MODES = ("keep", "recompute", "offload")
 
 
 class _Offloader:
-    """Side-stream copies between the GPU and pinned CPU memory, with one-layer-ahead prefetch."""
+    """Side-stream copies between the GPU and pinned CPU memory, with one-layer-ahead prefetch.
+
+    The n-th input offloaded in a forward pass goes to the n-th of a list of pinned buffers, reused
+    from one micro-batch to the next (a pinned allocation costs hundreds of microseconds of host time,
+    even from torch's cache). A buffer is reused only once the input it held is gone (fetched back
+    by its backward, or its graph freed): two forward passes before one backward keep both.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.buffers: list[tuple[torch.Tensor, Callable[[], Any]]] = []  # (pinned bytes, its holder's weakref)
+        self.next = 0
 
-    def to_cpu(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # cached by torch's host allocator
+    def pinned(self, t: torch.Tensor, holder_ref: Callable[[], Any]) -> torch.Tensor:
+        """A pinned CPU tensor like ``t``, from the buffer list when its slot is free."""
+        nbytes = t.numel() * t.element_size()
+        slot, self.next = self.next, self.next + 1
+        if slot < len(self.buffers):
+            buffer, held_by = self.buffers[slot]
+            holder = held_by()
+            if holder is not None and holder.cpu is not None:  # still needed: leave it, take a fresh one
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            if buffer.numel() < nbytes:
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.buffers[slot] = (buffer, holder_ref)
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.buffers.append((buffer, holder_ref))
+        return buffer[:nbytes].view(t.dtype).view(t.shape)
+
+    def to_cpu(self, t: torch.Tensor, holder_ref: Callable[[], Any]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        cpu = self.pinned(t, holder_ref)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             cpu.copy_(t, non_blocking=True)
@@ -73,8 +102,10 @@ def _offloader(device: torch.device) -> _Offloader:
 class _Saved:
     """One offloaded layer input, linked to the one saved before it (the layer below)."""
 
-    def __init__(self, cpu: torch.Tensor, copied: torch.cuda.Event, below: "_Saved | None") -> None:
-        self.cpu, self.copied, self.below = cpu, copied, below
+    def __init__(self, below: "_Saved | None") -> None:
+        self.below = below
+        self.cpu: torch.Tensor | None = None
+        self.copied: torch.cuda.Event | None = None
         self.gpu: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
 
@@ -89,25 +120,29 @@ _last_saved: dict[torch.device, _Saved | None] = {}
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Run ``fn(hidden, *args)`` keeping only ``hidden``, in pinned CPU memory; recompute in backward.
 
-    LoRA weight gradients accumulate into ``.grad`` inside backward. RNG state is replayed so dropout
-    in the recompute matches the forward. Gradients flow to ``hidden`` only (the other positional
-    arguments of a decoder layer are masks and position tensors that need none).
+    LoRA weight gradients accumulate into ``.grad`` inside backward. Where the layer has randomness
+    (``options.random``), the RNG state is replayed so dropout in the recompute matches the forward.
+    Gradients flow to ``hidden`` only (the other positional arguments of a decoder layer are masks
+    and position tensors that need none).
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
-        ctx.fn, ctx.args, ctx.device, ctx.n_args = fn, args, hidden.device, len(args)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
+    def forward(ctx, fn: Callable, hidden: torch.Tensor, options: "LayerOptions", *args: Any) -> torch.Tensor:
+        ctx.fn, ctx.args, ctx.device, ctx.n_args, ctx.options = fn, args, hidden.device, len(args), options
+        if options.random:
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
         offloader = _offloader(hidden.device)
-        cpu, copied = offloader.to_cpu(hidden.detach())
-        ctx.saved = _Saved(cpu, copied, _last_saved.get(hidden.device))
-        _last_saved[hidden.device] = ctx.saved
+        ctx.saved = saved = _Saved(_last_saved.get(hidden.device))
+        saved.cpu, saved.copied = offloader.to_cpu(hidden.detach(), weakref.ref(saved))
+        _last_saved[hidden.device] = saved
         with torch.no_grad():
             return fn(hidden, *args)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        from hizli.models.patch import mlp_outputs_unread
+
         offloader = _offloader(ctx.device)
         saved: _Saved = ctx.saved
         saved.fetch(offloader)
@@ -115,10 +150,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden = saved.gpu
         hidden.record_stream(torch.cuda.current_stream(ctx.device))
         hidden = hidden.detach().requires_grad_(True)
-        with torch.random.fork_rng(devices=[ctx.device]):
-            torch.set_rng_state(ctx.cpu_rng)
-            torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
+        unread = mlp_outputs_unread() if ctx.options.ends_in_residual else contextlib.nullcontext()
+        with contextlib.ExitStack() as stack:
+            if ctx.options.random:
+                stack.enter_context(torch.random.fork_rng(devices=[ctx.device]))
+                torch.set_rng_state(ctx.cpu_rng)
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad(), unread:
                 out = ctx.fn(hidden, *ctx.args)
         _release_output(out)
         torch.autograd.backward(out, grad_out)
@@ -129,7 +167,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             saved.below.fetch(offloader)
         saved.cpu = saved.gpu = saved.below = None
         ctx.saved = ctx.fn = ctx.args = None
-        return (None, hidden.grad) + (None,) * ctx.n_args
+        return (None, hidden.grad, None) + (None,) * ctx.n_args
 
 
 # The last op of a decoder layer is the residual add, whose backward needs none of its inputs or its
@@ -153,16 +191,46 @@ def _release_output(out: torch.Tensor) -> None:
 def new_forward_pass() -> None:
     """Start a new chain of offloaded inputs (called before each decoder forward)."""
     _last_saved.clear()
+    for offloader in _offloaders.values():
+        offloader.next = 0
 
 
-def offloaded_checkpoint(fn: Callable, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+@dataclass(frozen=True)
+class LayerOptions:
+    """What an offloaded layer's recompute may skip, known from the layer (:func:`layer_options`).
+
+    Attributes:
+        random: the layer draws random numbers (dropout): its RNG state is kept and replayed.
+        ends_in_residual: the layer's last op adds its MLP's output to the residual stream, so the
+            recompute never reads that output's values (``hizli.models.patch.mlp_outputs_unread``).
+    """
+
+    random: bool = True
+    ends_in_residual: bool = False
+
+
+# Decoder layers whose forward ends in ``residual + self.mlp(...)``, returned as the layer's output.
+_RESIDUAL_LAST = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+
+
+def layer_options(layer: torch.nn.Module) -> LayerOptions:
+    """The recompute options of a decoder layer: random if any dropout in it can draw."""
+    random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()) or any(
+        getattr(m, "attention_dropout", 0) for m in layer.modules()
+    )
+    return LayerOptions(random=bool(random), ends_in_residual=type(layer).__name__ in _RESIDUAL_LAST)
+
+
+def offloaded_checkpoint(
+    fn: Callable, hidden: torch.Tensor, *args: Any, options: LayerOptions = LayerOptions()
+) -> torch.Tensor:
     """Checkpoint function with the signature transformers' layers call. On a CPU: recompute."""
     if not hidden.is_cuda:
         return plain_checkpoint(fn, hidden, *args)
     if not hidden.requires_grad:
         # The LoRA weights live inside fn; the output must require grad for backward to reach them.
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(fn, hidden, *args)
+    return _OffloadedCheckpoint.apply(fn, hidden, options, *args)
 
 
 def plain_checkpoint(fn: Callable, *args: Any) -> torch.Tensor:
@@ -199,7 +267,11 @@ def apply_layer_modes(model: torch.nn.Module, modes: Sequence[str]) -> None:
     for layer, mode in zip(layers, modes):
         assert mode in MODES, mode
         layer.gradient_checkpointing = mode != "keep"
-        layer._gradient_checkpointing_func = offloaded_checkpoint if mode == "offload" else plain_checkpoint
+        layer._gradient_checkpointing_func = (
+            functools.partial(offloaded_checkpoint, options=layer_options(layer))
+            if mode == "offload"
+            else plain_checkpoint
+        )
     if any(m != "keep" for m in modes):
         # checkpointed layers need an input that requires grad for their LoRA gradients to flow
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

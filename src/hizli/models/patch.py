@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 NAME = "hizli"
 _varlen = contextvars.ContextVar("hizli_varlen", default=False)
+_mlp_unread = contextvars.ContextVar("hizli_mlp_unread", default=False)
 
 
 @contextmanager
@@ -31,6 +32,18 @@ def padding_free() -> Iterator[None]:
         yield
     finally:
         _varlen.reset(token)
+
+
+@contextmanager
+def mlp_outputs_unread() -> Iterator[None]:
+    """Mark the forward passes inside as recomputations for backward whose MLP outputs nobody reads
+    (``hizli.models.checkpointing`` sets it around an offloaded layer that ends in its residual add):
+    the fused MLP then defers all its work to backward (``lora_mlp(output_unread=True)``)."""
+    token = _mlp_unread.set(True)
+    try:
+        yield
+    finally:
+        _mlp_unread.reset(token)
 
 
 def _attention(
@@ -118,7 +131,7 @@ def _make_mlp_forward(record: HizliState):
 
             parts = group_parts(self, _MLP_PROJECTIONS)
             if parts is not None:
-                return lora_mlp(x, parts, copies=record.compute_copies)
+                return lora_mlp(x, parts, copies=record.compute_copies, output_unread=_mlp_unread.get())
         from hizli.kernels.swiglu import swiglu
 
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -236,7 +249,3 @@ def model_uses_fused_lora(model: torch.nn.Module) -> bool:
     return mlp is not None and all(
         routed_through_hizli(module) and group_parts(module, names) is not None for module, names in groups
     )
-    for module in model.modules():
-        if routed_through_hizli(module) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
-            return group_parts(module, ("gate_proj", "up_proj", "down_proj")) is not None
-    return False

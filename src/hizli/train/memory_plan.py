@@ -74,9 +74,10 @@ class Shape:
     vocab: int
     elt: int  # bytes per activation element
     fused: bool = False  # LoRA layers through hizli.models.fused_lora
+    mlp_unread: bool = False  # offloaded layers' recomputed MLP runs only in backward (lora_mlp's output_unread)
 
     @classmethod
-    def of(cls, config, elt: int, fused: bool = False) -> "Shape":
+    def of(cls, config, elt: int, fused: bool = False, mlp_unread: bool = False) -> "Shape":
         heads = config.num_attention_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -87,6 +88,7 @@ class Shape:
             config.vocab_size,
             elt,
             fused,
+            fused and mlp_unread,
         )
 
     def keep_bytes(self) -> int:
@@ -97,11 +99,28 @@ class Shape:
     def input_bytes(self) -> int:
         return self.elt * self.hidden
 
-    def transient_bytes(self, tokens: int, ce_rows: int) -> int:
+    def transient_bytes(self, tokens: int, ce_rows: int, offload: bool = False) -> int:
         """Alive besides the kept activations: one layer being recomputed and backpropagated (about
         twice its kept activations), the loss's logits chunk and its hidden-state buffers, and a
         dequantised weight. Errs high: 44.6 GiB from this model (before slack) against 42.5 GiB measured
-        with all layers kept (H200, Llama-3.2-3B shape, 15,310 tokens)."""
+        with all layers kept (H200, Llama-3.2-3B shape, 15,310 tokens). ``offload``: the layer
+        recomputed is an offloaded one."""
+        if self.fused and offload and self.mlp_unread:
+            # Kept by the recompute: the layer input, both norms' outputs, the q/k/v buffer, the attention
+            # output and the residual after attention (6H + 2KV). The MLP's backward adds the incoming
+            # gradient, dx and its three [T, I / UNREAD_CHUNKS] pieces; attention's backward the
+            # gradients of q/k/v twice over (returned, then joined) and of its output. 10 % margin.
+            from hizli.kernels.lora_mlp import UNREAD_CHUNKS
+
+            piece = -(-self.intermediate // UNREAD_CHUNKS)
+            mlp = 8 * self.hidden + 2 * self.kv + 3 * piece
+            attention = 8 * self.hidden + 6 * self.kv
+            # The loss's [T, H] buffers are gone by then but for the gradient, counted here: the larger of
+            # the two phases, not their sum.
+            layer = self.elt * 1.1 * max(mlp, attention) * tokens
+            weight = self.elt * self.hidden * (self.intermediate + 2 * piece)  # down, and a piece of gate and up
+            loss_phase = 3 * self.elt * self.hidden * tokens
+            return int(max(layer, loss_phase) + ce_rows * self.vocab * self.elt + weight)
         if self.fused:
             # The recomputed layer's saved tensors plus backward's [T, I] and [T, H] temporaries, and one
             # weight-sized dequant buffer. 3H less than the count (q, k, v kept as views of the group's
@@ -199,10 +218,15 @@ def make_plan(
     mean_tokens = sum(lengths[r] for rows in steps for r in rows) / max(1, len(steps))
     longest_row = max((lengths[r] for rows in steps for r in rows), default=0)
     longest_step = max((sum(lengths[r] for r in rows) for rows in steps), default=0)
-    fixed = shape.transient_bytes(0, ce_rows)  # the dequant buffer and the loss chunk
-    per_token = (shape.transient_bytes(4096, ce_rows) - fixed) / 4096
     ratio, extra = (CAPPED_SLACK_RATIO, CAPPED_SLACK_BYTES) if capped else (SLACK_RATIO, SLACK_BYTES)
-    room = (budget_bytes - extra) / ratio - static_bytes - fixed
+
+    def transient(tokens: int, mode: str) -> int:
+        return shape.transient_bytes(tokens, ce_rows, offload=mode == "offload")
+
+    def room_and_per_token(mode: str) -> tuple[float, float]:
+        fixed = transient(0, mode)  # the dequant buffers and the loss chunk
+        return (budget_bytes - extra) / ratio - static_bytes - fixed, (transient(4096, mode) - fixed) / 4096
+
     splits_at: dict[int, tuple[int, float, int]] = {}
 
     def splits(tokens: int) -> tuple[int, float, int]:
@@ -216,7 +240,7 @@ def make_plan(
             splits_at[tokens] = (max(counts), sum(counts) / len(counts), largest)
         return splits_at[tokens]
 
-    if longest_row and room > 0:
+    if longest_row and room_and_per_token("keep")[0] > 0:
         for keep in range(shape.layers, -1, -1):
             rest = shape.layers - keep
             options = []
@@ -230,13 +254,16 @@ def make_plan(
                 if "offload" in allowed:
                     options.append(("offload", keep * shape.keep_bytes(), OFFLOAD_COST))
             for mode, held, penalty in options:
+                room, per_token = room_and_per_token(mode)
+                if room <= 0:
+                    continue
                 tokens = min(longest_step, int(room / (per_token + held)))
                 if tokens < longest_row:
                     continue
                 micro, mean_parts, used = splits(tokens)
                 if used > tokens:  # a step needs more micro-batches than it has rows
                     continue
-                peak = _peak(static_bytes + shape.transient_bytes(used, ce_rows) + held * used, capped)
+                peak = _peak(static_bytes + transient(used, mode) + held * used, capped)
                 cost = step_seconds(shape, mean_tokens, mean_parts, rest / shape.layers, penalty)
                 if best is None or cost < best[0] - 1e-9:
                     best = (
@@ -264,7 +291,7 @@ def make_plan(
         if mode == "recompute"
         else (shape.keep_bytes() * shape.layers * tokens if mode == "keep" else 0)
     )
-    peak = _peak(static_bytes + shape.transient_bytes(tokens, 128) + held, capped)
+    peak = _peak(static_bytes + shape.transient_bytes(tokens, 128, offload=mode == "offload") + held, capped)
     notes = (
         []
         if peak <= budget_bytes
@@ -319,7 +346,11 @@ def plan_for(
     copies = record.compute_copies if record is not None else None
     if fused and copies is not None:  # the adapters' compute-dtype copies, made at the first forward
         static += copies.pending_bytes(model, amp_elt)
-    shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused)
+    from hizli.models.checkpointing import decoder_layers, layer_options
+
+    layers = decoder_layers(model)
+    mlp_unread = bool(layers) and layer_options(layers[0]).ends_in_residual
+    shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused, mlp_unread=mlp_unread)
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(
         shape=shape,
