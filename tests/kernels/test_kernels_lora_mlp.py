@@ -185,6 +185,23 @@ def test_cpu_unread_output_gives_the_same_gradients(fused_on_cpu, rel, dtype, nf
             assert rel(got, truth) < tol, f"{what}: {rel(got, truth):.2e} >= {tol:.0e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "16-bit"])
+def test_cpu_no_grad_output_in_pieces(fused_on_cpu, rel, dtype, nf4):
+    """Without autograd (an offloaded layer's first pass) the output is summed over two pieces of the
+    intermediate features: the same values as the full function, against float64."""
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    parts = _parts(nf4, "cpu")
+    for lead in LEADS:
+        x = torch.randn(*lead, HIDDEN, generator=torch.Generator().manual_seed(7)).to(dtype)
+        with torch.no_grad():
+            out = lora_mlp(x, parts)
+        truth = _run(lora_mlp_reference, x.double(), _float64_parts(parts))[0]
+        assert out.shape == (*lead, HIDDEN) and out.dtype == dtype and not out.requires_grad
+        assert rel(out, truth) < TOL[("cpu", dtype)]
+
+
 def test_row_chunks_start_on_quantization_blocks():
     from hizli.kernels._lora import row_chunk
 
@@ -219,7 +236,9 @@ def test_kernel_unread_output_gradients(kernel_device, rel, nf4):
     parts = _parts(nf4, kernel_device)
     x = torch.randn(1, 37, HIDDEN, generator=torch.Generator().manual_seed(7)).to(kernel_device, torch.bfloat16)
     out, dx, grads = _run(_unread, x, parts)
-    _out64, dx64, grads64 = _run(lora_mlp_reference, x.double(), _float64_parts(parts))
+    out64, dx64, grads64 = _run(lora_mlp_reference, x.double(), _float64_parts(parts))
     assert not out.any()
     for got, truth in [(dx, dx64), *zip(grads, grads64)]:
         assert rel(got, truth) < TOL[(kernel_device.type, torch.bfloat16)]
+    with torch.no_grad():
+        assert rel(lora_mlp(x, parts), out64) < TOL[(kernel_device.type, torch.bfloat16)]

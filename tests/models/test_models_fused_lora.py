@@ -60,7 +60,7 @@ def _cases(layer, copies=None):
     """(module, fused fn, unfused fn) for the q/k/v group, the o projection and the MLP (the fused ones
     with the run's kept weight copies ``copies``, or casting at every use)."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = fused_lora.group_parts(attn, ("q_proj", "k_proj", "v_proj"))
+    qkv = fused_lora.group_parts(attn, ("q_proj", "k_proj", "v_proj"), base_bias=True)
     o = fused_lora.group_parts(attn, ("o_proj",))
     gud = fused_lora.group_parts(mlp, ("gate_proj", "up_proj", "down_proj"))
     assert qkv is not None and o is not None and gud is not None, "recipe LoRA layers must take the fused path"
@@ -357,16 +357,54 @@ def test_training_with_kept_lora_copies_matches_casting_at_every_use(tmp_path, f
     assert all(torch.equal(a, b) for a, b in zip(kept_params, cast_params))
 
 
-def test_a_model_with_biased_attention_projections_is_planned_as_unfused(tmp_path):
-    """Qwen2's q/k/v carry a bias, which the fused ops do not take: those projections run PEFT's
-    layers, so the memory plan must not assume the fused layers' smaller activations."""
+def _qwen2_like(model):
+    """Qwen2's attention: a bias on q, k and v (random: transformers initialises them to zero), none on o."""
+    attn = _layer(model).self_attn
+    attn.o_proj.base_layer.bias = None
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            bias = getattr(attn, name).base_layer.bias
+            bias.copy_(torch.randn(bias.shape, generator=g).to(bias.dtype))
+    return model
+
+
+def test_frozen_qkv_biases_take_the_fused_path_and_match_peft(tmp_path, fused):
+    """Qwen2's q/k/v biases (frozen, as PEFT leaves them with bias="none"): the fused group adds them,
+    forward and every gradient as PEFT's layers compute them."""
+    model = _qwen2_like(
+        one_layer_lora_model(
+            tmp_path,
+            hidden=128,
+            inter=320,
+            heads=4,
+            kv_heads=2,
+            head_dim=32,
+            dtype=torch.float32,
+            device="cpu",
+            attention_bias=True,
+        )
+    )
+    layer = _layer(model)
+    assert all(getattr(layer.self_attn, n).base_layer.bias is not None for n in ("q_proj", "k_proj", "v_proj"))
+    for name, (module, fused_fn, plain_fn) in _cases(layer).items():
+        if name.startswith("qkv"):
+            _compare(module, fused_fn, plain_fn, _input(name, layer, 37, torch.float32, "cpu"), name, exact=True)
+
+
+def test_the_memory_plan_counts_fused_layers_only_where_every_group_is_fused(tmp_path):
+    """Frozen q/k/v biases (Qwen2) are fused; a bias that trains (PEFT's bias="all") or a bias on o
+    keeps PEFT's layers, which hold more per token: such a model is planned as unfused."""
     from hizli.models.patch import model_uses_fused_lora, use_fused_ops, use_hizli_attention
 
     kw = dict(hidden=128, inter=256, heads=4, kv_heads=2, head_dim=32, dtype=torch.float32, device="cpu")
-    plain_attention = one_layer_lora_model(tmp_path / "a", **kw)
-    biased_attention = one_layer_lora_model(tmp_path / "b", attention_bias=True, **kw)
-    for m in (plain_attention, biased_attention):
+    plain = one_layer_lora_model(tmp_path / "a", **kw)
+    qwen2_like = _qwen2_like(one_layer_lora_model(tmp_path / "b", attention_bias=True, **kw))
+    biased_o = one_layer_lora_model(tmp_path / "c", attention_bias=True, **kw)
+    trained_bias = _qwen2_like(one_layer_lora_model(tmp_path / "d", attention_bias=True, **kw))
+    _layer(trained_bias).self_attn.q_proj.base_layer.bias.requires_grad_(True)
+    for m in (plain, qwen2_like, biased_o, trained_bias):
         use_hizli_attention(m)
         use_fused_ops(m)
-    assert model_uses_fused_lora(plain_attention)
-    assert not model_uses_fused_lora(biased_attention)
+    assert model_uses_fused_lora(plain) and model_uses_fused_lora(qwen2_like)
+    assert not model_uses_fused_lora(biased_o) and not model_uses_fused_lora(trained_bias)

@@ -239,12 +239,13 @@ def test_gpu_offloaded_4bit_layers_defer_the_mlp_and_match_kept_layers(tmp_path,
     from hizli.models.patch import use_fused_ops
 
     unread_calls = []
+    unread = lora_mlp_module._LoraMLPUnreadFunction
 
-    class Counting(lora_mlp_module._LoraMLPUnreadFunction):
+    class Counting(unread):
         @staticmethod
         def forward(ctx, *args):
             unread_calls.append(1)
-            return lora_mlp_module._LoraMLPUnreadFunction.forward(ctx, *args)
+            return unread.forward(ctx, *args)
 
     monkeypatch.setattr(lora_mlp_module, "_LoraMLPUnreadFunction", Counting)
     model = one_layer_lora_model(

@@ -3,9 +3,9 @@ the matmuls run in, the frozen weight dequantized into a buffer, and PEFT's math
 
 A LoRA projection computes PEFT's ``y = base(x) + lora_B(lora_A(dropout(x))) * scaling``, with
 ``base(x) = x W^T`` and ``W`` dequantized first when the base layer is 4-bit (bitsandbytes NF4/FP4).
-The fused ops take only projections whose dropout is off and that have no bias (see
-``hizli.models.fused_lora.lora_parts``), so dropout is the identity here and nothing is added after
-the matmuls.
+The fused ops take only projections whose dropout is off and whose only bias is a frozen one of the
+base layer, which ``lora_qkv`` adds (see ``hizli.models.fused_lora.lora_parts``), so dropout is the
+identity here.
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def row_chunk(bases: Sequence[Any], rows: int, parts: int) -> int:
     return min(rows, -(-chunk // step) * step)
 
 
+def stacked_bias(bases: Sequence[Any], sizes: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """The biases of ``bases`` in one ``[sum(sizes)]`` vector in ``dtype`` (zeros for a base without
+    one), or None when none has a bias."""
+    biases = [getattr(base, "bias", None) for base in bases]
+    if all(b is None for b in biases):
+        return None
+    device = next(b for b in biases if b is not None).device
+    return torch.cat(
+        [
+            b.detach().to(dtype) if b is not None else torch.zeros(size, dtype=dtype, device=device)
+            for b, size in zip(biases, sizes)
+        ]
+    )
+
+
 def dequantized(bases: Sequence[Any], sizes: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The weights of ``bases`` stacked by rows, ``[sum(sizes), in_features]`` in ``dtype``."""
     w = torch.empty((sum(sizes), bases[0].in_features), dtype=dtype, device=device)
@@ -113,7 +128,8 @@ def projection_reference(x: torch.Tensor, part: LoraPart) -> torch.Tensor:
     ``x W^T + ((x A^T) B^T) * scaling``, the operations in PEFT's order."""
     base, a, b, scaling = part
     dtype = x.dtype
-    y = torch.nn.functional.linear(x, weight_reference(base, dtype))
+    bias = getattr(base, "bias", None)
+    y = torch.nn.functional.linear(x, weight_reference(base, dtype), None if bias is None else bias.to(dtype))
     lora = torch.nn.functional.linear(torch.nn.functional.linear(x, a.to(dtype)), b.to(dtype))
     return y + lora * scaling
 

@@ -153,6 +153,49 @@ class _LoraMLPFunction(torch.autograd.Function):
 # shrink to three [T, I / 4] (the memory plan counts them through this constant), at about 18 more
 # launches per piece.
 UNREAD_CHUNKS = 4
+# Pieces of a forward without autograd (an offloaded layer's first pass): [T, 3I] of temporaries
+# become [T, 3I / 2], below what the layer's backward then needs, for 9 more launches.
+NO_GRAD_CHUNKS = 2
+
+
+def _forward_in_pieces(x, bases, scalings, dtype, copies, a_gate, b_gate, a_up, b_up, a_down, b_down):
+    """The MLP's output without autograd, the intermediate features ``NO_GRAD_CHUNKS`` slices at a
+    time: each slice's SwiGLU goes through its columns of the down projection into one sum."""
+    from hizli.kernels.swiglu import swiglu_forward
+
+    g_base, u_base, d_base = bases
+    s_gate, s_up, s_down = scalings
+    n_tokens, out_features = x.reshape(-1, x.shape[-1]).shape[0], b_down.shape[0]
+    with no_autocast(x.device):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a_gate, b_gate, a_up, b_up, a_down, b_down = (
+            compute_copy(t, dtype, copies) for t in (a_gate, b_gate, a_up, b_up, a_down, b_down)
+        )
+        inter, r_gate = b_gate.shape[0], a_gate.shape[0]
+        xa = x2 @ torch.cat([a_gate, a_up]).t()
+        w_down = dequantized((d_base,), (out_features,), dtype, x.device)
+        chunk = row_chunk((g_base, u_base), inter, NO_GRAD_CHUNKS)
+        w_flat = torch.empty(2 * chunk * x2.shape[1], dtype=dtype, device=x.device)
+        gu_flat = torch.empty(2 * n_tokens * chunk, dtype=dtype, device=x.device)
+        y = torch.empty((n_tokens, out_features), dtype=dtype, device=x.device)
+        ha = torch.empty((n_tokens, a_down.shape[0]), dtype=dtype, device=x.device)
+        for start in range(0, inter, chunk):
+            stop = min(inter, start + chunk)
+            n, beta = stop - start, 0.0 if start == 0 else 1.0
+            w = w_flat[: 2 * n * x2.shape[1]].view(2, n, x2.shape[1])
+            dequantize_into(g_base, w[0], rows=(start, stop))
+            dequantize_into(u_base, w[1], rows=(start, stop))
+            gu = gu_flat[: 2 * n_tokens * n].view(2, n_tokens, n)
+            torch.mm(x2, w[0].t(), out=gu[0])
+            torch.mm(x2, w[1].t(), out=gu[1])
+            gu[0].addmm_(xa[:, :r_gate], b_gate[start:stop].t(), alpha=s_gate)
+            gu[1].addmm_(xa[:, r_gate:], b_up[start:stop].t(), alpha=s_up)
+            h = swiglu_forward(gu[0], gu[1])
+            y.addmm_(h, w_down[:, start:stop].t(), beta=beta)
+            ha.addmm_(h, a_down[:, start:stop].t(), beta=beta)
+            del h
+        y.addmm_(ha, b_down.t(), alpha=s_down)
+    return y.view(*x.shape[:-1], out_features)
 
 
 class _LoraMLPUnreadFunction(torch.autograd.Function):
@@ -254,6 +297,11 @@ def _check(x: torch.Tensor, parts: Sequence[LoraPart]) -> None:
     if inter != inter_up:
         raise ValueError(f"lora_mlp: gate has {inter} outputs and up {inter_up}: they must match")
     check_parts("lora_mlp (down)", inter, [down])
+    for i, part in enumerate(parts):
+        if getattr(part[0], "bias", None) is not None:
+            raise ValueError(
+                f"lora_mlp: part {i}'s base layer has a bias; the fused MLP computes projections without one"
+            )
 
 
 def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None) -> torch.Tensor:
@@ -282,10 +330,13 @@ def lora_mlp(
         parts: three :class:`~hizli.kernels.lora_qkv.LoraPart`, gate and up (``H -> I``) then down
             (``I -> H``); ``hizli.models.fused_lora.group_parts`` makes them from PEFT layers.
         copies: as in :func:`hizli.kernels.lora_qkv.lora_qkv`.
-        output_unread: the caller never reads the output's values, only backpropagates through it
+        output_unread: (with autograd on) the caller never reads the output's values, only backpropagates through it
             (a layer recomputed for its backward, the output going to a residual add): the fused
             function then returns zeros and does all its work in backward, keeping only ``x``
             (see ``_LoraMLPUnreadFunction``). Ignored by the reference, which computes the output.
+
+    Without autograd (``torch.no_grad``: an offloaded layer's first pass) the fused path computes the
+    output in two slices of the intermediate features, holding half the temporaries.
 
     Returns:
         ``[..., H_out]`` in the compute dtype (autocast's, else ``x``'s); zeros with ``output_unread``
@@ -298,6 +349,20 @@ def lora_mlp(
     (g_base, a_g, b_g, s_g), (u_base, a_u, b_u, s_u), (d_base, a_d, b_d, s_d) = parts
     if not use_triton("lora_mlp", x, a_g, b_g, a_u, b_u, a_d, b_d):
         return lora_mlp_reference(x, parts)
+    if not torch.is_grad_enabled():
+        return _forward_in_pieces(
+            x,
+            (g_base, u_base, d_base),
+            (float(s_g), float(s_u), float(s_d)),
+            compute_dtype(x),
+            copies,
+            a_g,
+            b_g,
+            a_u,
+            b_u,
+            a_d,
+            b_d,
+        )
     function = _LoraMLPUnreadFunction if output_unread else _LoraMLPFunction
     return function.apply(
         x,

@@ -29,7 +29,15 @@ from typing import Any, Sequence
 
 import torch
 
-from hizli.kernels._lora import LoraPart, check_parts, compute_dtype, dequantized, no_autocast, projection_reference
+from hizli.kernels._lora import (
+    LoraPart,
+    check_parts,
+    compute_dtype,
+    dequantized,
+    no_autocast,
+    projection_reference,
+    stacked_bias,
+)
 from hizli.kernels.dispatch import use_triton
 from hizli.kernels.lora_casts import ComputeCopies, compute_copy
 
@@ -80,7 +88,8 @@ class _LoraQKVFunction(torch.autograd.Function):
             )
             b_list = [compute_copy(b, dtype, copies) for b in b_list]
             w = dequantized(bases, sizes, dtype, x.device)
-            y = x2 @ w.t()
+            bias = stacked_bias(bases, sizes, dtype)  # a frozen base bias (Qwen2's q/k/v): no gradient
+            y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
             del w
             xa = x2 @ a_cat.t()
             col = r0 = 0

@@ -2,7 +2,7 @@
 compute exactly, and their parts as those ops read them.
 
 The fused ops reproduce PEFT's ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` for one active
-adapter with dropout off and no bias, on a plain or bitsandbytes 4-bit (NF4/FP4) base. Any layer they
+adapter with dropout off and no bias (``lora_qkv`` also adds a frozen base bias, as Qwen2's q/k/v have), on a plain or bitsandbytes 4-bit (NF4/FP4) base. Any layer they
 do not cover exactly (dropout > 0, DoRA or another LoRA variant, a bias, several active adapters, a
 merged or disabled adapter, bitsandbytes' CPU-repacked layout) runs PEFT's own path instead; so do
 eval and generation (the patched forwards in :mod:`hizli.models.patch` decide), where bitsandbytes'
@@ -19,8 +19,11 @@ import torch
 from hizli.kernels.lora_qkv import LoraPart
 
 
-def lora_parts(layer: torch.nn.Module) -> LoraPart | None:
-    """``(base_layer, A, B, scaling)`` for a PEFT LoRA layer the fused maths reproduces, else None."""
+def lora_parts(layer: torch.nn.Module, base_bias: bool = False) -> LoraPart | None:
+    """``(base_layer, A, B, scaling)`` for a PEFT LoRA layer the fused maths reproduces, else None.
+
+    ``base_bias``: the caller adds a frozen bias of the base layer (``lora_qkv`` does, for Qwen2's q/k/v);
+    a bias that trains (PEFT's ``bias="all"``) never qualifies."""
     lora_a = getattr(layer, "lora_A", None)
     if lora_a is None or getattr(layer, "disable_adapters", True) or getattr(layer, "merged", True):
         return None
@@ -35,7 +38,8 @@ def lora_parts(layer: torch.nn.Module) -> LoraPart | None:
         return None
     b = layer.lora_B[name]
     base = layer.base_layer
-    if getattr(b, "bias", None) is not None or getattr(base, "bias", None) is not None:
+    bias = getattr(base, "bias", None)
+    if getattr(b, "bias", None) is not None or (bias is not None and (not base_bias or bias.requires_grad)):
         return None
     weight = base.weight
     state = getattr(weight, "quant_state", None)
@@ -47,11 +51,11 @@ def lora_parts(layer: torch.nn.Module) -> LoraPart | None:
     return LoraPart(base, lora_a[name].weight, b.weight, float(layer.scaling[name]))
 
 
-def group_parts(module: torch.nn.Module, names: Sequence[str]) -> list[LoraPart] | None:
+def group_parts(module: torch.nn.Module, names: Sequence[str], base_bias: bool = False) -> list[LoraPart] | None:
     """``lora_parts`` of each named projection of ``module``; None unless all of them qualify."""
     parts = []
     for name in names:
-        p = lora_parts(getattr(module, name))
+        p = lora_parts(getattr(module, name), base_bias)
         if p is None:
             return None
         parts.append(p)

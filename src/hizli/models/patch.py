@@ -160,7 +160,7 @@ def _make_attention_forward(original, record: HizliState):
 
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
-        qkv_parts = group_parts(self, _QKV)
+        qkv_parts = group_parts(self, _QKV, base_bias=True)
         cos, sin = position_embeddings
         if qkv_parts is not None and not (cos.requires_grad or sin.requires_grad):
             # q and k come out rotated, in the group's own output buffer
@@ -230,8 +230,8 @@ def model_uses_fused_lora(model: torch.nn.Module) -> bool:
     """Whether every LoRA projection of ``model``'s decoder runs through the fused ops: its MLPs and
     attention modules routed through hizli (``use_fused_ops``), their LoRA layers qualifying, and
     ``HIZLI_KERNELS`` not sending the ops to their references. The memory plan's activation sizes
-    depend on it: a model whose q/k/v carry a bias (Qwen2) runs them through PEFT's layers, which keep
-    more per token, so it is planned as unfused."""
+    depend on it: a projection PEFT's layers run (a trained bias, dropout, DoRA) keeps more per token, so
+    such a model is planned as unfused."""
     from hizli.kernels.dispatch import kernels_mode
     from hizli.models.fused_lora import group_parts
 
@@ -243,9 +243,9 @@ def model_uses_fused_lora(model: torch.nn.Module) -> bool:
             mlp = module
         if attention is None and hasattr(module, "q_proj") and hasattr(module, "o_proj"):
             attention = module
-    groups = [(mlp, ("gate_proj", "up_proj", "down_proj"))]
+    groups = [(mlp, ("gate_proj", "up_proj", "down_proj"), False)]
     if attention is not None:
-        groups += [(attention, ("q_proj", "k_proj", "v_proj")), (attention, ("o_proj",))]
+        groups += [(attention, _QKV, True), (attention, ("o_proj",), False)]
     return mlp is not None and all(
-        routed_through_hizli(module) and group_parts(module, names) is not None for module, names in groups
+        routed_through_hizli(module) and group_parts(module, names, bias) is not None for module, names, bias in groups
     )
