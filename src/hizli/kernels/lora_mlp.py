@@ -343,37 +343,15 @@ def lora_mlp(
         on the fused path.
 
     Raises:
-        ValueError: not three parts, or parts whose shapes do not chain.
+        ValueError: not three parts, parts whose shapes do not chain, or a base layer with a bias.
     """
     _check(x, parts)
     (g_base, a_g, b_g, s_g), (u_base, a_u, b_u, s_u), (d_base, a_d, b_d, s_d) = parts
     if not use_triton("lora_mlp", x, a_g, b_g, a_u, b_u, a_d, b_d):
         return lora_mlp_reference(x, parts)
+    args = (x, (g_base, u_base, d_base), (float(s_g), float(s_u), float(s_d)), compute_dtype(x), copies)
+    adapters = (a_g, b_g, a_u, b_u, a_d, b_d)
     if not torch.is_grad_enabled():
-        return _forward_in_pieces(
-            x,
-            (g_base, u_base, d_base),
-            (float(s_g), float(s_u), float(s_d)),
-            compute_dtype(x),
-            copies,
-            a_g,
-            b_g,
-            a_u,
-            b_u,
-            a_d,
-            b_d,
-        )
+        return _forward_in_pieces(*args, *adapters)
     function = _LoraMLPUnreadFunction if output_unread else _LoraMLPFunction
-    return function.apply(
-        x,
-        (g_base, u_base, d_base),
-        (float(s_g), float(s_u), float(s_d)),
-        compute_dtype(x),
-        copies,
-        a_g,
-        b_g,
-        a_u,
-        b_u,
-        a_d,
-        b_d,
-    )
+    return function.apply(*args, *adapters)
