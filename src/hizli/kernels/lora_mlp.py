@@ -158,19 +158,18 @@ UNREAD_CHUNKS = 4
 NO_GRAD_CHUNKS = 2
 
 
-def _forward_in_pieces(x, bases, scalings, dtype, copies, a_gate, b_gate, a_up, b_up, a_down, b_down):
+def _forward_in_pieces(x, bases, scalings, dtype, copies, adapters):
     """The MLP's output without autograd, the intermediate features ``NO_GRAD_CHUNKS`` slices at a
-    time: each slice's SwiGLU goes through its columns of the down projection into one sum."""
+    time: each slice's SwiGLU goes through its columns of the down projection into one sum.
+    ``adapters``: ``(a_gate, b_gate, a_up, b_up, a_down, b_down)``."""
     from hizli.kernels.swiglu import swiglu_forward
 
     g_base, u_base, d_base = bases
     s_gate, s_up, s_down = scalings
-    n_tokens, out_features = x.reshape(-1, x.shape[-1]).shape[0], b_down.shape[0]
     with no_autocast(x.device):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a_gate, b_gate, a_up, b_up, a_down, b_down = (
-            compute_copy(t, dtype, copies) for t in (a_gate, b_gate, a_up, b_up, a_down, b_down)
-        )
+        a_gate, b_gate, a_up, b_up, a_down, b_down = (compute_copy(t, dtype, copies) for t in adapters)
+        n_tokens, out_features = x2.shape[0], b_down.shape[0]
         inter, r_gate = b_gate.shape[0], a_gate.shape[0]
         xa = x2 @ torch.cat([a_gate, a_up]).t()
         w_down = dequantized((d_base,), (out_features,), dtype, x.device)
@@ -352,6 +351,6 @@ def lora_mlp(
     args = (x, (g_base, u_base, d_base), (float(s_g), float(s_u), float(s_d)), compute_dtype(x), copies)
     adapters = (a_g, b_g, a_u, b_u, a_d, b_d)
     if not torch.is_grad_enabled():
-        return _forward_in_pieces(*args, *adapters)
+        return _forward_in_pieces(*args, adapters)
     function = _LoraMLPUnreadFunction if output_unread else _LoraMLPFunction
     return function.apply(*args, *adapters)
