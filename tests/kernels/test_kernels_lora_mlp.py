@@ -196,7 +196,7 @@ def test_cpu_no_grad_output_in_pieces(fused_on_cpu, rel, dtype, nf4):
     for lead in LEADS:
         x = torch.randn(*lead, HIDDEN, generator=torch.Generator().manual_seed(7)).to(dtype)
         with torch.no_grad():
-            out = lora_mlp(x, parts)
+            out = lora_mlp(x, parts, in_pieces=True)
         truth = _run(lora_mlp_reference, x.double(), _float64_parts(parts))[0]
         assert out.shape == (*lead, HIDDEN) and out.dtype == dtype and not out.requires_grad
         assert rel(out, truth) < TOL[("cpu", dtype)]
@@ -241,4 +241,4 @@ def test_kernel_unread_output_gradients(kernel_device, rel, nf4):
     for got, truth in [(dx, dx64), *zip(grads, grads64)]:
         assert rel(got, truth) < TOL[(kernel_device.type, torch.bfloat16)]
     with torch.no_grad():
-        assert rel(lora_mlp(x, parts), out64) < TOL[(kernel_device.type, torch.bfloat16)]
+        assert rel(lora_mlp(x, parts, in_pieces=True), out64) < TOL[(kernel_device.type, torch.bfloat16)]

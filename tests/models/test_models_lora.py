@@ -237,6 +237,7 @@ def test_gpu_offloaded_4bit_layers_defer_the_mlp_and_match_kept_layers(tmp_path,
     from hizli.kernels import lora_mlp as lora_mlp_module
     from hizli.models.checkpointing import set_checkpointing
     from hizli.models.patch import use_fused_ops
+    from hizli.models.record import state_of
 
     unread_calls = []
     unread = lora_mlp_module._LoraMLPUnreadFunction
@@ -252,6 +253,7 @@ def test_gpu_offloaded_4bit_layers_defer_the_mlp_and_match_kept_layers(tmp_path,
         tmp_path, hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32, dtype=torch.bfloat16, device="cuda"
     )
     assert use_fused_ops(model)["swiglu"] == 1
+    state_of(model).defer_offloaded_mlp = True
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(7)).cuda()
 
     def grads(mode):
@@ -270,6 +272,27 @@ def test_gpu_offloaded_4bit_layers_defer_the_mlp_and_match_kept_layers(tmp_path,
     for k in kept:
         err = ((offloaded[k] - kept[k]).norm() / kept[k].norm()).item()
         assert err < 2e-2, f"{k}: {err:.2e}"
+
+
+def test_offloaded_layers_defer_their_mlp_only_when_the_record_asks(tiny_model_dir):
+    """The deferred MLP is off by default; the model's record switches it on for offloaded layers
+    (Llama's decoder layer ends in the residual add it needs), and never for recomputed ones."""
+    import functools
+
+    from hizli.models.checkpointing import apply_layer_modes, decoder_layers
+    from hizli.models.record import state_of
+
+    model, _ = loader.load(tiny_model_dir, load_in_4bit=False)
+    model = lora.add_lora(model, **RECIPE)
+
+    def unread(modes):
+        apply_layer_modes(model, modes)
+        funcs = [layer._gradient_checkpointing_func for layer in decoder_layers(model)]
+        return [isinstance(f, functools.partial) and f.keywords["options"].mlp_unread for f in funcs]
+
+    assert unread(["offload", "offload"]) == [False, False]
+    state_of(model).defer_offloaded_mlp = True
+    assert unread(["offload", "recompute"]) == [True, False]
 
 
 def test_four_bit_lora_trains_on_cpu(tiny_model_dir):

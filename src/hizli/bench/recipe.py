@@ -21,7 +21,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-LEVERS = ("padding_free", "merge_micro", "fused_ce", "kernels", "checkpointing", "cast_cache", "token_buckets")
+LEVERS = (
+    "padding_free",
+    "merge_micro",
+    "fused_ce",
+    "kernels",
+    "checkpointing",
+    "cast_cache",
+    "token_buckets",
+    "defer_mlp",
+)
+LEVERS_OFF_BY_DEFAULT = ("defer_mlp",)  # levers of what the library does not do by default yet
+
+
+def default_levers() -> dict[str, bool]:
+    return {name: name not in LEVERS_OFF_BY_DEFAULT for name in LEVERS}
 
 
 @dataclass
@@ -39,7 +53,7 @@ class RecipeBench:
     dtype: str | None = None  # bf16, fp16 or fp32; None: bf16 where the GPU has it, else fp16 (fp32 on a CPU)
     chat_template: str = "llama-3.1"
     max_memory_gib: float | None = None
-    levers: dict[str, bool] = field(default_factory=lambda: {name: True for name in LEVERS})
+    levers: dict[str, bool] = field(default_factory=default_levers)
     profile_dir: str | None = None
     skip_steps: int = 10  # steps left out of the steady rate (at most a third of the run)
     parallel: str | None = None  # under torchrun: "ddp" or "fsdp" (random shapes built sharded, in place)
@@ -52,8 +66,8 @@ CPU_DEMO = RecipeBench(
 
 
 def parse_levers(items: list[str]) -> dict[str, bool]:
-    """``["fused_ce=off"]`` -> every lever on except fused_ce."""
-    levers = {name: True for name in LEVERS}
+    """``["fused_ce=off"]`` -> the defaults (``default_levers``) but fused_ce off."""
+    levers = default_levers()
     for item in items:
         name, _, value = item.partition("=")
         if name not in LEVERS or value not in ("on", "off"):
@@ -211,6 +225,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
     )
     trainer.keep_lora_copies = levers["cast_cache"]  # off: cast the LoRA weights at every use
     trainer.token_buckets = None if levers["token_buckets"] else False  # off: micro-batches keep their lengths
+    trainer.defer_offloaded_mlp = levers["defer_mlp"]
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()

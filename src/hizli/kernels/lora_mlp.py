@@ -316,7 +316,11 @@ def lora_mlp_reference(x: torch.Tensor, parts: Sequence[LoraPart], copies: Compu
 
 
 def lora_mlp(
-    x: torch.Tensor, parts: Sequence[LoraPart], copies: ComputeCopies | None = None, output_unread: bool = False
+    x: torch.Tensor,
+    parts: Sequence[LoraPart],
+    copies: ComputeCopies | None = None,
+    output_unread: bool = False,
+    in_pieces: bool = False,
 ) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` with LoRA on the three projections: the fused function on CUDA
     (its NF4 dequantization and SwiGLU in Triton), the reference elsewhere.
@@ -334,8 +338,9 @@ def lora_mlp(
             function then returns zeros and does all its work in backward, keeping only ``x``
             (see ``_LoraMLPUnreadFunction``). Ignored by the reference, which computes the output.
 
-    Without autograd (``torch.no_grad``: an offloaded layer's first pass) the fused path computes the
-    output in two slices of the intermediate features, holding half the temporaries.
+        in_pieces: without autograd (``torch.no_grad``: an offloaded layer's first pass), compute
+            the output in ``NO_GRAD_CHUNKS`` slices of the intermediate features, holding half the
+            temporaries for a few more launches. Ignored with autograd on and by the reference.
 
     Returns:
         ``[..., H_out]`` in the compute dtype (autocast's, else ``x``'s); zeros with ``output_unread``
@@ -350,7 +355,7 @@ def lora_mlp(
         return lora_mlp_reference(x, parts)
     args = (x, (g_base, u_base, d_base), (float(s_g), float(s_u), float(s_d)), compute_dtype(x), copies)
     adapters = (a_g, b_g, a_u, b_u, a_d, b_d)
-    if not torch.is_grad_enabled():
+    if in_pieces and not torch.is_grad_enabled():
         return _forward_in_pieces(*args, adapters)
     function = _LoraMLPUnreadFunction if output_unread else _LoraMLPFunction
     return function.apply(*args, *adapters)

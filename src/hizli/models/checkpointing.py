@@ -150,7 +150,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden = saved.gpu
         hidden.record_stream(torch.cuda.current_stream(ctx.device))
         hidden = hidden.detach().requires_grad_(True)
-        unread = mlp_outputs_unread() if ctx.options.ends_in_residual else contextlib.nullcontext()
+        unread = mlp_outputs_unread() if ctx.options.mlp_unread else contextlib.nullcontext()
         with contextlib.ExitStack() as stack:
             if ctx.options.random:
                 stack.enter_context(torch.random.fork_rng(devices=[ctx.device]))
@@ -201,24 +201,26 @@ class LayerOptions:
 
     Attributes:
         random: the layer draws random numbers (dropout): its RNG state is kept and replayed.
-        ends_in_residual: the layer's last op adds its MLP's output to the residual stream, so the
-            recompute never reads that output's values (``hizli.models.patch.mlp_outputs_unread``).
+        mlp_unread: the layer's last op adds its MLP's output to the residual stream, so the
+            recompute never reads that output's values, and the model's record asks for the MLP
+            to be deferred (``defer_offloaded_mlp``; ``hizli.models.patch.mlp_outputs_unread``).
     """
 
     random: bool = True
-    ends_in_residual: bool = False
+    mlp_unread: bool = False
 
 
 # Decoder layers whose forward ends in ``residual + self.mlp(...)``, returned as the layer's output.
 _RESIDUAL_LAST = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 
 
-def layer_options(layer: torch.nn.Module) -> LayerOptions:
-    """The recompute options of a decoder layer: random if any dropout in it can draw."""
+def layer_options(layer: torch.nn.Module, defer_mlp: bool) -> LayerOptions:
+    """The recompute options of a decoder layer: random if any dropout in it can draw; its MLP's
+    output unread when ``defer_mlp`` and the layer ends in the residual add."""
     random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()) or any(
         getattr(m, "attention_dropout", 0) for m in layer.modules()
     )
-    return LayerOptions(random=bool(random), ends_in_residual=type(layer).__name__ in _RESIDUAL_LAST)
+    return LayerOptions(random=bool(random), mlp_unread=defer_mlp and type(layer).__name__ in _RESIDUAL_LAST)
 
 
 def offloaded_checkpoint(
@@ -262,13 +264,16 @@ def allowed_modes(requested: bool | str, on_gpu: bool) -> tuple[str, ...]:
 
 def apply_layer_modes(model: torch.nn.Module, modes: Sequence[str]) -> None:
     """Set each decoder layer's mode (``keep`` / ``recompute`` / ``offload``)."""
+    from hizli.models.record import state_of
+
     layers = decoder_layers(model)
     assert len(layers) == len(modes), (len(layers), len(modes))
+    defer_mlp = state_of(model).defer_offloaded_mlp
     for layer, mode in zip(layers, modes):
         assert mode in MODES, mode
         layer.gradient_checkpointing = mode != "keep"
         layer._gradient_checkpointing_func = (
-            functools.partial(offloaded_checkpoint, options=layer_options(layer))
+            functools.partial(offloaded_checkpoint, options=layer_options(layer, defer_mlp))
             if mode == "offload"
             else plain_checkpoint
         )

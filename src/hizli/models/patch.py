@@ -131,7 +131,13 @@ def _make_mlp_forward(record: HizliState):
 
             parts = group_parts(self, _MLP_PROJECTIONS)
             if parts is not None:
-                return lora_mlp(x, parts, copies=record.compute_copies, output_unread=_mlp_unread.get())
+                return lora_mlp(
+                    x,
+                    parts,
+                    copies=record.compute_copies,
+                    output_unread=_mlp_unread.get(),
+                    in_pieces=record.defer_offloaded_mlp,
+                )
         from hizli.kernels.swiglu import swiglu
 
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -35,6 +35,10 @@ class HizliState:
             chose checkpointing).
         compute_copies: the LoRA weights' compute-dtype copies while hizli's trainer runs (see
             ``lora_casts``); None otherwise, and then the fused layers cast at every use.
+        defer_offloaded_mlp: offloaded layers run their fused MLP in slices on the first pass and
+            only in backward when recomputed (``lora_mlp``'s ``in_pieces`` and ``output_unread``),
+            and the memory plan counts their smaller peak. Off by default: its speed under a cap is
+            not yet measured (``SFTTrainer.defer_offloaded_mlp``, bench lever ``defer_mlp``).
     """
 
     info: LoadInfo | None = None
@@ -45,6 +49,7 @@ class HizliState:
     layer_modes: list[str] = field(default_factory=list)
     allowed_modes: tuple[str, ...] | None = None
     compute_copies: ComputeCopies | None = field(default=None, repr=False)
+    defer_offloaded_mlp: bool = False
 
 
 def find_state(model: Any) -> HizliState | None:

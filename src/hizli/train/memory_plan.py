@@ -353,7 +353,8 @@ def plan_for(
     from hizli.models.checkpointing import decoder_layers, layer_options
 
     layers = decoder_layers(model)
-    mlp_unread = bool(layers) and layer_options(layers[0]).ends_in_residual
+    defer = record is not None and record.defer_offloaded_mlp
+    mlp_unread = bool(layers) and layer_options(layers[0], defer).mlp_unread
     shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused, mlp_unread=mlp_unread)
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(

@@ -124,6 +124,8 @@ class SFTTrainer:
         # padding-free micro-batches padded to repeating lengths: None on a GPU under a memory plan,
         # True / False always / never (a benchmark lever; see hizli.data.collate)
         self.token_buckets: bool | None = None
+        # offloaded layers' MLP in slices, and only in backward when recomputed (hizli.models.record)
+        self.defer_offloaded_mlp = False
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -301,6 +303,8 @@ class SFTTrainer:
         total_steps = plan.total_steps(args.max_steps, args.num_train_epochs)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.build_optimizer(params, args)
+        if record is not None:
+            record.defer_offloaded_mlp = self.defer_offloaded_mlp
         if record is not None and self.keep_lora_copies:
             from hizli.kernels.lora_casts import ComputeCopies
 
