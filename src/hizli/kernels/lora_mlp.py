@@ -158,42 +158,67 @@ UNREAD_CHUNKS = 4
 NO_GRAD_CHUNKS = 2
 
 
+class _GateUpSlices:
+    """Gate and up projections of slices of the intermediate features, each from its own rows of
+    the two weights, into buffers reused from slice to slice (the sliced MLP paths below).
+
+    ``xa`` is ``x2 @ [A_gate; A_up]^T``, ``r_gate`` the gate adapter's rank; ``gate`` and ``up`` are
+    PEFT layers' maths for those rows: ``x W^T + s (x A^T) B^T``.
+    """
+
+    def __init__(self, x2, xa, r_gate, bases, *, b_gate, b_up, scalings, parts: int) -> None:
+        self.x2, self.xa, self.r_gate, self.bases = x2, xa, r_gate, bases
+        self.b_gate, self.b_up, self.scalings = b_gate, b_up, scalings
+        self.inter, hidden, n_tokens = b_gate.shape[0], x2.shape[1], x2.shape[0]
+        self.chunk = row_chunk(bases, self.inter, parts)
+        self.w_flat = torch.empty(2 * self.chunk * hidden, dtype=x2.dtype, device=x2.device)
+        self.gu_flat = torch.empty(2 * n_tokens * self.chunk, dtype=x2.dtype, device=x2.device)
+
+    def spans(self):
+        """``(start, stop)`` of each slice, in order."""
+        return [(start, min(self.inter, start + self.chunk)) for start in range(0, self.inter, self.chunk)]
+
+    def compute(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, gate, up)``: the slice's dequantized rows ``[2, n, H]`` and its outputs ``[T, n]``
+        each (valid until the next slice is computed)."""
+        x2, n, hidden = self.x2, stop - start, self.x2.shape[1]
+        w = self.w_flat[: 2 * n * hidden].view(2, n, hidden)
+        dequantize_into(self.bases[0], w[0], rows=(start, stop))
+        dequantize_into(self.bases[1], w[1], rows=(start, stop))
+        gu = self.gu_flat[: 2 * x2.shape[0] * n].view(2, x2.shape[0], n)
+        gate, up = gu[0], gu[1]
+        torch.mm(x2, w[0].t(), out=gate)
+        torch.mm(x2, w[1].t(), out=up)
+        gate.addmm_(self.xa[:, : self.r_gate], self.b_gate[start:stop].t(), alpha=self.scalings[0])
+        up.addmm_(self.xa[:, self.r_gate :], self.b_up[start:stop].t(), alpha=self.scalings[1])
+        return w, gate, up
+
+
 def _forward_in_pieces(x, bases, scalings, dtype, copies, adapters):
     """The MLP's output without autograd, the intermediate features ``NO_GRAD_CHUNKS`` slices at a
     time: each slice's SwiGLU goes through its columns of the down projection into one sum.
     ``adapters``: ``(a_gate, b_gate, a_up, b_up, a_down, b_down)``."""
     from hizli.kernels.swiglu import swiglu_forward
 
-    g_base, u_base, d_base = bases
-    s_gate, s_up, s_down = scalings
     with no_autocast(x.device):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a_gate, b_gate, a_up, b_up, a_down, b_down = (compute_copy(t, dtype, copies) for t in adapters)
         n_tokens, out_features = x2.shape[0], b_down.shape[0]
-        inter, r_gate = b_gate.shape[0], a_gate.shape[0]
         xa = x2 @ torch.cat([a_gate, a_up]).t()
-        w_down = dequantized((d_base,), (out_features,), dtype, x.device)
-        chunk = row_chunk((g_base, u_base), inter, NO_GRAD_CHUNKS)
-        w_flat = torch.empty(2 * chunk * x2.shape[1], dtype=dtype, device=x.device)
-        gu_flat = torch.empty(2 * n_tokens * chunk, dtype=dtype, device=x.device)
+        slices = _GateUpSlices(
+            x2, xa, a_gate.shape[0], bases[:2], b_gate=b_gate, b_up=b_up, scalings=scalings, parts=NO_GRAD_CHUNKS
+        )
+        w_down = dequantized(bases[2:], (out_features,), dtype, x.device)
         y = torch.empty((n_tokens, out_features), dtype=dtype, device=x.device)
         ha = torch.empty((n_tokens, a_down.shape[0]), dtype=dtype, device=x.device)
-        for start in range(0, inter, chunk):
-            stop = min(inter, start + chunk)
-            n, beta = stop - start, 0.0 if start == 0 else 1.0
-            w = w_flat[: 2 * n * x2.shape[1]].view(2, n, x2.shape[1])
-            dequantize_into(g_base, w[0], rows=(start, stop))
-            dequantize_into(u_base, w[1], rows=(start, stop))
-            gu = gu_flat[: 2 * n_tokens * n].view(2, n_tokens, n)
-            torch.mm(x2, w[0].t(), out=gu[0])
-            torch.mm(x2, w[1].t(), out=gu[1])
-            gu[0].addmm_(xa[:, :r_gate], b_gate[start:stop].t(), alpha=s_gate)
-            gu[1].addmm_(xa[:, r_gate:], b_up[start:stop].t(), alpha=s_up)
-            h = swiglu_forward(gu[0], gu[1])
+        for start, stop in slices.spans():
+            beta = 0.0 if start == 0 else 1.0  # the first slice writes the sums (empty buffers)
+            _w, gate, up = slices.compute(start, stop)
+            h = swiglu_forward(gate, up)
             y.addmm_(h, w_down[:, start:stop].t(), beta=beta)
             ha.addmm_(h, a_down[:, start:stop].t(), beta=beta)
             del h
-        y.addmm_(ha, b_down.t(), alpha=s_down)
+        y.addmm_(ha, b_down.t(), alpha=scalings[2])
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -225,7 +250,6 @@ class _LoraMLPUnreadFunction(torch.autograd.Function):
         x2, *adapters = ctx.saved_tensors
         dtype, copies, device = ctx.dtype, ctx.copies, x2.device
         s_gate, s_up, s_down = ctx.scalings
-        g_base, u_base, d_base = ctx.bases
         n_tokens, hidden = x2.shape
         with no_autocast(device):
             a_gate, b_gate, a_up, b_up, a_down, b_down = (compute_copy(t, dtype, copies) for t in adapters)
@@ -235,29 +259,19 @@ class _LoraMLPUnreadFunction(torch.autograd.Function):
             xa = x2 @ a_cat.t()
             xa_gate, xa_up = xa[:, :r_gate], xa[:, r_gate:]
             d_ha = (dy2 @ b_down).mul_(s_down)
-            w_down = dequantized((d_base,), (hidden,), dtype, device)  # [H, I], read by column slices
+            slices = _GateUpSlices(
+                x2, xa, r_gate, ctx.bases[:2], b_gate=b_gate, b_up=b_up, scalings=ctx.scalings, parts=UNREAD_CHUNKS
+            )
+            w_down = dequantized(ctx.bases[2:], (hidden,), dtype, device)  # [H, I], read by column slices
             ha = torch.empty((n_tokens, a_down.shape[0]), dtype=dtype, device=device)
             d_xa = torch.empty_like(xa)
             dx = torch.empty((n_tokens, hidden), dtype=dtype, device=device)
             d_a_down_t = torch.empty((inter, a_down.shape[0]), dtype=dtype, device=device)
             d_b_gate = torch.empty_like(b_gate)
             d_b_up = torch.empty_like(b_up)
-            chunk = row_chunk((g_base, u_base), inter, UNREAD_CHUNKS)
-            w_flat = torch.empty(2 * chunk * hidden, dtype=dtype, device=device)
-            gu_flat = torch.empty(2 * n_tokens * chunk, dtype=dtype, device=device)
-            for start in range(0, inter, chunk):
-                stop = min(inter, start + chunk)
-                n = stop - start
+            for start, stop in slices.spans():
                 beta = 0.0 if start == 0 else 1.0  # the first slice writes the sums (empty buffers)
-                w = w_flat[: 2 * n * hidden].view(2, n, hidden)
-                dequantize_into(g_base, w[0], rows=(start, stop))
-                dequantize_into(u_base, w[1], rows=(start, stop))
-                gu = gu_flat[: 2 * n_tokens * n].view(2, n_tokens, n)
-                gate, up = gu[0], gu[1]
-                torch.mm(x2, w[0].t(), out=gate)
-                torch.mm(x2, w[1].t(), out=up)
-                gate.addmm_(xa_gate, b_gate[start:stop].t(), alpha=s_gate)
-                up.addmm_(xa_up, b_up[start:stop].t(), alpha=s_up)
+                w, gate, up = slices.compute(start, stop)
                 h = swiglu_forward(gate, up)
                 ha.addmm_(h, a_down[:, start:stop].t(), beta=beta)
                 torch.mm(h.t(), d_ha, out=d_a_down_t[start:stop])
@@ -272,7 +286,7 @@ class _LoraMLPUnreadFunction(torch.autograd.Function):
                 torch.mm(d_up.t(), xa_up, out=d_b_up[start:stop])
                 dx.addmm_(d_gate, w[0], beta=beta)
                 dx.addmm_(d_up, w[1])
-            del w_flat, gu_flat, w_down
+            del slices, w_down
             d_b_gate.mul_(s_gate)
             d_b_up.mul_(s_up)
             d_b_down = (dy2.t() @ ha).mul_(s_down)
@@ -333,11 +347,11 @@ def lora_mlp(
         parts: three :class:`~hizli.kernels.lora_qkv.LoraPart`, gate and up (``H -> I``) then down
             (``I -> H``); ``hizli.models.fused_lora.group_parts`` makes them from PEFT layers.
         copies: as in :func:`hizli.kernels.lora_qkv.lora_qkv`.
-        output_unread: (with autograd on) the caller never reads the output's values, only backpropagates through it
-            (a layer recomputed for its backward, the output going to a residual add): the fused
-            function then returns zeros and does all its work in backward, keeping only ``x``
-            (see ``_LoraMLPUnreadFunction``). Ignored by the reference, which computes the output.
-
+        output_unread: (with autograd on) the caller never reads the output's values, only
+            backpropagates through it (a layer recomputed for its backward, the output going to a
+            residual add): the fused function then returns zeros and does all its work in backward,
+            keeping only ``x`` (see ``_LoraMLPUnreadFunction``). Ignored by the reference, which
+            computes the output.
         in_pieces: without autograd (``torch.no_grad``: an offloaded layer's first pass), compute
             the output in ``NO_GRAD_CHUNKS`` slices of the intermediate features, holding half the
             temporaries for a few more launches. Ignored with autograd on and by the reference.

@@ -282,8 +282,6 @@ def apply_layer_modes(model: torch.nn.Module, modes: Sequence[str]) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
-    from hizli.models.record import state_of
-
     state_of(model).layer_modes = list(modes)
 
 
