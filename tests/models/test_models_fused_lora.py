@@ -181,11 +181,13 @@ def _compare(module, fused_fn, plain_fn, x, name, exact):
         assert err_f <= 1.25 * err_p + 1e-4, f"{name} {what}: fused error {err_f:.2e} vs PEFT's {err_p:.2e}"
 
 
+# A layer with GQA and an MLP width that is no multiple of the hidden size, in fp32 on the CPU.
+FP32_LAYER = dict(hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32, dtype=torch.float32, device="cpu")
+
+
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_fused_matches_peft_fp32_cpu(tmp_path, tokens, fused):
-    model = one_layer_lora_model(
-        tmp_path, hidden=128, inter=320, heads=4, kv_heads=2, head_dim=32, dtype=torch.float32, device="cpu"
-    )
+    model = one_layer_lora_model(tmp_path, **FP32_LAYER)
     layer = _layer(model)
     for name, (module, fused_fn, plain_fn) in _cases(layer).items():
         _compare(module, fused_fn, plain_fn, _input(name, layer, tokens, torch.float32, "cpu"), name, exact=True)
@@ -372,19 +374,7 @@ def _qwen2_like(model):
 def test_frozen_qkv_biases_take_the_fused_path_and_match_peft(tmp_path, fused):
     """Qwen2's q/k/v biases (frozen, as PEFT leaves them with bias="none"): the fused group adds them,
     forward and every gradient as PEFT's layers compute them."""
-    model = _qwen2_like(
-        one_layer_lora_model(
-            tmp_path,
-            hidden=128,
-            inter=320,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            dtype=torch.float32,
-            device="cpu",
-            attention_bias=True,
-        )
-    )
+    model = _qwen2_like(one_layer_lora_model(tmp_path, attention_bias=True, **FP32_LAYER))
     layer = _layer(model)
     assert all(getattr(layer.self_attn, n).base_layer.bias is not None for n in ("q_proj", "k_proj", "v_proj"))
     for name, (module, fused_fn, plain_fn) in _cases(layer).items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -161,12 +163,12 @@ def test_without_retries_out_of_memory_is_explained(tmp_path, monkeypatch):
         trainer.train()
 
 
-def test_capped_plan_uses_the_room_between_row_counts():
-    """The token budget is the most that fits, not only what whole splits of the worst step give;
-    under max_memory_gib (the allocator capped too) the slack for cached blocks is smaller."""
-    steps, lengths = _steps()
-    kw = dict(
-        shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True),
+FUSED_3B = Shape(28, 3072, 1024, 8192, 128256, 2, fused=True)
+
+
+def _tight(steps, lengths):
+    """The recipe's 3B model and optimizer (2.32 GiB) under a 3.1 GiB budget, any layer mode allowed."""
+    return dict(
         steps=steps,
         lengths=lengths,
         allowed=("keep", "recompute", "offload"),
@@ -174,6 +176,13 @@ def test_capped_plan_uses_the_room_between_row_counts():
         static_bytes=2.32 * GIB,
         max_parts=8,
     )
+
+
+def test_capped_plan_uses_the_room_between_row_counts():
+    """The token budget is the most that fits, not only what whole splits of the worst step give;
+    under max_memory_gib (the allocator capped too) the slack for cached blocks is smaller."""
+    steps, lengths = _steps()
+    kw = dict(shape=FUSED_3B, **_tight(steps, lengths))
     loose, tight = make_plan(**kw), make_plan(capped=True, **kw)
     for plan in (loose, tight):
         assert plan.predicted_peak_gib <= 3.1 and not plan.notes
@@ -188,22 +197,13 @@ def test_offloaded_layers_with_the_mlp_deferred_fit_larger_micro_batches():
     unread), an offloaded layer holds less per token: a tight budget then takes more tokens at a
     time, with the predicted peak still inside it."""
     steps, lengths = _steps()
-    kw = dict(
-        steps=steps,
-        lengths=lengths,
-        allowed=("keep", "recompute", "offload"),
-        budget_bytes=3.1 * GIB,
-        static_bytes=2.32 * GIB,
-        max_parts=8,
-        capped=True,
-    )
-    full = make_plan(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True), **kw)
-    deferred = make_plan(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True, mlp_unread=True), **kw)
+    kw = dict(capped=True, **_tight(steps, lengths))
+    deferred_3b = replace(FUSED_3B, mlp_unread=True)
+    full = make_plan(shape=FUSED_3B, **kw)
+    deferred = make_plan(shape=deferred_3b, **kw)
     assert set(full.layer_modes) == set(deferred.layer_modes) == {"offload"}
     assert deferred.predicted_peak_gib <= 3.1 and not deferred.notes
     assert deferred.tokens_per_micro_batch > full.tokens_per_micro_batch
     # the deferral is only for offloaded layers: a plan that keeps every layer is unchanged
     roomy = dict(kw, budget_bytes=80 * GIB)
-    assert make_plan(shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True), **roomy) == make_plan(
-        shape=Shape(28, 3072, 1024, 8192, 128256, 2, fused=True, mlp_unread=True), **roomy
-    )
+    assert make_plan(shape=FUSED_3B, **roomy) == make_plan(shape=deferred_3b, **roomy)
