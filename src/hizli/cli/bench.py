@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hizli.bench.recipe import LEVERS, LEVERS_OFF_BY_DEFAULT
+
 BENCH_EXAMPLES = """suites (without one: recipe, so `hizli bench --model llama-3.2-3b` works as before):
   hizli bench recipe --model llama-3.2-3b            the recipe's loop on random weights of a shape (GPU)
   hizli bench recipe --cpu-demo                      the CPU demo recipe (configs/demo-cpu.yaml) measured
@@ -48,8 +50,8 @@ def _add_recipe_options(b: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=on|off",
-        help="turn one speed lever on or off (padding_free, fused_ce, kernels, merge_micro, "
-        "checkpointing, cast_cache, token_buckets); repeatable",
+        help=f"turn one speed lever on or off ({', '.join(LEVERS)}; off by default: "
+        f"{', '.join(LEVERS_OFF_BY_DEFAULT)}); repeatable",
     )
     b.add_argument("--max-memory-gib", type=float, help="memory cap for the memory plan")
     b.add_argument(
