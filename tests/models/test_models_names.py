@@ -1,5 +1,6 @@
 """Local-first model names: a near miss of a local or embedded name gets "did you mean", a hub id
-with no way to reach the Hub fails at once; a chat answer cut by max_new_tokens says so."""
+with no way to reach the Hub fails at once; a chat answer cut by max_new_tokens says so, and a chat
+prompt longer than the training max_seq_length draws no warning of indexing errors."""
 
 from __future__ import annotations
 
@@ -47,3 +48,14 @@ def test_an_answer_cut_by_max_new_tokens_says_so(tiny_model_dir, capsys):
     assert capsys.readouterr().out.rstrip().endswith("[cut at max_new_tokens=3]")
     generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=3, stream=False)
     assert "cut at" not in capsys.readouterr().out
+
+
+def test_a_chat_prompt_longer_than_max_seq_length_is_answered_without_a_length_warning(tiny_model_dir, caplog):
+    from hizli.models.inference import generate_reply
+
+    model, tokenizer = loader.load(tiny_model_dir, load_in_4bit=False, fast_path=False, max_seq_length=16)
+    assert tokenizer.model_max_length == 16
+    question = "Tell me about the sea, the sky and the long road between them, in a few words."
+    with caplog.at_level("WARNING"):
+        generate_reply(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens=3, stream=False)
+    assert "longer than the specified maximum" not in caplog.text

@@ -64,8 +64,15 @@ def chat_input_ids(tokenizer, messages: Iterable[dict], device) -> Any:
             "this tokenizer has no chat template; set one with hizli.get_chat_template(tokenizer, 'NAME') "
             "(`hizli templates` lists them)"
         )
+    # hizli sets model_max_length to the training max_seq_length, which does not bound a chat:
+    # verbose=False keeps the tokenizer from warning of "indexing errors" for a longer prompt.
     enc = tokenizer.apply_chat_template(
-        list(messages), tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        list(messages),
+        tokenize=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+        tokenizer_kwargs={"verbose": False},
     )
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 

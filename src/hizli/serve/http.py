@@ -288,11 +288,15 @@ class Handler(BaseHTTPRequestHandler):
                         400, f"'prompt' holds token ids outside 0..{len(tok) - 1}", param="prompt", code="invalid_value"
                     )
                 return list(req.prompt)
-            return tok(req.prompt, add_special_tokens=True)["input_ids"]
-        try:
-            ids = tok.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
-                "input_ids"
-            ]
+            return tok(req.prompt, add_special_tokens=True, verbose=False)["input_ids"]
+        try:  # verbose=False: the length check against the served context is _generate's, not the tokenizer's
+            ids = tok.apply_chat_template(
+                req.messages,
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=True,
+                tokenizer_kwargs={"verbose": False},
+            )["input_ids"]
         except Exception as e:  # noqa: BLE001 - templates raise whatever jinja raises (role order, ...)
             raise APIError(
                 400, f"the chat template rejected these messages: {e}", param="messages", code="invalid_value"
