@@ -269,6 +269,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         else None,
         "losses": [round(e["loss"], 5) for e in log],
         "predicted_peak_gib": (trainer.memory_plan or {}).get("predicted_peak_gib"),
+        **_allocator_counts(cuda),
     }
     settings = {
         **asdict(bench),
@@ -289,6 +290,19 @@ def _launcher(ranks: Any) -> list[str]:
         return ["hizli"]
     per_host = os.environ.get("LOCAL_WORLD_SIZE", str(ranks.world_size))
     return ["torchrun", f"--nproc-per-node={per_host}", "-m", "hizli.cli"]
+
+
+def _allocator_counts(cuda: bool) -> dict[str, int | None]:
+    """How often the CUDA allocator met the cap: a retry frees its cache and synchronises, so a run
+    whose retries grow with its steps spends time on the allocator, not on the GPU."""
+    import torch
+
+    stats = torch.cuda.memory_stats() if cuda else {}
+    return {
+        "alloc_retries": stats.get("num_alloc_retries"),
+        "device_allocs": stats.get("num_device_alloc"),
+        "device_frees": stats.get("num_device_free"),
+    }
 
 
 def _load_average() -> list[float] | None:
@@ -356,6 +370,7 @@ SUMMARY = (
     "peak_rss_gib",
     "first_step_s",
     "mfu",
+    "alloc_retries",
 )
 
 
