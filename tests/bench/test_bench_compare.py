@@ -135,3 +135,26 @@ def test_each_record_is_kept_as_its_run_ends_so_a_call_cut_short_keeps_them(tmp_
     assert len({r["call"] for r in kept}) == 1  # one call, as the pairs' comparison needs
     capped = kept[1]["metrics"]["matched"]
     assert capped["peer"] == "unsloth_best" and capped["ratio"] == round(10143 / 7106, 3)
+
+
+def test_each_shapes_run_logs_are_kept_when_the_next_shape_is_compared(tmp_path, monkeypatch):
+    """A call that compares two shapes in turn keeps both shapes' logs and results to read afterwards."""
+    import json
+
+    from hizli.bench import compare
+
+    def fake_run(cmd, log, timeout, env):
+        out = Path(cmd[cmd.index("--json") + 1])
+        settings = {"batch": 2, "grad_accum": 4, "dtype": "bf16", "max_memory_gib": None}
+        record = {"settings": settings, "metrics": {"tokens_per_s": 1.0}, "command": "hizli", "env": {}}
+        out.write_text(json.dumps(record))
+        log.write_text(f"trained {out.parent.name}\n")
+        return 0
+
+    monkeypatch.setattr(compare, "_run", fake_run)
+    for shape in ("llama-3.2-3b", "qwen2.5-3b"):
+        bench = compare.CompareBench(shape=shape, work=str(tmp_path))
+        assert compare.run_hizli(bench, tmp_path / "model", "hizli", []) is not None
+    for shape in ("llama-3.2-3b", "qwen2.5-3b"):
+        log = tmp_path / "runs" / shape / "hizli.log"
+        assert log.read_text() == f"trained {shape}\n"

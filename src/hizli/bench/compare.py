@@ -84,6 +84,14 @@ def cold_caches(work: Path, system: str) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+def runs_folder(bench: CompareBench) -> Path:
+    """``work/runs/SHAPE``: each run's log and result, kept per shape so that comparing the next shape
+    does not overwrite them."""
+    folder = Path(bench.work) / "runs" / Path(bench.shape).name.replace(".json", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _run(cmd: list[str], log: Path, timeout: int, env: dict[str, str]) -> int | None:
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
@@ -101,8 +109,8 @@ def _run(cmd: list[str], log: Path, timeout: int, env: dict[str, str]) -> int | 
 
 def run_hizli(bench: CompareBench, model: Path, name: str, extra: list[str]) -> dict[str, Any] | None:
     """``hizli bench recipe`` in its own process; its record's settings and metrics, flattened."""
-    work = Path(bench.work)
-    out = work / f"{name}.json"
+    work, runs = Path(bench.work), runs_folder(bench)
+    out = runs / f"{name}.json"
     out.unlink(missing_ok=True)
     cmd = [
         sys.executable,
@@ -127,7 +135,7 @@ def run_hizli(bench: CompareBench, model: Path, name: str, extra: list[str]) -> 
         **cold_caches(work, name),
         "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
-    _run(cmd, work / f"{name}.log", bench.timeout_s, env)
+    _run(cmd, runs / f"{name}.log", bench.timeout_s, env)
     if not out.is_file():
         return None
     record = json.loads(out.read_text())
@@ -149,9 +157,9 @@ def run_peer(
     bench: CompareBench, model: Path, kind: str, batch: int | None = None, cap_gib: float | None = None
 ) -> dict[str, Any] | None:
     """One peer run (``peers.py`` as a script, so the peer's process imports nothing from hizli)."""
-    work = Path(bench.work)
+    work, runs = Path(bench.work), runs_folder(bench)
     name = kind + (f"-b{batch}" if batch else "")
-    out = work / f"{name}.json"
+    out = runs / f"{name}.json"
     out.unlink(missing_ok=True)
     settings = {
         "kind": kind,
@@ -162,14 +170,14 @@ def run_peer(
         "batch": batch,
         "cap_gib": cap_gib,
     }
-    (work / f"{name}.settings.json").write_text(json.dumps(settings))
+    (runs / f"{name}.settings.json").write_text(json.dumps(settings))
     # hizli sets this allocator option on import; a peer runs with its own choice
     env = {
         k: v for k, v in os.environ.items() if not (k == "PYTORCH_CUDA_ALLOC_CONF" and v == "expandable_segments:True")
     }
     env.update(cold_caches(work, name))
-    cmd = [sys.executable, str(Path(__file__).with_name("peers.py")), str(work / f"{name}.settings.json")]
-    _run(cmd, work / f"{name}.log", bench.timeout_s, env)
+    cmd = [sys.executable, str(Path(__file__).with_name("peers.py")), str(runs / f"{name}.settings.json")]
+    _run(cmd, runs / f"{name}.log", bench.timeout_s, env)
     return json.loads(out.read_text()) if out.is_file() else None
 
 

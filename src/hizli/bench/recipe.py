@@ -293,8 +293,8 @@ def _launcher(ranks: Any) -> list[str]:
 
 
 def _allocator_counts(cuda: bool) -> dict[str, int | None]:
-    """How often the CUDA allocator met the cap: a retry frees its cache and synchronises, so a run
-    whose retries grow with its steps spends time on the allocator, not on the GPU."""
+    """How often the CUDA allocator met its limit: ``num_alloc_retries`` counts allocations that failed,
+    flushed the allocator's cache and were tried again, work a capped run pays for on the host."""
     import torch
 
     stats = torch.cuda.memory_stats() if cuda else {}
