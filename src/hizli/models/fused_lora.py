@@ -2,9 +2,10 @@
 compute exactly, and their parts as those ops read them.
 
 The fused ops reproduce PEFT's ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` for one active
-adapter with dropout off and no bias (``lora_qkv`` also adds a frozen base bias, as Qwen2's q/k/v have), on a plain or bitsandbytes 4-bit (NF4/FP4) base. Any layer they
-do not cover exactly (dropout > 0, DoRA or another LoRA variant, a bias, several active adapters, a
-merged or disabled adapter, bitsandbytes' CPU-repacked layout) runs PEFT's own path instead; so do
+adapter with dropout off, on a plain or bitsandbytes 4-bit (NF4/FP4) base, without a bias except a
+frozen one of the base layer in the q/k/v group (Qwen2's, which ``lora_qkv`` adds). Any layer they
+do not cover exactly (dropout > 0, DoRA or another LoRA variant, any other bias, several active
+adapters, a merged or disabled adapter, bitsandbytes' CPU-repacked layout) runs PEFT's own path instead; so do
 eval and generation (the patched forwards in :mod:`hizli.models.patch` decide), where bitsandbytes'
 4-bit inference kernels are faster for one token at a time. The adapters stay PEFT modules, so
 saving, merging and loading do not change.
