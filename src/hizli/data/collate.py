@@ -129,14 +129,17 @@ class PaddingFreeCollator:
         }
 
 
-def bucket_length(n: int, limit: int | None = None) -> int:
+def bucket_length(n: int, limit: int | None = None, per_doubling: int | None = None) -> int:
     """The length a padding-free batch of ``n`` tokens is padded to: ``n`` rounded up to a multiple of
-    1/16 of the power of two at or below it (at least 64), so lengths fall on about 16 values per
-    doubling and cost at most 1/16 more tokens. Never above ``limit`` (the memory plan's micro-batch
-    size) unless ``n`` itself is."""
+    1/16 (``1 / per_doubling``, a power of two) of the power of two at or below it (at least 64), so
+    lengths fall on about 16 values per doubling and cost at most 1/16 more tokens. Never above
+    ``limit`` (the memory plan's micro-batch size) unless ``n`` itself is."""
     if n <= 0:
         return n
-    step = max(64, 1 << max(0, n.bit_length() - 5))
+    per_doubling = per_doubling or 16
+    if per_doubling & (per_doubling - 1):
+        raise ValueError(f"bucket_length: per_doubling={per_doubling} is not a power of two")
+    step = max(64, 1 << max(0, n.bit_length() - per_doubling.bit_length()))
     padded = -(-n // step) * step
     if limit is not None and padded > limit:
         padded = max(n, limit)

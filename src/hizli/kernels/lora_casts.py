@@ -44,7 +44,12 @@ class ComputeCopies:
         kept = self._kept.get(weight)
         if kept is not None and kept[0] == key:
             return kept[1]
-        copy = weight.detach().to(dtype)
+        if kept is not None and kept[1].shape == weight.shape and kept[1].dtype == dtype:
+            # refreshed in place: a CUDA graph of an offloaded layer (hizli.models.layer_graphs) reads
+            # the copy at the address it was captured with
+            copy = kept[1].copy_(weight.detach())
+        else:
+            copy = weight.detach().to(dtype)
         self._kept[weight] = (key, copy)
         return copy
 

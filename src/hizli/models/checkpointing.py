@@ -24,9 +24,14 @@ import contextlib
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from hizli.models.layer_graphs import LayerGraphs
+
+    GraphedLayer = tuple[LayerGraphs, torch.nn.Module]
 
 MODES = ("keep", "recompute", "offload")
 
@@ -127,8 +132,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, hidden: torch.Tensor, options: "LayerOptions", *args: Any) -> torch.Tensor:
+    def forward(
+        ctx, fn: Callable, hidden: torch.Tensor, options: "LayerOptions", graphed: "GraphedLayer | None", *args: Any
+    ) -> torch.Tensor:
         ctx.fn, ctx.args, ctx.device, ctx.n_args, ctx.options = fn, args, hidden.device, len(args), options
+        ctx.graphed = graphed if graphed is not None and not options.random and not args else None
         if options.random:
             ctx.cpu_rng = torch.get_rng_state()
             ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device)
@@ -149,25 +157,31 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         torch.cuda.current_stream(ctx.device).wait_event(saved.ready)
         hidden = saved.gpu
         hidden.record_stream(torch.cuda.current_stream(ctx.device))
-        hidden = hidden.detach().requires_grad_(True)
-        unread = mlp_outputs_unread() if ctx.options.mlp_unread else contextlib.nullcontext()
-        with contextlib.ExitStack() as stack:
-            if ctx.options.random:
-                stack.enter_context(torch.random.fork_rng(devices=[ctx.device]))
-                torch.set_rng_state(ctx.cpu_rng)
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad(), unread:
-                out = ctx.fn(hidden, *ctx.args)
-        _release_output(out)
-        torch.autograd.backward(out, grad_out)
+        unread = mlp_outputs_unread if ctx.options.mlp_unread else contextlib.nullcontext
+        dx = None
+        if ctx.graphed is not None:
+            graphs, layer = ctx.graphed
+            dx = graphs.backward(layer, ctx.fn, hidden, grad_out, unread, _release_output)
+        if dx is None:
+            hidden = hidden.detach().requires_grad_(True)
+            with contextlib.ExitStack() as stack:
+                if ctx.options.random:
+                    stack.enter_context(torch.random.fork_rng(devices=[ctx.device]))
+                    torch.set_rng_state(ctx.cpu_rng)
+                    torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+                with torch.enable_grad(), unread():
+                    out = ctx.fn(hidden, *ctx.args)
+            _release_output(out)
+            torch.autograd.backward(out, grad_out)
+            dx = hidden.grad
         # Fetch the input of the layer below only now: fetched before this backward, it would sit on the
         # GPU through this layer's peak (6 kB a token at the 3B shape). The copy then runs while the host
         # queues the next recompute, which is where a host-bound step has the GPU to spare.
         if saved.below is not None:
             saved.below.fetch(offloader)
         saved.cpu = saved.gpu = saved.below = None
-        ctx.saved = ctx.fn = ctx.args = None
-        return (None, hidden.grad, None) + (None,) * ctx.n_args
+        ctx.saved = ctx.fn = ctx.args = ctx.graphed = None
+        return (None, dx, None, None) + (None,) * ctx.n_args
 
 
 # The last op of a decoder layer is the residual add, whose backward needs none of its inputs or its
@@ -224,15 +238,20 @@ def layer_options(layer: torch.nn.Module, defer_mlp: bool) -> LayerOptions:
 
 
 def offloaded_checkpoint(
-    fn: Callable, hidden: torch.Tensor, *args: Any, options: LayerOptions = LayerOptions()
+    fn: Callable,
+    hidden: torch.Tensor,
+    *args: Any,
+    options: LayerOptions = LayerOptions(),
+    graphed: "GraphedLayer | None" = None,
 ) -> torch.Tensor:
-    """Checkpoint function with the signature transformers' layers call. On a CPU: recompute."""
+    """Checkpoint function with the signature transformers' layers call. On a CPU: recompute.
+    ``graphed``: (the model's ``LayerGraphs``, this layer): backward replays CUDA graphs."""
     if not hidden.is_cuda:
         return plain_checkpoint(fn, hidden, *args)
     if not hidden.requires_grad:
         # The LoRA weights live inside fn; the output must require grad for backward to reach them.
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(fn, hidden, options, *args)
+    return _OffloadedCheckpoint.apply(fn, hidden, options, graphed, *args)
 
 
 def plain_checkpoint(fn: Callable, *args: Any) -> torch.Tensor:
@@ -268,12 +287,17 @@ def apply_layer_modes(model: torch.nn.Module, modes: Sequence[str]) -> None:
 
     layers = decoder_layers(model)
     assert len(layers) == len(modes), (len(layers), len(modes))
-    defer_mlp = state_of(model).defer_offloaded_mlp
+    record = state_of(model)
+    defer_mlp, graphs = record.defer_offloaded_mlp, record.layer_graphs
     for layer, mode in zip(layers, modes):
         assert mode in MODES, mode
         layer.gradient_checkpointing = mode != "keep"
         layer._gradient_checkpointing_func = (
-            functools.partial(offloaded_checkpoint, options=layer_options(layer, defer_mlp))
+            functools.partial(
+                offloaded_checkpoint,
+                options=layer_options(layer, defer_mlp),
+                graphed=None if graphs is None else (graphs, layer),
+            )
             if mode == "offload"
             else plain_checkpoint
         )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hizli.models.loader import LoadInfo
     from hizli.kernels.lora_casts import ComputeCopies
+    from hizli.models.layer_graphs import LayerGraphs
 
 ATTRIBUTE = "hizli"
 
@@ -39,6 +40,8 @@ class HizliState:
             only in backward when recomputed (``lora_mlp``'s ``in_pieces`` and ``output_unread``),
             and the memory plan counts their smaller peak. Off by default: its speed under a cap is
             not yet measured (``SFTTrainer.defer_offloaded_mlp``, bench lever ``defer_mlp``).
+        layer_graphs: CUDA graphs of the offloaded layers' backward while hizli's trainer runs with
+            ``SFTTrainer.graph_offloaded_layers`` (``hizli.models.layer_graphs``); None otherwise.
     """
 
     info: LoadInfo | None = None
@@ -50,6 +53,7 @@ class HizliState:
     allowed_modes: tuple[str, ...] | None = None
     compute_copies: ComputeCopies | None = field(default=None, repr=False)
     defer_offloaded_mlp: bool = False
+    layer_graphs: LayerGraphs | None = field(default=None, repr=False)
 
 
 def find_state(model: Any) -> HizliState | None:

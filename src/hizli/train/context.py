@@ -55,6 +55,7 @@ class StepContext:
     # shapes repeat. None: on a GPU whose memory plan sets the limit (the plan then accounts for them).
     token_buckets: bool | None = None
     bucket_limit: int | None = None  # the memory plan's micro-batch size: no bucket goes above it
+    bucket_per_doubling: int | None = None  # lengths per doubling (None: ``bucket_length``'s default)
 
     def device_batch(self, rows: Sequence[int]) -> step_mod.DeviceBatch:
         """The micro-batch of these dataset rows, collated (bucketed if asked) and on the device."""
@@ -64,7 +65,8 @@ class StepContext:
             buckets = self.device.type == "cuda" and self.bucket_limit is not None
         if buckets and "cu_seqlens" in batch:
             n = batch["input_ids"].shape[1]
-            batch = pad_to_length(batch, bucket_length(n, self.bucket_limit), pad_id_of(self.collate))
+            length = bucket_length(n, self.bucket_limit, self.bucket_per_doubling)
+            batch = pad_to_length(batch, length, pad_id_of(self.collate))
         return step_mod.to_device(batch, self.device)
 
     def autocast(self):

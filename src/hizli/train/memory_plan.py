@@ -75,9 +75,10 @@ class Shape:
     elt: int  # bytes per activation element
     fused: bool = False  # LoRA layers through hizli.models.fused_lora
     mlp_unread: bool = False  # offloaded layers' recomputed MLP runs only in backward (lora_mlp's output_unread)
+    graphed: bool = False  # offloaded layers' backward replays CUDA graphs (hizli.models.layer_graphs)
 
     @classmethod
-    def of(cls, config, elt: int, fused: bool = False, mlp_unread: bool = False) -> "Shape":
+    def of(cls, config, elt: int, fused: bool = False, mlp_unread: bool = False, graphed: bool = False) -> "Shape":
         heads = config.num_attention_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -89,6 +90,7 @@ class Shape:
             elt,
             fused,
             fused and mlp_unread,
+            graphed,
         )
 
     def keep_bytes(self) -> int:
@@ -121,26 +123,42 @@ class Shape:
             first_pass = 4 * self.hidden + 2 * self.kv + 3 * first_piece
             # The loss's [T, H] buffers are gone by then but for the gradient, counted here: the larger of
             # the two phases, not their sum.
-            layer = self.elt * 1.15 * max(mlp, attention, first_pass) * tokens
-            # down, and a piece of gate and up (the first pass's pieces are the larger)
             weight = self.elt * self.hidden * (self.intermediate + 2 * max(piece, first_piece))
             loss_phase = 3 * self.elt * self.hidden * tokens
-            return int(max(layer, loss_phase) + ce_rows * self.vocab * self.elt + weight)
+            ce = ce_rows * self.vocab * self.elt
+            if self.graphed:
+                return int(
+                    self._graph_pool(1.15 * max(mlp, attention), tokens, weight)
+                    + max(self.elt * 1.15 * first_pass * tokens, loss_phase)
+                    + ce
+                    + weight
+                )
+            # down, and a piece of gate and up (the first pass's pieces are the larger)
+            layer = self.elt * 1.15 * max(mlp, attention, first_pass) * tokens
+            return int(max(layer, loss_phase) + ce + weight)
         if self.fused:
             # The recomputed layer's saved tensors plus backward's [T, I] and [T, H] temporaries, and one
             # weight-sized dequant buffer. 3H less than the count (q, k, v kept as views of the group's
             # output, the recomputed output freed before its backward, the layer below fetched after
             # it): 3.7 % above the 117.3 kB/token measured at the 3B shape, every layer offloaded
             # (subtracting the full 5H the count suggests ran out of memory under a 3.094 GiB cap).
-            layer = (
-                self.elt * (1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate) - 3 * self.hidden) * tokens
-            )
+            per_token = 1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate) - 3 * self.hidden
             weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
         else:
-            layer = 2.3 * self.keep_bytes() * tokens  # 252 kB/token measured with every layer offloaded
+            per_token = 2.3 * self.keep_bytes() / self.elt  # 252 kB/token measured with every layer offloaded
             weight = 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
         loss = ce_rows * self.vocab * self.elt + 3 * self.elt * self.hidden * tokens
-        return int(layer + loss + weight)
+        if self.graphed and offload:
+            # the first pass keeps the MLP's [T, 3I] products, the layer's norms and q/k/v
+            first_pass = self.elt * (4 * self.hidden + 2 * self.kv + 3 * self.intermediate) * tokens
+            return int(self._graph_pool(per_token, tokens, weight) + max(loss, first_pass) + weight)
+        return int(self.elt * per_token * tokens + loss + weight)
+
+    def _graph_pool(self, per_token: float, tokens: int, weight: float) -> float:
+        """The graphs' memory pool (one layer's recompute and backward, ``per_token`` elements a token,
+        and its dequantised weights) plus their static buffers (layer input, output gradient and input
+        gradient, and the input gradient handed on: 4H a token). Held apart from the rest of the step."""
+        return self.elt * (per_token + 4 * self.hidden) * tokens + weight
 
 
 def split_rows(rows: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
@@ -356,7 +374,8 @@ def plan_for(
     layers = decoder_layers(model)
     defer = record is not None and record.defer_offloaded_mlp
     mlp_unread = bool(layers) and layer_options(layers[0], defer).mlp_unread
-    shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused, mlp_unread=mlp_unread)
+    graphed = device.type == "cuda" and record is not None and record.layer_graphs is not None
+    shape = Shape.of(causal_lm(model).config, amp_elt, fused=fused, mlp_unread=mlp_unread, graphed=graphed)
     max_parts = max((len(s) for s in steps), default=1)
     plan = make_plan(
         shape=shape,

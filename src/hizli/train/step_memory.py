@@ -18,6 +18,7 @@ import torch
 from hizli import _log
 from hizli.data.collate import PaddingFreeCollator
 from hizli.models.checkpointing import apply_layer_modes
+from hizli.models.record import state_of
 from hizli.train.batches import BatchPlan
 from hizli.train.context import StepContext, StepResult, optimizer_step
 from hizli.train.memory_plan import MemoryPlan, plan_for, split_step
@@ -91,6 +92,9 @@ def plan_memory(
     if ctx.device.type == "cuda":
         ctx.ce_chunk_rows = plan.ce_chunk_rows
         ctx.bucket_limit = plan.tokens_per_micro_batch
+        graphs = state_of(model).layer_graphs
+        if graphs is not None:
+            graphs.reserve(plan.tokens_per_micro_batch)
     _log.info(plan.describe())
     for note in plan.notes:
         _log.warn_once(f"plan-{note}", note)

@@ -25,6 +25,7 @@ import torch
 
 from hizli import _log
 from hizli.models import warmup
+from hizli.models.layer_graphs import BUCKETS_PER_DOUBLING as GRAPHED_BUCKETS
 from hizli.train import checkpoint, memory, metrics, optim, runs
 from hizli.train.allocator import cap_allocator, peak_gib
 from hizli.train.args import TrainingArguments, _unknown_message
@@ -126,6 +127,8 @@ class SFTTrainer:
         self.token_buckets: bool | None = None
         # offloaded layers' MLP in slices, and only in backward when recomputed (hizli.models.record)
         self.defer_offloaded_mlp = False
+        # offloaded layers' backward replayed as CUDA graphs (hizli.models.layer_graphs)
+        self.graph_offloaded_layers = False
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -159,6 +162,11 @@ class SFTTrainer:
         finally:
             if record is not None:  # the copies follow this run's optimizer only: none outlive it
                 record.compute_copies = None
+                if record.layer_graphs is not None:  # nor do the graphs and their memory
+                    from hizli.models.checkpointing import apply_layer_modes
+
+                    record.layer_graphs = None
+                    apply_layer_modes(self.model, record.layer_modes)
 
     def _train(self, resume_from_checkpoint: str | bool | None, record: Any) -> TrainOutput:
         args = self.args
@@ -305,6 +313,10 @@ class SFTTrainer:
         optimizer = optim.build_optimizer(params, args)
         if record is not None:
             record.defer_offloaded_mlp = self.defer_offloaded_mlp
+            if self.graph_offloaded_layers and device.type == "cuda":
+                from hizli.models.layer_graphs import LayerGraphs
+
+                record.layer_graphs = LayerGraphs()
         if record is not None and self.keep_lora_copies:
             from hizli.kernels.lora_casts import ComputeCopies
 
@@ -326,6 +338,7 @@ class SFTTrainer:
             ranks=self.ranks,
             fused_ce=args.fused_cross_entropy,
             token_buckets=self.token_buckets,
+            bucket_per_doubling=GRAPHED_BUCKETS if record is not None and record.layer_graphs is not None else None,
         )
         warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         return ctx, plan, total_steps

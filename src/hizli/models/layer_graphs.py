@@ -1,0 +1,280 @@
+"""CUDA graphs of offloaded decoder layers' backward: the recompute and its backward replayed as one launch.
+
+Under a tight memory cap a step runs several micro-batches with every layer offloaded, and the GPU
+waits on the host: each layer's recompute and backward is a few hundred small Python calls and
+kernel launches, paid again by every micro-batch whatever its size. A CUDA graph records those
+launches once and replays them with one call. An offloaded layer's backward is a closed piece of
+work, which is what makes it graphable: inputs are the layer input (fetched back from CPU memory),
+the gradient of its output and the micro-batch's attention metadata; outputs are the gradient of
+its input and its LoRA weights' gradients.
+
+A graph replays fixed addresses, so every input lives in a static buffer that each replay's inputs
+are copied into, and every output is copied out:
+
+- ``hidden``, ``grad_out`` and ``dx`` are views of buffers sized for the memory plan's largest
+  micro-batch (``reserve``), shared by every layer and token count;
+- the layer's keyword arguments (rotary tables, positions) are views of such buffers too, copied
+  once per micro-batch (every layer gets the same tensors); ``cu_seq_lens_*`` is padded with empty
+  sequences to a fixed length and ``max_length_*`` becomes the token count, so a graph serves every
+  micro-batch of its length whatever its number of sequences;
+- the LoRA gradients land in one scratch set shared by the layers (same shapes) and are added to
+  ``.grad`` after the replay, so ``zero_grad(set_to_none=True)`` stays safe.
+
+Graphs are keyed by (layer, token count, arguments' layout); the trainer's token buckets make token
+counts repeat. A count is captured at its second sighting: the first runs eagerly, compiling the
+Triton kernels and picking cuBLAS algorithms for that shape (neither may happen during a capture).
+All graphs share one memory pool: everything a graph allocates is dead when its capture ends, so
+the pool holds one layer's working memory at the largest count, apart from the memory the rest of
+the step uses (the memory plan counts both, ``Shape.graphed``).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# Keyword arguments of a decoder layer that hold sequence boundaries and their longest length.
+CU_SEQLENS = ("cu_seq_lens_q", "cu_seq_lens_k")
+MAX_LENGTH = ("max_length_q", "max_length_k")
+CU_PAD = 8  # sequence boundaries are padded to a multiple of this many entries
+CU_CAPACITY = 256  # at most this many (255 sequences in a micro-batch); more runs eagerly
+# The trainer's token buckets while graphs are on: lengths repeat more often (a graph per length and
+# layer), at up to 1/4 more tokens, which costs GPU time the host-bound step has to spare.
+BUCKETS_PER_DOUBLING = 4
+
+
+def padded_boundaries(cu: torch.Tensor, length: int) -> torch.Tensor:
+    """``cu`` (``[S+1]``, ending at T) extended with T to ``length`` entries: empty sequences at the
+    end, which attend to nothing and are attended by nothing."""
+    if cu.numel() > length:
+        raise ValueError(f"{cu.numel()} sequence boundaries do not fit {length}")
+    return torch.cat([cu, cu[-1:].expand(length - cu.numel())])
+
+
+def boundaries_length(cu: torch.Tensor) -> int:
+    return -(-cu.numel() // CU_PAD) * CU_PAD
+
+
+class _Flat:
+    """A buffer that static inputs of every token count are views of, never reallocated once made
+    (a graph keeps its address)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.source: tuple[Any, int] | None = None  # (weakref to the tensor last copied in, its version)
+
+    def view(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, capacity: int) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        if self.buffer is None:
+            self.buffer = torch.empty(max(capacity, numel), dtype=dtype, device=device)
+        if self.buffer.dtype != dtype or self.buffer.numel() < numel:
+            raise _NotGraphable(f"a static input changed dtype or outgrew its buffer ({tuple(shape)}, {dtype})")
+        return self.buffer[:numel].view(shape)
+
+    def fill(self, view: torch.Tensor, value: torch.Tensor, prepare: Callable | None = None) -> None:
+        """Copy ``value`` (or ``prepare(value)``) in, unless ``value`` is the tensor (same object, same
+        version) copied last: every layer of a micro-batch gets the same arguments."""
+        if self.source is not None and self.source[0]() is value and self.source[1] == value._version:
+            return
+        view.copy_(value if prepare is None else prepare(value))
+        self.source = (weakref.ref(value), value._version)
+
+
+class _NotGraphable(Exception):
+    """This call cannot replay a graph; it runs eagerly."""
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph, or a replay function where graphs are emulated (tests)
+    hidden: torch.Tensor
+    grad_out: torch.Tensor
+    dx: torch.Tensor
+    params: list[torch.nn.Parameter]
+    scratch: list[torch.Tensor | None]  # per parameter: where its gradient lands (None: it gets none)
+
+
+@dataclass
+class LayerGraphs:
+    """The graphs of a model's offloaded layers and the static buffers they share.
+
+    Attributes:
+        capacity: tokens the static buffers hold (the memory plan's largest micro-batch); a larger
+            micro-batch runs eagerly.
+        capture: ``capture(fn) -> replay``: records ``fn``'s GPU work (a CUDA graph in the shared
+            pool). Tests emulate it on a CPU by replaying ``fn`` itself.
+    """
+
+    capacity: int = 0
+    capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
+    graphs: dict[tuple, _Graph] = field(default_factory=dict)
+    seen: set = field(default_factory=set)
+    replays: int = 0
+    eager: int = 0
+    _flats: dict[str, _Flat] = field(default_factory=dict)
+    _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
+    _pool: Any = None
+
+    def reserve(self, tokens: int) -> None:
+        """Size the static buffers for micro-batches of up to ``tokens``; forgets every graph when
+        that grows (their buffers are made again)."""
+        if tokens > self.capacity:
+            self.graphs.clear()
+            self._flats.clear()
+            self.capacity = tokens
+
+    def _flat(self, name: str) -> _Flat:
+        if name not in self._flats:
+            self._flats[name] = _Flat()
+        return self._flats[name]
+
+    def _static(self, name: str, value: torch.Tensor, tokens: int) -> torch.Tensor:
+        per_token = value.numel() // tokens if tokens else 0
+        if not tokens or per_token * tokens != value.numel():
+            raise _NotGraphable(f"argument {name} does not scale with the token count")
+        return self._flat(name).view(value.shape, value.dtype, value.device, per_token * self.capacity)
+
+    def _layout(self, keywords: dict[str, Any], tokens: int) -> tuple[tuple, dict[str, Any], list]:
+        """(key part, keywords pointing at static views, [(path, view, value)] to fill) of a call."""
+        key, static, fills = [], {}, []
+        cu_len = None
+        for name in sorted(keywords):
+            value = keywords[name]
+            if name in CU_SEQLENS and isinstance(value, torch.Tensor):
+                cu_len = boundaries_length(value)
+                view = self._flat(name).view(torch.Size([cu_len]), value.dtype, value.device, CU_CAPACITY)
+                static[name] = view
+                fills.append((name, view, value, functools.partial(padded_boundaries, length=cu_len)))
+                key.append((name, "cu", cu_len))
+            elif name in MAX_LENGTH and isinstance(value, int):
+                static[name] = tokens  # an upper bound: only the attention kernels' grids grow
+                key.append((name, "max"))
+            elif isinstance(value, torch.Tensor):
+                view = self._static(name, value, tokens)
+                static[name] = view
+                fills.append((name, view, value, None))
+                key.append((name, value.dtype, tuple(value.shape)))
+            elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+                views = []
+                for i, v in enumerate(value):
+                    path = f"{name}.{i}"
+                    view = self._static(path, v, tokens)
+                    views.append(view)
+                    fills.append((path, view, v, None))
+                    key.append((path, v.dtype, tuple(v.shape)))
+                static[name] = tuple(views)
+            else:
+                try:
+                    hash(value)
+                except TypeError:
+                    raise _NotGraphable(f"argument {name} is neither a tensor nor hashable") from None
+                static[name] = value
+                key.append((name, value))
+        return tuple(key), static, fills
+
+    def backward(
+        self,
+        layer: torch.nn.Module,
+        fn: Callable,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        recompute_context: Callable[[], Any],
+        release: Callable[[Any], None],
+    ) -> torch.Tensor | None:
+        """The gradient of ``fn(hidden)``'s input for ``grad_out``, LoRA gradients added to ``.grad``,
+        through a graph; None where this call must run eagerly (the caller then does)."""
+        tokens = hidden.shape[-2] if hidden.dim() >= 2 else 0
+        if not isinstance(fn, functools.partial) or not 0 < tokens <= self.capacity or hidden.shape != grad_out.shape:
+            self.eager += 1
+            return None
+        try:
+            layout_key, keywords, fills = self._layout(dict(fn.keywords), tokens)
+            shape_key = (tokens, tuple(hidden.shape), hidden.dtype, grad_out.dtype, layout_key, len(fn.args))
+            entry = self.graphs.get((id(layer), shape_key))
+            if entry is None and shape_key not in self.seen:  # eager first: kernels compile outside a capture
+                self.seen.add(shape_key)
+                self.eager += 1
+                return None
+            for path, view, value, prepare in fills:
+                self._flat(path).fill(view, value, prepare)
+            if entry is None:
+                call = functools.partial(fn.func, *fn.args, **keywords)
+                entry = self._record(layer, call, hidden, grad_out, recompute_context, release)
+                self.graphs[(id(layer), shape_key)] = entry
+        except _NotGraphable:
+            self.eager += 1
+            return None
+        entry.hidden.copy_(hidden)
+        entry.grad_out.copy_(grad_out)
+        entry.graph()
+        self.replays += 1
+        _add_gradients(entry)
+        return entry.dx.clone()
+
+    def _record(self, layer, call, hidden, grad_out, recompute_context, release) -> _Graph:
+        room = self.capacity * hidden.shape[-1]
+        static_hidden = self._flat("hidden").view(hidden.shape, hidden.dtype, hidden.device, room)
+        static_hidden = static_hidden.detach().requires_grad_(True)
+        static_grad = self._flat("grad_out").view(grad_out.shape, grad_out.dtype, grad_out.device, room)
+        dx = self._flat("dx").view(hidden.shape, hidden.dtype, hidden.device, room)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        scratch_key = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
+        if scratch_key not in self._scratch:
+            self._scratch[scratch_key] = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        buffers = self._scratch[scratch_key]
+        got: list[bool] = []
+
+        def work() -> None:
+            with torch.enable_grad(), recompute_context():
+                out = call(static_hidden)
+            release(out)
+            grads = torch.autograd.grad(out, [static_hidden, *params], static_grad, allow_unused=True)
+            dx.copy_(grads[0])
+            got.clear()
+            for buffer, g in zip(buffers, grads[1:]):
+                got.append(g is not None)
+                if g is not None:
+                    buffer.copy_(g)
+
+        replay = (self.capture or self._cuda_capture)(work)
+        scratch = [b if ok else None for b, ok in zip(buffers, got)]
+        return _Graph(replay, static_hidden, static_grad, dx, params, scratch)
+
+    def _cuda_capture(self, work: Callable[[], None]) -> Callable[[], None]:
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(current)
+        # Not torch.cuda.graph(): its garbage collection and cache flush on entry cost tens of
+        # milliseconds per capture, and a step captures every layer.
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                work()
+            finally:
+                graph.capture_end()
+        current.wait_stream(stream)
+        return graph.replay
+
+
+def _add_gradients(entry: _Graph) -> None:
+    """Add the scratch gradients of a replay to the parameters' ``.grad`` (made where there is none)."""
+    present, added = [], []
+    for p, s in zip(entry.params, entry.scratch):
+        if s is None:
+            continue
+        if p.grad is None:
+            p.grad = s.clone()
+        else:
+            present.append(p.grad)
+            added.append(s)
+    if present:
+        torch._foreach_add_(present, added)
