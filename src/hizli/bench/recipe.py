@@ -30,8 +30,9 @@ LEVERS = (
     "cast_cache",
     "token_buckets",
     "defer_mlp",
+    "layer_graphs",
 )
-LEVERS_OFF_BY_DEFAULT = ("defer_mlp",)  # levers of what the library does not do by default yet
+LEVERS_OFF_BY_DEFAULT = ("defer_mlp", "layer_graphs")  # levers of what the library does not do by default yet
 
 
 def default_levers() -> dict[str, bool]:
@@ -226,6 +227,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
     trainer.keep_lora_copies = levers["cast_cache"]  # off: cast the LoRA weights at every use
     trainer.token_buckets = None if levers["token_buckets"] else False  # off: micro-batches keep their lengths
     trainer.defer_offloaded_mlp = levers["defer_mlp"]
+    trainer.graph_offloaded_layers = levers["layer_graphs"]
     marks["data_prep"] = time.time()
     prep_s = time.time() - t_load
     stats = trainer.train()
@@ -269,6 +271,7 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
         else None,
         "losses": [round(e["loss"], 5) for e in log],
         "predicted_peak_gib": (trainer.memory_plan or {}).get("predicted_peak_gib"),
+        "layer_graphs": trainer.layer_graph_counts,
         **_allocator_counts(cuda),
     }
     settings = {

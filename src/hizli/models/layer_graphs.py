@@ -107,8 +107,8 @@ class LayerGraphs:
     Attributes:
         capacity: tokens the static buffers hold (the memory plan's largest micro-batch); a larger
             micro-batch runs eagerly.
-        capture: ``capture(fn) -> replay``: records ``fn``'s GPU work (a CUDA graph in the shared
-            pool). Tests emulate it on a CPU by replaying ``fn`` itself.
+        capture: ``capture(fn) -> replay``: runs ``fn``'s host code once, recording its GPU work (a
+            CUDA graph in the shared pool). Tests emulate it on a CPU: run ``fn``, replay ``fn``.
     """
 
     capacity: int = 0
@@ -210,8 +210,9 @@ class LayerGraphs:
         except _NotGraphable:
             self.eager += 1
             return None
-        entry.hidden.copy_(hidden)
-        entry.grad_out.copy_(grad_out)
+        with torch.no_grad():
+            entry.hidden.copy_(hidden)
+            entry.grad_out.copy_(grad_out)
         entry.graph()
         self.replays += 1
         _add_gradients(entry)

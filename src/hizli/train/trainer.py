@@ -129,6 +129,7 @@ class SFTTrainer:
         self.defer_offloaded_mlp = False
         # offloaded layers' backward replayed as CUDA graphs (hizli.models.layer_graphs)
         self.graph_offloaded_layers = False
+        self.layer_graph_counts: dict[str, int] | None = None  # of the last train(): graphs, replays, eager
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -162,9 +163,15 @@ class SFTTrainer:
         finally:
             if record is not None:  # the copies follow this run's optimizer only: none outlive it
                 record.compute_copies = None
-                if record.layer_graphs is not None:  # nor do the graphs and their memory
+                graphs = record.layer_graphs
+                if graphs is not None:  # nor do the graphs and their memory
                     from hizli.models.checkpointing import apply_layer_modes
 
+                    self.layer_graph_counts = {
+                        "graphs": len(graphs.graphs),
+                        "replays": graphs.replays,
+                        "eager": graphs.eager,
+                    }
                     record.layer_graphs = None
                     apply_layer_modes(self.model, record.layer_modes)
 
