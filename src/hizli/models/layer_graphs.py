@@ -120,6 +120,7 @@ class LayerGraphs:
     _flats: dict[str, _Flat] = field(default_factory=dict)
     _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     _pool: Any = None
+    _stream: Any = None
 
     def reserve(self, tokens: int) -> None:
         """Size the static buffers for micro-batches of up to ``tokens``; forgets every graph when
@@ -248,23 +249,30 @@ class LayerGraphs:
         return _Graph(replay, static_hidden, static_grad, dx, params, scratch)
 
     def _cuda_capture(self, work: Callable[[], None]) -> Callable[[], None]:
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         current = torch.cuda.current_stream()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(current)
+        if self._stream is None:
+            # One capture stream for all graphs: cuBLAS keeps a workspace per stream, and one made
+            # during a capture would stay in the pool. A first matmul on it outside any capture makes it.
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    a = torch.ones(16, 16, dtype=dtype, device=current.device)
+                    torch.addmm(a, a, a)
+            current.wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        self._stream.wait_stream(current)
         # Not torch.cuda.graph(): its garbage collection and cache flush on entry cost tens of
         # milliseconds per capture, and a step captures every layer.
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self._stream):
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
                 work()
             finally:
                 graph.capture_end()
-        current.wait_stream(stream)
+        current.wait_stream(self._stream)
         return graph.replay
-
 
 def _add_gradients(entry: _Graph) -> None:
     """Add the scratch gradients of a replay to the parameters' ``.grad`` (made where there is none)."""
