@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import tiny_lora_model, token_rows
+from hizli.models import layer_graphs
 from hizli.models.layer_graphs import LayerGraphs, padded_boundaries
 
 
@@ -123,6 +124,23 @@ def test_micro_batches_a_graph_cannot_serve_run_eagerly():
     for _ in range(3):
         assert graphs.backward(layer, odd, hidden, grad_out, _no_context, lambda out: None) is None
     assert graphs.replays == 0 and graphs.eager == 6 and not graphs.graphs
+
+
+def test_a_layer_that_cannot_be_captured_turns_graphs_off_and_runs_eagerly(monkeypatch):
+    def refuse(work):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = tiny_lora_model(checkpointing=True)
+    graphs = LayerGraphs(capture=refuse)
+    graphs.reserve(256)
+    layer, fn, hidden = _layer_calls(model, _batch(0, 4))[0]
+    grad_out = torch.ones_like(hidden)
+    warned = []
+    monkeypatch.setattr(layer_graphs._log, "warn_once", lambda key, message: warned.append(message))
+    for _ in range(3):  # eager first sighting, a failed capture, then eager for the rest of the run
+        assert graphs.backward(layer, fn, hidden, grad_out, _no_context, lambda out: None) is None
+    assert "not permitted when stream is capturing" in graphs.failed and not graphs.graphs
+    assert graphs.eager == 3 and len(warned) == 1 and "graphs of offloaded layers are off" in warned[0]
 
 
 def test_padded_sequence_boundaries_leave_attention_unchanged():

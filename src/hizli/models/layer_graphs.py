@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import torch
 
+from hizli import _log
+
 # Keyword arguments of a decoder layer that hold sequence boundaries and their longest length.
 CU_SEQLENS = ("cu_seq_lens_q", "cu_seq_lens_k")
 MAX_LENGTH = ("max_length_q", "max_length_k")
@@ -117,6 +119,7 @@ class LayerGraphs:
     seen: set = field(default_factory=set)
     replays: int = 0
     eager: int = 0
+    failed: str | None = None  # why a capture failed (graphs are then off for the run)
     _flats: dict[str, _Flat] = field(default_factory=dict)
     _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     _pool: Any = None
@@ -191,7 +194,12 @@ class LayerGraphs:
         """The gradient of ``fn(hidden)``'s input for ``grad_out``, LoRA gradients added to ``.grad``,
         through a graph; None where this call must run eagerly (the caller then does)."""
         tokens = hidden.shape[-2] if hidden.dim() >= 2 else 0
-        if not isinstance(fn, functools.partial) or not 0 < tokens <= self.capacity or hidden.shape != grad_out.shape:
+        if (
+            self.failed is not None
+            or not isinstance(fn, functools.partial)
+            or not 0 < tokens <= self.capacity
+            or hidden.shape != grad_out.shape
+        ):
             self.eager += 1
             return None
         try:
@@ -209,6 +217,16 @@ class LayerGraphs:
                 entry = self._record(layer, call, hidden, grad_out, recompute_context, release)
                 self.graphs[(id(layer), shape_key)] = entry
         except _NotGraphable:
+            self.eager += 1
+            return None
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # something in the layer cannot be captured: eager from now on
+            self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            self.graphs.clear()
+            _log.warn_once(
+                "layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}"
+            )
             self.eager += 1
             return None
         with torch.no_grad():
@@ -273,6 +291,7 @@ class LayerGraphs:
                 graph.capture_end()
         current.wait_stream(self._stream)
         return graph.replay
+
 
 def _add_gradients(entry: _Graph) -> None:
     """Add the scratch gradients of a replay to the parameters' ``.grad`` (made where there is none)."""

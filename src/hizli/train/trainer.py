@@ -129,7 +129,7 @@ class SFTTrainer:
         self.defer_offloaded_mlp = False
         # offloaded layers' backward replayed as CUDA graphs (hizli.models.layer_graphs)
         self.graph_offloaded_layers = False
-        self.layer_graph_counts: dict[str, int] | None = None  # of the last train(): graphs, replays, eager
+        self.layer_graph_counts: dict[str, Any] | None = None  # of the last train(): graphs, replays, eager
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -171,6 +171,7 @@ class SFTTrainer:
                         "graphs": len(graphs.graphs),
                         "replays": graphs.replays,
                         "eager": graphs.eager,
+                        "failed": graphs.failed,
                     }
                     record.layer_graphs = None
                     apply_layer_modes(self.model, record.layer_modes)
