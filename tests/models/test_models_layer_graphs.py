@@ -111,6 +111,35 @@ def _no_context():
     return contextlib.nullcontext()
 
 
+def test_forward_replays_give_the_layer_output_for_each_micro_batch_of_their_length():
+    """The first pass of an offloaded layer (no autograd) through a graph."""
+    model = tiny_lora_model(checkpointing=True)
+    graphs = LayerGraphs(capture=_emulated)
+    graphs.reserve(256)
+    results = []
+    for micro, n_rows in enumerate((4, 6, 5)):
+        for layer, fn, hidden in _layer_calls(model, _batch(micro, n_rows)):
+            with torch.no_grad():
+                want = fn(hidden)
+                got = graphs.forward(layer, fn, hidden)
+            results.append(got is not None)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert results == [False] + [True] * 5 and graphs.replays == 5 and len(graphs.graphs) == 2
+
+
+def test_a_layer_whose_output_a_graph_cannot_hold_runs_eagerly_without_capturing_again():
+    model = tiny_lora_model(checkpointing=True)
+    captures = []
+    graphs = LayerGraphs(capture=lambda work: (captures.append(1), _emulated(work))[1])
+    graphs.reserve(256)
+    layer, fn, hidden = _layer_calls(model, _batch(0, 4))[0]
+    pair = functools.partial(lambda *a, **k: (fn.func(*a, **k), None), *fn.args, **fn.keywords)  # a tuple out
+    with torch.no_grad():
+        assert all(graphs.forward(layer, pair, hidden) is None for _ in range(4))
+    assert len(captures) == 1 and not graphs.graphs and graphs.failed is None
+
+
 def test_micro_batches_a_graph_cannot_serve_run_eagerly():
     model = tiny_lora_model(checkpointing=True)
     graphs = LayerGraphs(capture=_emulated)

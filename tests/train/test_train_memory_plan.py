@@ -192,6 +192,22 @@ def test_capped_plan_uses_the_room_between_row_counts():
     assert tight.tokens_per_micro_batch > loose.tokens_per_micro_batch
 
 
+def test_graphed_offloaded_layers_plan_their_pool_apart_from_the_loss():
+    """With CUDA graphs of offloaded layers (``Shape.graphed``), their memory pool is held through the
+    loss too: a tight budget takes fewer tokens at a time, still inside the budget; where every layer
+    is kept (nothing offloaded) there are no graphs and the plan is unchanged."""
+    steps, lengths = _steps()
+    kw = dict(capped=True, **_tight(steps, lengths))
+    for shape in (FUSED_3B, replace(FUSED_3B, mlp_unread=True)):
+        eager = make_plan(shape=shape, **kw)
+        graphed = make_plan(shape=replace(shape, graphed=True), **kw)
+        assert set(graphed.layer_modes) == {"offload"} and not graphed.notes
+        assert graphed.predicted_peak_gib <= 3.1
+        assert graphed.tokens_per_micro_batch < eager.tokens_per_micro_batch
+        roomy = dict(kw, budget_bytes=80 * GIB)
+        assert make_plan(shape=shape, **roomy) == make_plan(shape=replace(shape, graphed=True), **roomy)
+
+
 def test_offloaded_layers_with_the_mlp_deferred_fit_larger_micro_batches():
     """Where offloaded layers recompute their MLP only in backward (the fused MLP with its output
     unread), an offloaded layer holds less per token: a tight budget then takes more tokens at a

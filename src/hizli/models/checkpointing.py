@@ -144,6 +144,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.saved = saved = _Saved(_last_saved.get(hidden.device))
         saved.cpu, saved.copied = offloader.to_cpu(hidden.detach(), weakref.ref(saved))
         _last_saved[hidden.device] = saved
+        if ctx.graphed is not None:
+            graphs, layer = ctx.graphed
+            out = graphs.forward(layer, fn, hidden)
+            if out is not None:
+                return out
         with torch.no_grad():
             return fn(hidden, *args)
 

@@ -43,6 +43,7 @@ from hizli import _log
 CU_SEQLENS = ("cu_seq_lens_q", "cu_seq_lens_k")
 MAX_LENGTH = ("max_length_q", "max_length_k")
 CU_PAD = 8  # sequence boundaries are padded to a multiple of this many entries
+STATICS = ("hidden", "grad_out", "result")
 CU_CAPACITY = 256  # at most this many (255 sequences in a micro-batch); more runs eagerly
 # The trainer's token buckets while graphs are on: lengths repeat more often (a graph per length and
 # layer), at up to 1/4 more tokens, which costs GPU time the host-bound step has to spare.
@@ -96,8 +97,8 @@ class _NotGraphable(Exception):
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph, or a replay function where graphs are emulated (tests)
     hidden: torch.Tensor
-    grad_out: torch.Tensor
-    dx: torch.Tensor
+    grad_out: torch.Tensor | None
+    dx: torch.Tensor  # the input gradient, or the output of a forward graph
     params: list[torch.nn.Parameter]
     scratch: list[torch.Tensor | None]  # per parameter: where its gradient lands (None: it gets none)
 
@@ -116,10 +117,11 @@ class LayerGraphs:
     capacity: int = 0
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
-    seen: set = field(default_factory=set)
+    seen: set = field(default_factory=set)  # directions ("forward", "backward") that have run eagerly once
     replays: int = 0
     eager: int = 0
     failed: str | None = None  # why a capture failed (graphs are then off for the run)
+    refused: set = field(default_factory=set)  # keys whose call cannot be graphed (e.g. not one output)
     _flats: dict[str, _Flat] = field(default_factory=dict)
     _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     _pool: Any = None
@@ -182,6 +184,58 @@ class LayerGraphs:
                 key.append((name, value))
         return tuple(key), static, fills
 
+    def _start(self, layer, fn: Callable, hidden: torch.Tensor, direction: str, *extra: Any) -> tuple | None:
+        """(graph key, keywords pointing at static views) of a call, its static inputs filled; None
+        where it runs eagerly. Each direction's first call runs eagerly, compiling the Triton kernels
+        and loading the cuBLAS ones outside any capture; later token counts capture at once (kernels
+        are specialised on divisibility by 16, which bucketed counts share), so an eager layer never
+        runs beside the graphs' pool."""
+        tokens = hidden.shape[-2] if hidden.dim() >= 2 else 0
+        if self.failed is not None or not isinstance(fn, functools.partial) or not 0 < tokens <= self.capacity:
+            return None
+        layout_key, keywords, fills = self._layout(dict(fn.keywords), tokens)
+        key = (id(layer), direction, tokens, tuple(hidden.shape), hidden.dtype, *extra, layout_key, len(fn.args))
+        if direction not in self.seen or key in self.refused:
+            self.seen.add(direction)
+            return None
+        for path, view, value, prepare in fills:
+            self._flat(path).fill(view, value, prepare)
+        return key, keywords
+
+    def _failed(self, e: Exception) -> None:
+        self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        self.graphs.clear()
+        _log.warn_once("layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}")
+
+    def forward(self, layer: torch.nn.Module, fn: Callable, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``fn(hidden)`` without autograd (an offloaded layer's first pass) through a graph; None
+        where this call must run eagerly (the caller then does)."""
+        try:
+            started = self._start(layer, fn, hidden, "forward")
+            if started is None:
+                self.eager += 1
+                return None
+            key, keywords = started
+            entry = self.graphs.get(key)
+            if entry is None:
+                self.refused.add(key)  # until the capture succeeds
+                entry = self._record_forward(functools.partial(fn.func, *fn.args, **keywords), hidden)
+                self.graphs[key] = entry
+                self.refused.discard(key)
+        except _NotGraphable:
+            self.eager += 1
+            return None
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # something in the layer cannot be captured: eager from now on
+            self._failed(e)
+            self.eager += 1
+            return None
+        entry.hidden.copy_(hidden)
+        entry.graph()
+        self.replays += 1
+        return entry.dx.clone()
+
     def backward(
         self,
         layer: torch.nn.Module,
@@ -193,40 +247,28 @@ class LayerGraphs:
     ) -> torch.Tensor | None:
         """The gradient of ``fn(hidden)``'s input for ``grad_out``, LoRA gradients added to ``.grad``,
         through a graph; None where this call must run eagerly (the caller then does)."""
-        tokens = hidden.shape[-2] if hidden.dim() >= 2 else 0
-        if (
-            self.failed is not None
-            or not isinstance(fn, functools.partial)
-            or not 0 < tokens <= self.capacity
-            or hidden.shape != grad_out.shape
-        ):
-            self.eager += 1
-            return None
         try:
-            layout_key, keywords, fills = self._layout(dict(fn.keywords), tokens)
-            shape_key = (tokens, tuple(hidden.shape), hidden.dtype, grad_out.dtype, layout_key, len(fn.args))
-            entry = self.graphs.get((id(layer), shape_key))
-            if entry is None and shape_key not in self.seen:  # eager first: kernels compile outside a capture
-                self.seen.add(shape_key)
+            started = (
+                None if hidden.shape != grad_out.shape else self._start(layer, fn, hidden, "backward", grad_out.dtype)
+            )
+            if started is None:
                 self.eager += 1
                 return None
-            for path, view, value, prepare in fills:
-                self._flat(path).fill(view, value, prepare)
+            key, keywords = started
+            entry = self.graphs.get(key)
             if entry is None:
+                self.refused.add(key)  # until the capture succeeds
                 call = functools.partial(fn.func, *fn.args, **keywords)
                 entry = self._record(layer, call, hidden, grad_out, recompute_context, release)
-                self.graphs[(id(layer), shape_key)] = entry
+                self.graphs[key] = entry
+                self.refused.discard(key)
         except _NotGraphable:
             self.eager += 1
             return None
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:  # something in the layer cannot be captured: eager from now on
-            self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            self.graphs.clear()
-            _log.warn_once(
-                "layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}"
-            )
+            self._failed(e)
             self.eager += 1
             return None
         with torch.no_grad():
@@ -237,12 +279,28 @@ class LayerGraphs:
         _add_gradients(entry)
         return entry.dx.clone()
 
-    def _record(self, layer, call, hidden, grad_out, recompute_context, release) -> _Graph:
+    def _statics(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views for (the layer input, the output gradient, the result: output or input gradient)."""
         room = self.capacity * hidden.shape[-1]
-        static_hidden = self._flat("hidden").view(hidden.shape, hidden.dtype, hidden.device, room)
+        return tuple(self._flat(name).view(hidden.shape, hidden.dtype, hidden.device, room) for name in STATICS)
+
+    def _record_forward(self, call, hidden) -> _Graph:
+        static_hidden, _, out_buffer = self._statics(hidden)
+
+        def work() -> None:
+            with torch.no_grad():
+                out = call(static_hidden)
+                if not isinstance(out, torch.Tensor) or out.shape != out_buffer.shape:
+                    raise _NotGraphable("the layer's output is not one tensor shaped like its input")
+                out_buffer.copy_(out)
+
+        return _Graph((self.capture or self._cuda_capture)(work), static_hidden, None, out_buffer, [], [])
+
+    def _record(self, layer, call, hidden, grad_out, recompute_context, release) -> _Graph:
+        static_hidden, static_grad, dx = self._statics(hidden)
         static_hidden = static_hidden.detach().requires_grad_(True)
-        static_grad = self._flat("grad_out").view(grad_out.shape, grad_out.dtype, grad_out.device, room)
-        dx = self._flat("dx").view(hidden.shape, hidden.dtype, hidden.device, room)
+        if grad_out.dtype != hidden.dtype:
+            raise _NotGraphable("the output gradient's dtype differs from the input's")
         params = [p for p in layer.parameters() if p.requires_grad]
         scratch_key = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
         if scratch_key not in self._scratch:

@@ -75,7 +75,7 @@ class Shape:
     elt: int  # bytes per activation element
     fused: bool = False  # LoRA layers through hizli.models.fused_lora
     mlp_unread: bool = False  # offloaded layers' recomputed MLP runs only in backward (lora_mlp's output_unread)
-    graphed: bool = False  # offloaded layers' backward replays CUDA graphs (hizli.models.layer_graphs)
+    graphed: bool = False  # offloaded layers replay CUDA graphs (hizli.models.layer_graphs)
 
     @classmethod
     def of(cls, config, elt: int, fused: bool = False, mlp_unread: bool = False, graphed: bool = False) -> "Shape":
@@ -127,12 +127,7 @@ class Shape:
             loss_phase = 3 * self.elt * self.hidden * tokens
             ce = ce_rows * self.vocab * self.elt
             if self.graphed:
-                return int(
-                    self._graph_pool(1.15 * max(mlp, attention), tokens, weight)
-                    + max(self.elt * 1.15 * first_pass * tokens, loss_phase)
-                    + ce
-                    + weight
-                )
+                return int(self._graph_pool(1.15 * max(mlp, attention, first_pass), tokens, weight) + loss_phase + ce)
             # down, and a piece of gate and up (the first pass's pieces are the larger)
             layer = self.elt * 1.15 * max(mlp, attention, first_pass) * tokens
             return int(max(layer, loss_phase) + ce + weight)
@@ -149,16 +144,16 @@ class Shape:
             weight = 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
         loss = ce_rows * self.vocab * self.elt + 3 * self.elt * self.hidden * tokens
         if self.graphed and offload:
-            # the first pass keeps the MLP's [T, 3I] products, the layer's norms and q/k/v
-            first_pass = self.elt * (4 * self.hidden + 2 * self.kv + 3 * self.intermediate) * tokens
-            return int(self._graph_pool(per_token, tokens, weight) + max(loss, first_pass) + weight)
+            return int(self._graph_pool(per_token, tokens, weight) + loss)
         return int(self.elt * per_token * tokens + loss + weight)
 
     def _graph_pool(self, per_token: float, tokens: int, weight: float) -> float:
-        """The graphs' memory pool (one layer's recompute and backward, ``per_token`` elements a token,
-        and its dequantised weights) plus their static buffers (layer input, output gradient and input
-        gradient, and the input gradient handed on: 4H a token). Held apart from the rest of the step."""
-        return self.elt * (per_token + 4 * self.hidden) * tokens + weight
+        """The graphs' memory pool (one offloaded layer's first pass, or its recompute and backward:
+        ``per_token`` elements a token, and its dequantised weights), its static buffers (layer input,
+        output gradient and result) and what the eager code around a replay holds (the fetched input,
+        the incoming gradient, the result handed on): 6H a token. Held apart from the rest of the step,
+        the loss, whose own transient is then added rather than overlapped."""
+        return self.elt * (per_token + 6 * self.hidden) * tokens + weight
 
 
 def split_rows(rows: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
