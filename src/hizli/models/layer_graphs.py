@@ -1,18 +1,19 @@
-"""CUDA graphs of offloaded decoder layers' backward: the recompute and its backward replayed as one launch.
+"""CUDA graphs of offloaded decoder layers: each layer's first pass, and its recompute with its backward,
+replayed as one launch each.
 
 Under a tight memory cap a step runs several micro-batches with every layer offloaded, and the GPU
-waits on the host: each layer's recompute and backward is a few hundred small Python calls and
-kernel launches, paid again by every micro-batch whatever its size. A CUDA graph records those
-launches once and replays them with one call. An offloaded layer's backward is a closed piece of
-work, which is what makes it graphable: inputs are the layer input (fetched back from CPU memory),
-the gradient of its output and the micro-batch's attention metadata; outputs are the gradient of
-its input and its LoRA weights' gradients.
+waits on the host: each layer's first pass, recompute and backward are a few hundred small Python
+calls and kernel launches, paid again by every micro-batch whatever its size. A CUDA graph records
+those launches once and replays them with one call. An offloaded layer's work is closed, which is
+what makes it graphable: inputs are the layer input (fetched back from CPU memory for backward), the
+gradient of its output and the micro-batch's attention metadata; outputs are the layer output, or
+the gradient of its input and its LoRA weights' gradients.
 
 A graph replays fixed addresses, so every input lives in a static buffer that each replay's inputs
 are copied into, and every output is copied out:
 
-- ``hidden``, ``grad_out`` and ``dx`` are views of buffers sized for the memory plan's largest
-  micro-batch (``reserve``), shared by every layer and token count;
+- the layer input, the output gradient and the result are views of buffers sized for the memory
+  plan's largest micro-batch (``reserve``), shared by every layer and token count;
 - the layer's keyword arguments (rotary tables, positions) are views of such buffers too, copied
   once per micro-batch (every layer gets the same tensors); ``cu_seq_lens_*`` is padded with empty
   sequences to a fixed length and ``max_length_*`` becomes the token count, so a graph serves every
@@ -20,12 +21,13 @@ are copied into, and every output is copied out:
 - the LoRA gradients land in one scratch set shared by the layers (same shapes) and are added to
   ``.grad`` after the replay, so ``zero_grad(set_to_none=True)`` stays safe.
 
-Graphs are keyed by (layer, token count, arguments' layout); the trainer's token buckets make token
-counts repeat. A count is captured at its second sighting: the first runs eagerly, compiling the
-Triton kernels and picking cuBLAS algorithms for that shape (neither may happen during a capture).
-All graphs share one memory pool: everything a graph allocates is dead when its capture ends, so
-the pool holds one layer's working memory at the largest count, apart from the memory the rest of
-the step uses (the memory plan counts both, ``Shape.graphed``).
+Graphs are keyed by (layer, direction, token count, arguments' layout); the trainer's token buckets
+make token counts repeat. The first call in each direction runs eagerly, compiling the Triton kernels
+and loading cuBLAS's outside any capture; every later call captures or replays, so no eager layer
+ever runs beside the pool. All graphs share one memory pool: everything a graph allocates is dead
+when its capture ends, so the pool holds one layer's working memory at the largest count, apart from
+the memory the loss uses (the memory plan counts both, ``Shape.graphed``). A capture that fails (an
+operation CUDA cannot record) turns graphs off for the run, with a warning; eager layers go on.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ CU_SEQLENS = ("cu_seq_lens_q", "cu_seq_lens_k")
 MAX_LENGTH = ("max_length_q", "max_length_k")
 CU_PAD = 8  # sequence boundaries are padded to a multiple of this many entries
 STATICS = ("hidden", "grad_out", "result")
-CU_CAPACITY = 256  # at most this many (255 sequences in a micro-batch); more runs eagerly
+CU_CAPACITY = 256  # boundaries a static buffer holds (255 sequences in a micro-batch); more run eagerly
 # The trainer's token buckets while graphs are on: lengths repeat more often (a graph per length and
 # layer), at up to 1/4 more tokens, which costs GPU time the host-bound step has to spare.
 BUCKETS_PER_DOUBLING = 4
