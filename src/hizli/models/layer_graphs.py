@@ -204,16 +204,10 @@ class LayerGraphs:
             self._flat(path).fill(view, value, prepare)
         return key, keywords
 
-    def _failed(self, e: Exception) -> None:
-        self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        self.graphs.clear()
-        _log.warn_once("layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}")
-
-    def forward(self, layer: torch.nn.Module, fn: Callable, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``fn(hidden)`` without autograd (an offloaded layer's first pass) through a graph; None
-        where this call must run eagerly (the caller then does)."""
+    def _entry(self, layer, fn: Callable, hidden: torch.Tensor, direction: str, record: Callable, *extra: Any):
+        """This call's graph (``record(call)`` captures it the first time), or None to run eagerly."""
         try:
-            started = self._start(layer, fn, hidden, "forward")
+            started = self._start(layer, fn, hidden, direction, *extra)
             if started is None:
                 self.eager += 1
                 return None
@@ -221,17 +215,29 @@ class LayerGraphs:
             entry = self.graphs.get(key)
             if entry is None:
                 self.refused.add(key)  # until the capture succeeds
-                entry = self._record_forward(functools.partial(fn.func, *fn.args, **keywords), hidden)
+                entry = record(functools.partial(fn.func, *fn.args, **keywords))
                 self.graphs[key] = entry
                 self.refused.discard(key)
+            return entry
         except _NotGraphable:
             self.eager += 1
             return None
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:  # something in the layer cannot be captured: eager from now on
-            self._failed(e)
+            self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            self.graphs.clear()
+            _log.warn_once(
+                "layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}"
+            )
             self.eager += 1
+            return None
+
+    def forward(self, layer: torch.nn.Module, fn: Callable, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``fn(hidden)`` without autograd (an offloaded layer's first pass) through a graph; None
+        where this call must run eagerly (the caller then does)."""
+        entry = self._entry(layer, fn, hidden, "forward", lambda call: self._record_forward(call, hidden))
+        if entry is None:
             return None
         entry.hidden.copy_(hidden)
         entry.graph()
@@ -249,29 +255,15 @@ class LayerGraphs:
     ) -> torch.Tensor | None:
         """The gradient of ``fn(hidden)``'s input for ``grad_out``, LoRA gradients added to ``.grad``,
         through a graph; None where this call must run eagerly (the caller then does)."""
-        try:
-            started = (
-                None if hidden.shape != grad_out.shape else self._start(layer, fn, hidden, "backward", grad_out.dtype)
-            )
-            if started is None:
-                self.eager += 1
-                return None
-            key, keywords = started
-            entry = self.graphs.get(key)
-            if entry is None:
-                self.refused.add(key)  # until the capture succeeds
-                call = functools.partial(fn.func, *fn.args, **keywords)
-                entry = self._record(layer, call, hidden, grad_out, recompute_context, release)
-                self.graphs[key] = entry
-                self.refused.discard(key)
-        except _NotGraphable:
+        if hidden.shape != grad_out.shape:
             self.eager += 1
             return None
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as e:  # something in the layer cannot be captured: eager from now on
-            self._failed(e)
-            self.eager += 1
+
+        def record(call):
+            return self._record(layer, call, hidden, grad_out, recompute_context, release)
+
+        entry = self._entry(layer, fn, hidden, "backward", record, grad_out.dtype)
+        if entry is None:
             return None
         with torch.no_grad():
             entry.hidden.copy_(hidden)
