@@ -111,3 +111,20 @@ def test_the_trainer_keeps_copies_for_its_run_only(tmp_path):
     assert len(seen) == 2 and isinstance(seen[0], ComputeCopies) and seen[0] is seen[1]
     assert seen[0].steps == 2  # told of each optimizer step
     assert find_state(model).compute_copies is None  # another trainer's optimizer could change the weights
+
+
+def test_an_optimizer_step_refreshes_every_copy_in_place_without_a_use():
+    """What a CUDA graph of an offloaded layer reads: the copy at its address, current after each
+    step although no code asks for it in between."""
+    torch.manual_seed(0)
+    copies = ComputeCopies()
+    params = [torch.nn.Parameter(torch.randn(16, 64)) for _ in range(3)]
+    held = [compute_copy(p, torch.bfloat16, copies) for p in params]  # as a capture would hold them
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    optimizer.register_step_post_hook(copies.step_taken)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for p, copy in zip(params, held):
+        assert torch.equal(copy, p.detach().to(torch.bfloat16))
+        assert compute_copy(p, torch.bfloat16, copies) is copy  # and the next use takes it as it is

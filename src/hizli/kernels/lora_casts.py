@@ -36,8 +36,17 @@ class ComputeCopies:
         self._kept: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> (key, copy)
 
     def step_taken(self, *_args: object) -> None:
-        """An optimizer's post-step hook: every copy made before is stale."""
+        """An optimizer's post-step hook: every copy made before is stale, and is refreshed now, in
+        place. A CUDA graph of an offloaded layer (``hizli.models.layer_graphs``) reads the copies at
+        the addresses it was captured with and runs none of the code that would refresh them."""
         self.steps += 1
+        kept = [(weight, key, copy) for weight, (key, copy) in self._kept.items()]
+        if not kept:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([copy for _, _, copy in kept], [weight.detach() for weight, _, _ in kept])
+        for weight, key, copy in kept:
+            self._kept[weight] = ((self.steps, weight._version, weight.data_ptr(), key[3]), copy)
 
     def get(self, weight: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
         key = (self.steps, weight._version, weight.data_ptr(), dtype)

@@ -126,16 +126,26 @@ class LayerGraphs:
     refused: set = field(default_factory=set)  # keys whose call cannot be graphed (e.g. not one output)
     _flats: dict[str, _Flat] = field(default_factory=dict)
     _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
+    pool_bytes: int = 0
     _pool: Any = None
+    _mempool: Any = None
     _stream: Any = None
 
-    def reserve(self, tokens: int) -> None:
-        """Size the static buffers for micro-batches of up to ``tokens``; forgets every graph when
-        that grows (their buffers are made again)."""
+    def reserve(self, tokens: int, pool_bytes: int = 0) -> None:
+        """Size the static buffers for micro-batches of up to ``tokens``, and the pool for graphs that
+        use ``pool_bytes`` (the memory plan's count); forgets every graph when that grows (their buffers
+        are made again)."""
         if tokens > self.capacity:
             self.graphs.clear()
             self._flats.clear()
             self.capacity = tokens
+        self.pool_bytes = max(self.pool_bytes, pool_bytes)
+
+    def pool_gib(self) -> float | None:
+        """Memory the graphs' pool holds (None before the first capture, or without ``MemPool``)."""
+        if self._mempool is None or not hasattr(self._mempool, "snapshot"):
+            return None
+        return round(sum(s["total_size"] for s in self._mempool.snapshot()) / 2**30, 3)
 
     def _flat(self, name: str) -> _Flat:
         if name not in self._flats:
@@ -318,12 +328,26 @@ class LayerGraphs:
         scratch = [b if ok else None for b, ok in zip(buffers, got)]
         return _Graph(replay, static_hidden, static_grad, dx, params, scratch)
 
+    def _make_pool(self, device: torch.device) -> None:
+        """The graphs' shared pool, made ``pool_bytes`` large before any capture. Grown capture by
+        capture instead, each larger token count adds segments that smaller ones then leave idle: the
+        pool becomes the sum of its sizes, not the largest."""
+        if not hasattr(torch.cuda, "MemPool"):
+            self._pool = torch.cuda.graph_pool_handle()
+            return
+        self._mempool = torch.cuda.MemPool()
+        self._pool = self._mempool.id
+        if self.pool_bytes:
+            with torch.cuda.use_mem_pool(self._mempool, device=device):
+                block = torch.empty(self.pool_bytes, dtype=torch.uint8, device=device)
+            del block  # back to the pool, which keeps it for the captures to split
+
     def _cuda_capture(self, work: Callable[[], None]) -> Callable[[], None]:
         current = torch.cuda.current_stream()
         if self._stream is None:
+            self._make_pool(current.device)
             # One capture stream for all graphs: cuBLAS keeps a workspace per stream, and one made
             # during a capture would stay in the pool. A first matmul on it outside any capture makes it.
-            self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream()
             self._stream.wait_stream(current)
             with torch.cuda.stream(self._stream):

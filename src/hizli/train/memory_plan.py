@@ -50,6 +50,7 @@ class MemoryPlan:
     budget_gib: float
     static_gib: float
     notes: list[str] = field(default_factory=list)
+    graph_pool_gib: float = 0.0  # what offloaded layers' CUDA graphs pool (``Shape.graph_pool_bytes``)
 
     def describe(self) -> str:
         counts = {m: self.layer_modes.count(m) for m in ("keep", "recompute", "offload") if m in self.layer_modes}
@@ -101,12 +102,9 @@ class Shape:
     def input_bytes(self) -> int:
         return self.elt * self.hidden
 
-    def transient_bytes(self, tokens: int, ce_rows: int, offload: bool = False) -> int:
-        """Alive besides the kept activations: one layer being recomputed and backpropagated (about
-        twice its kept activations), the loss's logits chunk and its hidden-state buffers, and a
-        dequantised weight. Errs high: 44.6 GiB from this model (before slack) against 42.5 GiB measured
-        with all layers kept (H200, Llama-3.2-3B shape, 15,310 tokens). ``offload``: the layer
-        recomputed is an offloaded one."""
+    def _layer_peak(self, offload: bool) -> tuple[float, float]:
+        """(elements a token, bytes of dequantised weights) alive in the layer being recomputed and
+        backpropagated (or, deferred, in its first pass), besides the loss's buffers."""
         if self.fused and offload and self.mlp_unread:
             # Kept by the recompute: the layer input, both norms' outputs, the q/k/v buffer, the attention
             # output and the residual after attention (6H + 2KV). The MLP's backward adds the incoming
@@ -121,16 +119,9 @@ class Shape:
             attention = 10 * self.hidden + 6 * self.kv
             first_piece = -(-self.intermediate // NO_GRAD_CHUNKS)
             first_pass = 4 * self.hidden + 2 * self.kv + 3 * first_piece
-            # The loss's [T, H] buffers are gone by then but for the gradient, counted here: the larger of
-            # the two phases, not their sum.
-            weight = self.elt * self.hidden * (self.intermediate + 2 * max(piece, first_piece))
-            loss_phase = 3 * self.elt * self.hidden * tokens
-            ce = ce_rows * self.vocab * self.elt
-            if self.graphed:
-                return int(self._graph_pool(1.15 * max(mlp, attention, first_pass), tokens, weight) + loss_phase + ce)
             # down, and a piece of gate and up (the first pass's pieces are the larger)
-            layer = self.elt * 1.15 * max(mlp, attention, first_pass) * tokens
-            return int(max(layer, loss_phase) + ce + weight)
+            weight = self.elt * self.hidden * (self.intermediate + 2 * max(piece, first_piece))
+            return 1.15 * max(mlp, attention, first_pass), weight
         if self.fused:
             # The recomputed layer's saved tensors plus backward's [T, I] and [T, H] temporaries, and one
             # weight-sized dequant buffer. 3H less than the count (q, k, v kept as views of the group's
@@ -138,22 +129,35 @@ class Shape:
             # it): 3.7 % above the 117.3 kB/token measured at the 3B shape, every layer offloaded
             # (subtracting the full 5H the count suggests ran out of memory under a 3.094 GiB cap).
             per_token = 1.1 * (9 * self.hidden + 3 * self.kv + 3 * self.intermediate) - 3 * self.hidden
-            weight = self.elt * self.hidden * max(self.intermediate, self.hidden)
-        else:
-            per_token = 2.3 * self.keep_bytes() / self.elt  # 252 kB/token measured with every layer offloaded
-            weight = 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
-        loss = ce_rows * self.vocab * self.elt + 3 * self.elt * self.hidden * tokens
-        if self.graphed and offload:
-            return int(self._graph_pool(per_token, tokens, weight) + loss)
-        return int(self.elt * per_token * tokens + loss + weight)
+            return per_token, self.elt * self.hidden * max(self.intermediate, self.hidden)
+        # 252 kB/token measured with every layer offloaded
+        return 2.3 * self.keep_bytes() / self.elt, 2 * self.elt * self.hidden * max(self.intermediate, self.hidden)
 
-    def _graph_pool(self, per_token: float, tokens: int, weight: float) -> float:
-        """The graphs' memory pool (one offloaded layer's first pass, or its recompute and backward:
-        ``per_token`` elements a token, and its dequantised weights), its static buffers (layer input,
-        output gradient and result) and what the eager code around a replay holds (the fetched input,
-        the incoming gradient, the result handed on): 6H a token. Held apart from the rest of the step,
-        the loss, whose own transient is then added rather than overlapped."""
-        return self.elt * (per_token + 6 * self.hidden) * tokens + weight
+    def transient_bytes(self, tokens: int, ce_rows: int, offload: bool = False) -> int:
+        """Alive besides the kept activations: one layer being recomputed and backpropagated (about
+        twice its kept activations), the loss's logits chunk and its hidden-state buffers, and a
+        dequantised weight. Errs high: 44.6 GiB from this model (before slack) against 42.5 GiB measured
+        with all layers kept (H200, Llama-3.2-3B shape, 15,310 tokens). ``offload``: the layer
+        recomputed is an offloaded one."""
+        per_token, weight = self._layer_peak(offload)
+        loss_phase = 3 * self.elt * self.hidden * tokens
+        ce = ce_rows * self.vocab * self.elt
+        if self.graphed and offload:
+            # The graphs' pool is held through the loss: the two add up. Besides the pool: the static
+            # buffers (layer input, output gradient and result) and what the eager code around a replay
+            # holds (the fetched input, the incoming gradient, the result handed on), 6H a token.
+            return int(self.graph_pool_bytes(tokens) + 6 * self.elt * self.hidden * tokens + loss_phase + ce)
+        if self.fused and offload and self.mlp_unread:
+            # The loss's [T, H] buffers are gone by then but for the gradient, counted here: the larger
+            # of the two phases, not their sum.
+            return int(max(self.elt * per_token * tokens, loss_phase) + ce + weight)
+        return int(self.elt * per_token * tokens + loss_phase + ce + weight)
+
+    def graph_pool_bytes(self, tokens: int) -> int:
+        """The memory pool of offloaded layers' CUDA graphs (``hizli.models.layer_graphs``) at
+        ``tokens``: one layer's first pass, or its recompute and backward, and its dequantised weights."""
+        per_token, weight = self._layer_peak(offload=True)
+        return int(self.elt * per_token * tokens + weight)
 
 
 def split_rows(rows: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
@@ -294,6 +298,9 @@ def make_plan(
                             peak / GIB,
                             budget_bytes / GIB,
                             static_bytes / GIB,
+                            graph_pool_gib=shape.graph_pool_bytes(used) / GIB
+                            if shape.graphed and mode == "offload"
+                            else 0.0,
                         ),
                     )
             if best is not None and keep == shape.layers and best[1].micro_batches == 1:

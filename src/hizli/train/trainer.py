@@ -172,6 +172,7 @@ class SFTTrainer:
                         "replays": graphs.replays,
                         "eager": graphs.eager,
                         "failed": graphs.failed,
+                        "pool_gib": graphs.pool_gib(),
                     }
                     record.layer_graphs = None
                     apply_layer_modes(self.model, record.layer_modes)
