@@ -247,3 +247,30 @@ def test_gpu_capped_training_with_layer_graphs_matches_eager(tmp_path):
     assert len(graphed) == len(eager) == 12 and max(rel) <= 0.02, list(zip(graphed, eager))
     assert stats.metrics["peak_reserved_gib"] <= cap
     assert counts["replays"] > counts["eager"], counts
+
+
+def test_real_captures_are_refused_where_the_attention_reads_boundaries_on_the_host(monkeypatch):
+    """flex attention builds its block mask from the boundaries on the host (and caches it), the
+    reference loops over them: a graph would replay the captured micro-batch's. Such layers run
+    eagerly instead of being captured (a real capture: no ``capture`` given)."""
+    from hizli.kernels import attention
+
+    model = tiny_lora_model(checkpointing=True)
+    graphs = LayerGraphs()
+    graphs.reserve(256)
+    layer, fn, hidden = _layer_calls(model, _batch(0, 4))[0]
+    captured = []
+    monkeypatch.setattr(graphs, "_cuda_capture", lambda work: captured.append(work))
+    assert attention.chosen_implementation(hidden.device, hidden.dtype) == "sdpa_loop"  # on a CPU
+    with torch.no_grad():
+        assert all(graphs.forward(layer, fn, hidden) is None for _ in range(3))
+    assert not captured and not graphs.graphs and graphs.failed is None
+    for name, capturable in (("flex", False), ("torch_varlen", True)):
+        monkeypatch.setattr(attention, "chosen_implementation", lambda device, dtype, impl=None: name)
+        graphs = LayerGraphs(capture=None)
+        graphs.reserve(256)
+        monkeypatch.setattr(graphs, "_cuda_capture", lambda work: (captured.append(work), lambda: None)[1])
+        with torch.no_grad():
+            graphs.forward(layer, fn, hidden)  # the eager first call
+            graphs.forward(layer, fn, hidden)
+        assert bool(captured) == capturable, name

@@ -289,7 +289,9 @@ def attention_candidates(
     return found
 
 
-def _choose(q: torch.Tensor, impl: str | None) -> AttentionFn:
+def chosen_implementation(device: torch.device, dtype: torch.dtype, impl: str | None = None) -> str:
+    """The name of the implementation :func:`varlen_attention` runs for tensors of this device and
+    dtype (``impl``, else ``HIZLI_ATTENTION``, else the first candidate; the reference on a CPU)."""
     name = impl or os.environ.get(ENV, "").strip() or None
     if name is not None:
         if name not in _CANDIDATES:
@@ -297,16 +299,20 @@ def _choose(q: torch.Tensor, impl: str | None) -> AttentionFn:
                 f"varlen_attention: unknown implementation {name!r} ({ENV} or impl=): use one of "
                 f"{', '.join(_CANDIDATES)}"
             )
-        found = attention_candidates(q.device, q.dtype)
+        found = attention_candidates(device, dtype)
         if name not in found:
             raise ValueError(
-                f"varlen_attention: {name!r} cannot run here on {q.device} {q.dtype} (available: "
+                f"varlen_attention: {name!r} cannot run here on {device} {dtype} (available: "
                 f"{', '.join(found)}); unset {ENV} to choose automatically"
             )
-        return found[name]
-    if kernels_mode() == "reference" or not q.is_cuda:
-        return varlen_attention_reference
-    return next(iter(attention_candidates(q.device, q.dtype).values()))
+        return name
+    if kernels_mode() == "reference" or torch.device(device).type != "cuda":
+        return "sdpa_loop"
+    return next(iter(attention_candidates(device, dtype)))
+
+
+def _choose(q: torch.Tensor, impl: str | None) -> AttentionFn:
+    return _CANDIDATES[chosen_implementation(q.device, q.dtype, impl)][2]
 
 
 def varlen_attention(

@@ -50,6 +50,10 @@ CU_CAPACITY = 256  # boundaries a static buffer holds (255 sequences in a micro-
 # The trainer's token buckets while graphs are on: lengths repeat more often (a graph per length and
 # layer), at up to 1/4 more tokens, which costs GPU time the host-bound step has to spare.
 BUCKETS_PER_DOUBLING = 4
+# Attention implementations a graph can replay: the others read the sequence boundaries on the host
+# (the reference's loop), or build a block mask from them there and cache it (flex), so a replay would
+# keep the captured micro-batch's boundaries.
+GRAPH_SAFE_ATTENTION = ("flash_attn", "torch_varlen")
 
 
 def padded_boundaries(cu: torch.Tensor, length: int) -> torch.Tensor:
@@ -225,6 +229,8 @@ class LayerGraphs:
             entry = self.graphs.get(key)
             if entry is None:
                 self.refused.add(key)  # until the capture succeeds
+                if self.capture is None:  # a real capture (an emulated one replays the host code too)
+                    _check_attention(hidden)
                 entry = record(functools.partial(fn.func, *fn.args, **keywords))
                 self.graphs[key] = entry
                 self.refused.discard(key)
@@ -367,6 +373,14 @@ class LayerGraphs:
                 graph.capture_end()
         current.wait_stream(self._stream)
         return graph.replay
+
+
+def _check_attention(hidden: torch.Tensor) -> None:
+    from hizli.kernels.attention import chosen_implementation
+
+    name = chosen_implementation(hidden.device, hidden.dtype)
+    if name not in GRAPH_SAFE_ATTENTION:
+        raise _NotGraphable(f"attention {name!r} cannot be replayed by a graph")
 
 
 def _add_gradients(entry: _Graph) -> None:
