@@ -175,7 +175,8 @@ class SFTTrainer:
                         "pool_gib": graphs.pool_gib(),
                     }
                     record.layer_graphs = None
-                    apply_layer_modes(self.model, record.layer_modes)
+                    if record.layer_modes:  # the layers' checkpoint functions hold the graphs too
+                        apply_layer_modes(self.model, record.layer_modes)
 
     def _train(self, resume_from_checkpoint: str | bool | None, record: Any) -> TrainOutput:
         args = self.args
