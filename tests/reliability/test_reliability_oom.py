@@ -128,6 +128,14 @@ def test_suggestions_follow_the_settings(tmp_path, figures):
     # under max_memory_gib the allocator is capped: the message says the cap is the limit
     capped = str(oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path, max_memory_gib=3.5), model=model))
     assert "capped at max_memory_gib=3.5 GiB" in capped and "capped at" not in message
+    # a re-planned budget (3/4 of 3/4 of the cap) is shown rounded, as the other figures are
+    replanned = oom.explain(
+        torch.OutOfMemoryError(text),
+        args=_args(tmp_path, max_memory_gib=3.074),
+        model=model,
+        memory_plan={"micro_batches": 8, "budget_gib": 3.074 * 0.75 * 0.75, "predicted_peak_gib": 3.1},
+    )
+    assert "within a 1.73 GiB budget" in str(replanned)
     figures.add(messages=1)
 
 

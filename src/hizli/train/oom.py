@@ -181,7 +181,7 @@ def _suggestions(
         target = _budget_hint(report, budget)
         out.append(
             f"max_memory_gib={target} (the memory plan predicted {plan.get('predicted_peak_gib', 0):.2f} GiB "
-            f"within a {budget} GiB budget; a smaller budget makes it split each step and recompute layers)"
+            f"within a {_gib_number(budget)} GiB budget; a smaller budget makes it split each step and recompute layers)"
         )
     if bs and bs > 1:
         out.append(
@@ -226,3 +226,8 @@ def _pow2_below(n: int) -> int:
     while p * 2 < n:
         p *= 2
     return p
+
+
+def _gib_number(value: object) -> str:
+    """A budget in GiB as the message shows it (two decimals; as it is where it is not a number)."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
