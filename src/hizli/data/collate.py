@@ -131,9 +131,9 @@ class PaddingFreeCollator:
 
 def bucket_length(n: int, limit: int | None = None, per_doubling: int | None = None) -> int:
     """The length a padding-free batch of ``n`` tokens is padded to: ``n`` rounded up to a multiple of
-    1/16 (``1 / per_doubling``, a power of two) of the power of two at or below it (at least 64), so
-    lengths fall on about 16 values per doubling and cost at most 1/16 more tokens. Never above
-    ``limit`` (the memory plan's micro-batch size) unless ``n`` itself is."""
+    ``1 / per_doubling`` (a power of two, 16 by default) of the power of two at or below it (at least
+    64), so lengths fall on about ``per_doubling`` values per doubling and cost at most that fraction
+    more tokens. Never above ``limit`` (the memory plan's micro-batch size) unless ``n`` itself is."""
     if n <= 0:
         return n
     per_doubling = per_doubling or 16

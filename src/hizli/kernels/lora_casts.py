@@ -8,10 +8,12 @@ GPU: these casts are 29 of the about 49 ``aten::copy_`` per layer per micro-batc
 recipe. The weights only change when an optimizer steps, so one copy per weight and dtype serves
 every use in between.
 
-A copy is reused while all of these hold; otherwise it is made again:
+A copy is reused while all of these hold; otherwise it is refreshed, in place where its shape and
+dtype still fit (a CUDA graph of an offloaded layer reads it at the address it was captured with):
 - the training run's optimizer has not stepped since (hizli's trainer registers
-  :meth:`ComputeCopies.step_taken` on its optimizer: bitsandbytes' 8-bit optimizers write the weights
-  through their own kernels, which no version counter sees);
+  :meth:`ComputeCopies.step_taken` on its optimizer, which refreshes every copy at once:
+  bitsandbytes' 8-bit optimizers write the weights through their own kernels, which no version
+  counter sees, and a graph runs none of the code that would refresh a copy at its next use);
 - the parameter's version counter is unchanged (in-place edits, ``load_state_dict``);
 - it still has the same storage (a reassigned ``.data``).
 
@@ -54,9 +56,7 @@ class ComputeCopies:
         if kept is not None and kept[0] == key:
             return kept[1]
         if kept is not None and kept[1].shape == weight.shape and kept[1].dtype == dtype:
-            # refreshed in place: a CUDA graph of an offloaded layer (hizli.models.layer_graphs) reads
-            # the copy at the address it was captured with
-            copy = kept[1].copy_(weight.detach())
+            copy = kept[1].copy_(weight.detach())  # in place: the address a graph may have captured
         else:
             copy = weight.detach().to(dtype)
         self._kept[weight] = (key, copy)

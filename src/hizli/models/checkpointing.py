@@ -250,7 +250,8 @@ def offloaded_checkpoint(
     graphed: "GraphedLayer | None" = None,
 ) -> torch.Tensor:
     """Checkpoint function with the signature transformers' layers call. On a CPU: recompute.
-    ``graphed``: (the model's ``LayerGraphs``, this layer): backward replays CUDA graphs."""
+    ``graphed``: (the model's ``LayerGraphs``, this layer): its first pass and backward replay CUDA
+    graphs where they can."""
     if not hidden.is_cuda:
         return plain_checkpoint(fn, hidden, *args)
     if not hidden.requires_grad:

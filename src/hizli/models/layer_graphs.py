@@ -104,7 +104,7 @@ class _Graph:
     graph: Any  # torch.cuda.CUDAGraph, or a replay function where graphs are emulated (tests)
     hidden: torch.Tensor
     grad_out: torch.Tensor | None
-    dx: torch.Tensor  # the input gradient, or the output of a forward graph
+    result: torch.Tensor  # the input gradient, or the output of a forward graph
     params: list[torch.nn.Parameter]
     scratch: list[torch.Tensor | None]  # per parameter: where its gradient lands (None: it gets none)
 
@@ -128,9 +128,9 @@ class LayerGraphs:
     eager: int = 0
     failed: str | None = None  # why a capture failed (graphs are then off for the run)
     refused: set = field(default_factory=set)  # keys whose call cannot be graphed (e.g. not one output)
+    pool_bytes: int = 0  # the pool is made this large before the first capture (``reserve``)
     _flats: dict[str, _Flat] = field(default_factory=dict)
     _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
-    pool_bytes: int = 0
     _pool: Any = None
     _mempool: Any = None
     _stream: Any = None
@@ -163,9 +163,9 @@ class LayerGraphs:
         return self._flat(name).view(value.shape, value.dtype, value.device, per_token * self.capacity)
 
     def _layout(self, keywords: dict[str, Any], tokens: int) -> tuple[tuple, dict[str, Any], list]:
-        """(key part, keywords pointing at static views, [(path, view, value)] to fill) of a call."""
+        """(key part, keywords pointing at static views, [(path, view, value, prepare)] to fill) of a
+        call; ``prepare`` (or None) turns the value into what the view holds."""
         key, static, fills = [], {}, []
-        cu_len = None
         for name in sorted(keywords):
             value = keywords[name]
             if name in CU_SEQLENS and isinstance(value, torch.Tensor):
@@ -258,7 +258,7 @@ class LayerGraphs:
         entry.hidden.copy_(hidden)
         entry.graph()
         self.replays += 1
-        return entry.dx.clone()
+        return entry.result.clone()
 
     def backward(
         self,
@@ -287,7 +287,7 @@ class LayerGraphs:
         entry.graph()
         self.replays += 1
         _add_gradients(entry)
-        return entry.dx.clone()
+        return entry.result.clone()
 
     def _statics(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views for (the layer input, the output gradient, the result: output or input gradient)."""

@@ -25,7 +25,7 @@ import torch
 
 from hizli import _log
 from hizli.models import warmup
-from hizli.models.layer_graphs import BUCKETS_PER_DOUBLING as GRAPHED_BUCKETS
+from hizli.models.layer_graphs import BUCKETS_PER_DOUBLING
 from hizli.train import checkpoint, memory, metrics, optim, runs
 from hizli.train.allocator import cap_allocator, peak_gib
 from hizli.train.args import TrainingArguments, _unknown_message
@@ -127,9 +127,10 @@ class SFTTrainer:
         self.token_buckets: bool | None = None
         # offloaded layers' MLP in slices, and only in backward when recomputed (hizli.models.record)
         self.defer_offloaded_mlp = False
-        # offloaded layers' backward replayed as CUDA graphs (hizli.models.layer_graphs)
+        # offloaded layers' first pass and backward replayed as CUDA graphs (hizli.models.layer_graphs)
         self.graph_offloaded_layers = False
-        self.layer_graph_counts: dict[str, Any] | None = None  # of the last train(): graphs, replays, eager
+        # of the last train() with graphs: graphs, replays, eager calls, why they failed, the pool's GiB
+        self.layer_graph_counts: dict[str, Any] | None = None
         self.train_dataset = self._prepare(train_dataset, "train") if train_dataset is not None else None
         self.eval_dataset = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         self.state: dict[str, Any] = {"global_step": 0, "log_history": []}
@@ -348,7 +349,9 @@ class SFTTrainer:
             ranks=self.ranks,
             fused_ce=args.fused_cross_entropy,
             token_buckets=self.token_buckets,
-            bucket_per_doubling=GRAPHED_BUCKETS if record is not None and record.layer_graphs is not None else None,
+            bucket_per_doubling=BUCKETS_PER_DOUBLING
+            if record is not None and record.layer_graphs is not None
+            else None,
         )
         warmup.wait()  # the background kernel compile holds some GPU memory: let it finish before planning
         return ctx, plan, total_steps
