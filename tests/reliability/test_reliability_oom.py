@@ -128,14 +128,16 @@ def test_suggestions_follow_the_settings(tmp_path, figures):
     # under max_memory_gib the allocator is capped: the message says the cap is the limit
     capped = str(oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path, max_memory_gib=3.5), model=model))
     assert "capped at max_memory_gib=3.5 GiB" in capped and "capped at" not in message
-    # a re-planned budget (3/4 of 3/4 of the cap) is shown rounded, as the other figures are
-    replanned = oom.explain(
-        torch.OutOfMemoryError(text),
-        args=_args(tmp_path, max_memory_gib=3.074),
-        model=model,
-        memory_plan={"micro_batches": 8, "budget_gib": 3.074 * 0.75 * 0.75, "predicted_peak_gib": 3.1},
+    # the allocator is held to the cap, so a smaller one is no advice: a larger one is, by the 2 GiB asked
+    plan = {"micro_batches": 8, "budget_gib": 3.074 * 0.75 * 0.75, "predicted_peak_gib": 3.1}
+    replanned = str(
+        oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path, max_memory_gib=3.074), model=model, memory_plan=plan)
     )
-    assert "within a 1.73 GiB budget" in str(replanned)
+    assert "max_memory_gib=5.1 if the card has room (now 3.074: an allocation of 2.00 GiB" in replanned
+    assert "budget" not in replanned
+    # without a cap, a re-planned budget is shown rounded, as the other figures are
+    uncapped = str(oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path), model=model, memory_plan=plan))
+    assert "max_memory_gib=" in uncapped and "within a 1.73 GiB budget" in uncapped
     figures.add(messages=1)
 
 

@@ -18,6 +18,7 @@ largest saving first, with the values to try. The trainer raises the result as
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,7 +177,13 @@ def _suggestions(
     out: list[str] = []
     bs = getattr(args, "per_device_train_batch_size", None)
     ga = getattr(args, "gradient_accumulation_steps", None)
-    if plan and plan.get("micro_batches") and plan["micro_batches"] >= 1:
+    cap = getattr(args, "max_memory_gib", None)
+    if cap:  # the allocator is held to the cap: a smaller cap only shrinks the room, so the advice is a larger one
+        out.append(
+            f"max_memory_gib={_cap_hint(report, cap)} if the card has room (now {cap:g}: an allocation of "
+            f"{gib(report.requested)} did not fit under it)"
+        )
+    elif plan and plan.get("micro_batches") and plan["micro_batches"] >= 1:
         budget = plan.get("budget_gib")
         target = _budget_hint(report, budget)
         out.append(
@@ -212,13 +219,23 @@ def _suggestions(
     return out
 
 
+def _short(report: OOMReport) -> int:
+    """Bytes the failed allocation lacked."""
+    return max(0, (report.requested or 0) - (report.free or 0))
+
+
 def _budget_hint(report: OOMReport, budget) -> str:
     """A budget below the plan's by at least what the failed allocation lacked, with a 10% margin,
     rounded down to 0.5 GiB."""
     if not budget:
         return "<a smaller budget>"
-    short = max(0, (report.requested or 0) - (report.free or 0)) / 1024**3
-    return f"{max(0.5, int((float(budget) - short) * 0.9 * 2) / 2):g}"
+    return f"{max(0.5, int((float(budget) - _short(report) / 1024**3) * 0.9 * 2) / 2):g}"
+
+
+def _cap_hint(report: OOMReport, cap: float) -> str:
+    """A cap above the run's by the failed allocation, rounded up to 0.1 GiB (the card's free figure
+    in the message does not know the cap, so what the allocation lacked under it is not known)."""
+    return f"{math.ceil((cap + (report.requested or 0) / 1024**3) * 10) / 10:g}"
 
 
 def _pow2_below(n: int) -> int:
