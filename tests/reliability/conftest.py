@@ -91,7 +91,7 @@ SECTIONS = (
         "oom",
         "Out of GPU memory, explained (CPU, synthetic errors)",
         "torch.OutOfMemoryError becomes GPUOutOfMemoryError: how much was asked, what was free of the card's "
-        "total, and which setting to lower, in the order that saves the most.",
+        "total, and which setting to lower, in the order that saves the most (under a cap, how far to raise it).",
         (("messages", "OOM messages parsed"), ("trainer_steps", "trainer steps that raised it with grads freed")),
     ),
     Section(

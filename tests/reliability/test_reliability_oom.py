@@ -1,4 +1,4 @@
-"""Out of GPU memory: the error says how much was asked, what was free, and which setting to lower.
+"""Out of GPU memory: the error says how much was asked, what was free, and which setting to change.
 
 On the CPU, synthetic ``torch.OutOfMemoryError``s carry the messages PyTorch writes (three wordings
 seen in the wild); the trainer test raises one from inside a step. The ``gpu`` tests run out of
@@ -131,10 +131,12 @@ def test_suggestions_follow_the_settings(tmp_path, figures):
     # the allocator is held to the cap, so a smaller one is no advice: a larger one is, by the 2 GiB asked
     plan = {"micro_batches": 8, "budget_gib": 3.074 * 0.75 * 0.75, "predicted_peak_gib": 3.1}
     replanned = str(
-        oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path, max_memory_gib=3.074), model=model, memory_plan=plan)
+        oom.explain(
+            torch.OutOfMemoryError(text), args=_args(tmp_path, max_memory_gib=3.074), model=model, memory_plan=plan
+        )
     )
-    assert "max_memory_gib=5.1 if the card has room (now 3.074: an allocation of 2.00 GiB" in replanned
-    assert "budget" not in replanned
+    assert "raise it to max_memory_gib=5.1 or more (an allocation of 2.00 GiB did not fit" in replanned
+    assert "budget" not in replanned and "  - max_memory_gib" not in replanned
     # without a cap, a re-planned budget is shown rounded, as the other figures are
     uncapped = str(oom.explain(torch.OutOfMemoryError(text), args=_args(tmp_path), model=model, memory_plan=plan))
     assert "max_memory_gib=" in uncapped and "within a 1.73 GiB budget" in uncapped

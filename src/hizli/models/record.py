@@ -41,8 +41,8 @@ class HizliState:
             and the memory plan counts their smaller peak. Off by default: its speed under a cap is
             not yet measured (``SFTTrainer.defer_offloaded_mlp``, bench lever ``defer_mlp``).
         layer_graphs: CUDA graphs of the offloaded layers (first pass, recompute and backward) while
-            hizli's trainer runs with
-            ``SFTTrainer.graph_offloaded_layers`` (``hizli.models.layer_graphs``); None otherwise.
+            hizli's trainer runs with ``SFTTrainer.graph_offloaded_layers``
+            (``hizli.models.layer_graphs``); None otherwise.
     """
 
     info: LoadInfo | None = None

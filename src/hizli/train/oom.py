@@ -1,4 +1,4 @@
-"""Out of GPU memory, explained: how much was asked, what was free, and which setting to lower.
+"""Out of GPU memory, explained: how much was asked, what was free, and which setting to change.
 
 PyTorch's ``torch.OutOfMemoryError`` says how much one allocation wanted and what the card held, in
 a message whose wording changed across versions::
@@ -12,8 +12,8 @@ a message whose wording changed across versions::
 
 ``explain`` reads both forms (and asks the driver, ``torch.cuda.mem_get_info``, for what is free
 after the failed step's tensors are released), then lists the settings that lower the peak, the
-largest saving first, with the values to try. The trainer raises the result as
-``GPUOutOfMemoryError``; ``hizli train`` prints its message.
+largest saving first, with the values to try; under ``max_memory_gib``, also the cap to raise it to.
+The trainer raises the result as ``GPUOutOfMemoryError``; ``hizli train`` prints its message.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def explain(
     if cap:  # the trainer limits PyTorch's allocator to the cap, so the card's free memory is not the limit
         lines.append(
             f"This run is capped at max_memory_gib={cap:g} GiB (PyTorch's allocator is held to it "
-            "while training), so what counts is the cap, not the card's free memory."
+            "while training), so what counts is the cap, not the card's free memory. If the card has "
+            f"room, raise it to max_memory_gib={_cap_hint(report, cap)} or more (an allocation of "
+            f"{gib(report.requested)} did not fit under it); else lower the peak."
         )
     elif report.free_now is not None:
         lines.append(f"After releasing this step's tensors {gib(report.free_now)} is free.")
@@ -177,13 +179,8 @@ def _suggestions(
     out: list[str] = []
     bs = getattr(args, "per_device_train_batch_size", None)
     ga = getattr(args, "gradient_accumulation_steps", None)
-    cap = getattr(args, "max_memory_gib", None)
-    if cap:  # the allocator is held to the cap: a smaller cap only shrinks the room, so the advice is a larger one
-        out.append(
-            f"max_memory_gib={_cap_hint(report, cap)} if the card has room (now {cap:g}: an allocation of "
-            f"{gib(report.requested)} did not fit under it)"
-        )
-    elif plan and plan.get("micro_batches") and plan["micro_batches"] >= 1:
+    # Under a cap the allocator is held to it: a smaller one only shrinks the room (explain's cap line).
+    if not getattr(args, "max_memory_gib", None) and plan and (plan.get("micro_batches") or 0) >= 1:
         budget = plan.get("budget_gib")
         target = _budget_hint(report, budget)
         out.append(
@@ -219,17 +216,13 @@ def _suggestions(
     return out
 
 
-def _short(report: OOMReport) -> int:
-    """Bytes the failed allocation lacked."""
-    return max(0, (report.requested or 0) - (report.free or 0))
-
-
 def _budget_hint(report: OOMReport, budget) -> str:
     """A budget below the plan's by at least what the failed allocation lacked, with a 10% margin,
     rounded down to 0.5 GiB."""
     if not budget:
         return "<a smaller budget>"
-    return f"{max(0.5, int((float(budget) - _short(report) / 1024**3) * 0.9 * 2) / 2):g}"
+    short = max(0, (report.requested or 0) - (report.free or 0)) / 1024**3
+    return f"{max(0.5, int((float(budget) - short) * 0.9 * 2) / 2):g}"
 
 
 def _cap_hint(report: OOMReport, cap: float) -> str:
