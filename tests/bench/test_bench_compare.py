@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hizli.bench.compare import matched, render, search_t4_batch
+from hizli.bench.compare import matched, render, search_t4_batch, t4_first_batch
 from hizli.bench.peers import batch_shape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +65,33 @@ def test_t4_search_counts_a_run_over_the_cap_as_not_fitting_and_stops_at_the_try
     )
     assert best["peak_reserved_gib"] == 8.0 and [t["batch"] for t in tries] == [1, 2, 4]
     assert search_t4_batch(lambda b: None, 15.0, 64, 6)[0] is None
+
+
+def test_t4_search_starts_where_the_seed_modes_peak_says_the_rows_fit():
+    seeds = {"unsloth_best": run("unsloth_best", 9986, 3.074), "unsloth": run("unsloth", 7106, 3.3)}
+    assert t4_first_batch(seeds, 15.0) == 8  # 2 rows took 3.074 GiB: 9 rows would fit, 8 is the power of two
+    assert t4_first_batch({"unsloth_best": run("unsloth_best", 5382, 6.84)}, 15.0) == 4
+    assert t4_first_batch({}, 15.0) == 1  # no seed mode measured: from 1, as before
+    assert t4_first_batch({"unsloth": run("unsloth", 100, 40.0)}, 15.0) == 1  # a seed over the cap
+
+    def fits_up_to(largest):
+        tried = []
+
+        def fake(batch):
+            tried.append(batch)
+            return {"tokens_per_s": 100.0 * batch, "peak_reserved_gib": 0.5 * batch} if batch <= largest else None
+
+        return fake, tried
+
+    fake, from_one = fits_up_to(26)
+    assert search_t4_batch(fake, 15.0, 64, 12)[0]["peak_reserved_gib"] == 13.0
+    fake, from_guess = fits_up_to(26)
+    best, _ = search_t4_batch(fake, 15.0, 64, 12, start=t4_first_batch(seeds, 15.0))
+    assert best["peak_reserved_gib"] == 13.0 and from_guess[0] == 8 and len(from_guess) == len(from_one) - 3
+
+    fake, tried = fits_up_to(5)  # a guess too high: the search goes below it
+    best, _ = search_t4_batch(fake, 15.0, 64, 12, start=8)
+    assert tried == [8, 4, 6, 5] and best["peak_reserved_gib"] == 2.5
 
 
 def test_peer_batch_shapes():

@@ -11,7 +11,7 @@ caches, so first-step times are cold starts for all. Three matched pairs:
 - **large GPU**: hizli's defaults against ``unsloth_big`` (padding-free, 8 x 1, no checkpointing);
 - **T4 class**: fp16 under a 15 GiB cap: hizli (``--dtype fp16 --max-memory-gib 15``) against Unsloth
   fp16 at the largest per-device batch that fits the cap (``unsloth_t4``, found by search: batches
-  grow x2 from 1, then bisect; each try is a full run).
+  grow x2 from a first guess made from a seed mode's peak, then bisect; each try is a full run).
 
 ``hf`` (transformers + PEFT + bitsandbytes) and ``liger`` run too, for reference. A peer whose package
 is not importable is skipped with a note. The peers' code is ``src/hizli/bench/peers.py``; the GPU
@@ -181,10 +181,29 @@ def run_peer(
     return json.loads(out.read_text()) if out.is_file() else None
 
 
-def search_t4_batch(try_batch, cap_gib: float, max_batch: int, max_tries: int) -> tuple[dict | None, list[dict]]:
+def t4_first_batch(found: dict[str, dict], cap_gib: float) -> int:
+    """Where the T4 search starts: the largest power of two of rows per micro-batch that a seed mode's
+    measured peak says fits ``cap_gib``, charging that whole peak (weights included) to its 2 rows, so
+    that the guess errs low; 1 when no seed mode ran. Each try is a full Unsloth run (a minute or
+    more): starting at 8 instead of 1 saves three of them."""
+    peaks = [
+        r["peak_reserved_gib"]
+        for k in ("unsloth", "unsloth_best")
+        if (r := found.get(k)) and r.get("peak_reserved_gib")
+    ]
+    if not peaks:
+        return 1
+    rows = int(2 * cap_gib / min(peaks))
+    return 1 << (rows.bit_length() - 1) if rows >= 1 else 1
+
+
+def search_t4_batch(
+    try_batch, cap_gib: float, max_batch: int, max_tries: int, start: int = 1
+) -> tuple[dict | None, list[dict]]:
     """The fastest run among the batches that fit ``cap_gib``, searching the largest batch that fits
-    (x2 from 1, then bisection, at most ``max_tries`` runs); also every try. ``try_batch(b)`` returns a
-    result dict or None (did not finish: out of memory, error, time-out)."""
+    (x2 from ``start``, then bisection, below ``start`` if it does not fit; at most ``max_tries``
+    runs); also every try. ``try_batch(b)`` returns a result dict or None (did not finish: out of
+    memory, error, time-out)."""
     from hizli.bench.longest.search import Trial, find_longest
 
     tries: list[dict] = []
@@ -205,7 +224,7 @@ def search_t4_batch(try_batch, cap_gib: float, max_batch: int, max_tries: int) -
         )
         return Trial(len=batch, ok=ok)
 
-    find_longest(attempt, start=1, limit=max_batch, resolution=1, recheck="never")
+    find_longest(attempt, start=min(start, max_batch), limit=max_batch, resolution=1, recheck="never")
     fitting = [t for t in tries if t["ok"]]
     best = max(fitting, key=lambda t: t["tokens_per_s"] or 0)["result"] if fitting else None
     return best, [{k: v for k, v in t.items() if k != "result"} for t in tries]
@@ -304,6 +323,7 @@ def run_compare(
                 bench.t4_cap_gib,
                 bench.t4_max_batch,
                 bench.t4_max_tries,
+                start=t4_first_batch(found, bench.t4_cap_gib),
             )
             if result is not None:
                 result["search"] = tries
