@@ -351,12 +351,14 @@ class LayerGraphs:
     def _cuda_capture(self, work: Callable[[], None]) -> Callable[[], None]:
         current = torch.cuda.current_stream()
         if self._stream is None:
-            self._make_pool(current.device)
             # One capture stream for all graphs: cuBLAS keeps a workspace per stream, and one made
             # during a capture would stay in the pool. A first matmul on it outside any capture makes it.
             self._stream = torch.cuda.Stream()
             self._stream.wait_stream(current)
             with torch.cuda.stream(self._stream):
+                # The caching allocator hands a free block only to the stream it was made on: the
+                # pool's first block is made on the stream the captures run on, or they never use it.
+                self._make_pool(current.device)
                 for dtype in (torch.bfloat16, torch.float16, torch.float32):
                     a = torch.ones(16, 16, dtype=dtype, device=current.device)
                     torch.addmm(a, a, a)
