@@ -94,6 +94,37 @@ def test_t4_search_starts_where_the_seed_modes_peak_says_the_rows_fit():
     assert tried == [8, 4, 6, 5] and best["peak_reserved_gib"] == 2.5
 
 
+@pytest.mark.parametrize(
+    "systems, first_batch, first_try",
+    [(("unsloth_best", "unsloth_t4"), None, 8), (("unsloth_t4",), None, 1), (("unsloth_t4",), 16, 16)],
+)
+def test_the_compare_starts_the_t4_search_from_its_seed_run_or_the_given_batch(
+    tmp_path, monkeypatch, systems, first_batch, first_try
+):
+    """In a compare, the T4 search starts from the seed mode measured before it; a call that does not
+    run one (to save its minutes) can name the batch with ``--t4-first-batch``."""
+    from hizli.bench import compare, shapes
+    from hizli.cli import build_parser
+
+    monkeypatch.setattr(shapes, "recipe_model_folder", lambda shape, tokenizer, work: tmp_path / "model")
+    monkeypatch.setattr(compare, "importable", lambda module: True)
+    tried = []
+
+    def peer(bench, model, kind, batch=None, cap_gib=None):
+        if kind != "unsloth_t4":
+            return run(kind, 9986, 3.074)
+        tried.append(batch)
+        return run(kind, 100.0 * batch, 0.5 * batch, batch=batch) if batch <= 26 else None
+
+    monkeypatch.setattr(compare, "run_peer", peer)
+    found, _ = compare.run_compare(
+        compare.CompareBench(systems=systems, work=str(tmp_path), t4_max_tries=12, t4_first_batch=first_batch)
+    )
+    assert tried[0] == first_try and found["unsloth_t4"]["batch"] == 26
+    args = build_parser().parse_args(["bench", "compare", "--t4-first-batch", "16"])
+    assert args.t4_first_batch == 16
+
+
 def test_peer_batch_shapes():
     assert batch_shape("unsloth", None) == (2, 4) and batch_shape("unsloth_big", None) == (8, 1)
     assert batch_shape("unsloth_t4", 2) == (2, 4) and batch_shape("unsloth_t4", 16) == (16, 1)

@@ -65,6 +65,7 @@ class CompareBench:
     t4_cap_gib: float = 15.0
     t4_max_batch: int = 64
     t4_max_tries: int = 6
+    t4_first_batch: int | None = None  # None: from a seed mode's peak (``t4_first_batch``)
     hizli_args: list[str] = field(default_factory=list)
     timeout_s: int = 400
 
@@ -323,7 +324,7 @@ def run_compare(
                 bench.t4_cap_gib,
                 bench.t4_max_batch,
                 bench.t4_max_tries,
-                start=t4_first_batch(found, bench.t4_cap_gib),
+                start=bench.t4_first_batch or t4_first_batch(found, bench.t4_cap_gib),
             )
             if result is not None:
                 result["search"] = tries

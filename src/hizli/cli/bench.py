@@ -87,6 +87,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--work", default="/tmp/hizli-compare")
     c.add_argument("--t4-cap-gib", type=float, default=15.0)
     c.add_argument("--t4-max-tries", type=int, default=6, help="Unsloth fp16 runs in the batch search")
+    c.add_argument(
+        "--t4-first-batch",
+        type=int,
+        help="batch the search tries first (default: from a seed mode's peak measured in this compare, else 1)",
+    )
     c.add_argument("--hizli-args", default="", help="extra arguments for every hizli run (e.g. '--lever x=off')")
     c.add_argument("--timeout", type=int, default=400, help="seconds per run")
     c.add_argument("--results", metavar="DIR", help="append the records to DIR/compare.jsonl")
@@ -186,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 work=args.work,
                 t4_cap_gib=args.t4_cap_gib,
                 t4_max_tries=args.t4_max_tries,
+                t4_first_batch=args.t4_first_batch,
                 hizli_args=shlex.split(args.hizli_args),
                 timeout_s=args.timeout,
             ),
