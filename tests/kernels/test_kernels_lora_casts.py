@@ -128,3 +128,23 @@ def test_an_optimizer_step_refreshes_every_copy_in_place_without_a_use():
     for p, copy in zip(params, held):
         assert torch.equal(copy, p.detach().to(torch.bfloat16))
         assert compute_copy(p, torch.bfloat16, copies) is copy  # and the next use takes it as it is
+
+
+def test_a_copy_first_asked_for_inside_a_graph_capture_is_not_kept(monkeypatch):
+    """A capture records the cast without running it: a kept copy made there would hold garbage until
+    the graph first replays, and for good if the capture fails and the layer runs eagerly. Copies
+    made before the capture are read at their address, as the graph will at every replay."""
+    from hizli.kernels import lora_casts
+
+    torch.manual_seed(0)
+    copies = ComputeCopies()
+    before, during = torch.nn.Parameter(torch.randn(16, 64)), torch.nn.Parameter(torch.randn(16, 64))
+    kept = compute_copy(before, torch.bfloat16, copies)
+    monkeypatch.setattr(lora_casts, "_capturing", lambda weight: True)
+    assert compute_copy(before, torch.bfloat16, copies) is kept
+    cast = compute_copy(during, torch.bfloat16, copies)
+    assert torch.equal(cast, during.detach().to(torch.bfloat16))
+    assert compute_copy(during, torch.bfloat16, copies) is not cast  # cast again by every capture
+    monkeypatch.setattr(lora_casts, "_capturing", lambda weight: False)
+    eager = compute_copy(during, torch.bfloat16, copies)
+    assert eager is not cast and compute_copy(during, torch.bfloat16, copies) is eager  # kept from here on

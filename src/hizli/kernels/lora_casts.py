@@ -57,6 +57,11 @@ class ComputeCopies:
             return kept[1]
         if kept is not None and kept[1].shape == weight.shape and kept[1].dtype == dtype:
             copy = kept[1].copy_(weight.detach())  # in place: the address a graph may have captured
+        elif _capturing(weight):
+            # Inside a CUDA graph capture a cast is recorded, not run: kept, the copy would hold
+            # nothing until the graph first replays, and nothing ever if the capture fails. The
+            # graph casts at each replay instead.
+            return weight.detach().to(dtype)
         else:
             copy = weight.detach().to(dtype)
         self._kept[weight] = (key, copy)
@@ -71,6 +76,10 @@ class ComputeCopies:
             for name, p in model.named_parameters()
             if "lora_" in name and p.requires_grad and p.element_size() > element_size and p not in self._kept
         )
+
+
+def _capturing(weight: torch.Tensor) -> bool:
+    return weight.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def compute_copy(weight: torch.Tensor, dtype: torch.dtype, copies: ComputeCopies | None) -> torch.Tensor:
