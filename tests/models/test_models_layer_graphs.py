@@ -155,9 +155,16 @@ def test_micro_batches_a_graph_cannot_serve_run_eagerly():
     assert graphs.replays == 0 and graphs.eager == 6 and not graphs.graphs
 
 
-def test_a_layer_that_cannot_be_captured_turns_graphs_off_and_runs_eagerly(monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("operation not permitted when stream is capturing"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),  # no cache freed in a capture
+    ],
+)
+def test_a_layer_that_cannot_be_captured_turns_graphs_off_and_runs_eagerly(monkeypatch, error):
     def refuse(work):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        raise error
 
     model = tiny_lora_model(checkpointing=True)
     graphs = LayerGraphs(capture=refuse)
@@ -168,8 +175,23 @@ def test_a_layer_that_cannot_be_captured_turns_graphs_off_and_runs_eagerly(monke
     monkeypatch.setattr(layer_graphs._log, "warn_once", lambda key, message: warned.append(message))
     for _ in range(3):  # eager first sighting, a failed capture, then eager for the rest of the run
         assert graphs.backward(layer, fn, hidden, grad_out, _no_context, lambda out: None) is None
-    assert "not permitted when stream is capturing" in graphs.failed and not graphs.graphs
+    assert str(error).split(".")[0] in graphs.failed and not graphs.graphs
+    assert not graphs._flats and not graphs._scratch  # the static buffers' memory goes back to the run
     assert graphs.eager == 3 and len(warned) == 1 and "graphs of offloaded layers are off" in warned[0]
+
+
+def test_a_capture_under_a_cap_starts_with_room_below_it(monkeypatch):
+    """While a capture runs the allocator does not free its cache for a new segment: under a cap,
+    a capture close to it frees the cache first; with room to spare, or without a cap, it does not."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    graphs = LayerGraphs()
+    for cap_gib, reserved_gib, frees in ((3.074, 3.05, True), (3.074, 2.5, False), (0, 75.0, False)):
+        emptied.clear()
+        graphs.reserve(256, 0, int(cap_gib * 2**30))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None, r=reserved_gib: int(r * 2**30))
+        graphs._make_room(torch.device("cuda", 0))
+        assert bool(emptied) == frees, (cap_gib, reserved_gib)
 
 
 def test_padded_sequence_boundaries_leave_attention_unchanged():

@@ -27,7 +27,8 @@ and loading cuBLAS's outside any capture; every later call captures or replays, 
 ever runs beside the pool. All graphs share one memory pool: everything a graph allocates is dead
 when its capture ends, so the pool holds one layer's working memory at the largest count, apart from
 the memory the loss uses (the memory plan counts both, ``Shape.graphed``). A capture that fails (an
-operation CUDA cannot record) turns graphs off for the run, with a warning; eager layers go on.
+operation CUDA cannot record, or memory it cannot get) turns graphs off for the run, with a warning,
+and gives their memory back; eager layers go on.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ BUCKETS_PER_DOUBLING = 4
 # (the reference's loop), or build a block mask from them there and cache it (flex), so a replay would
 # keep the captured micro-batch's boundaries.
 GRAPH_SAFE_ATTENTION = ("flash_attn", "torch_varlen")
+# A capture under an allocator cap starts with this much room below the cap: while a capture runs, the
+# allocator does not free its cache to make room for a new segment, so one that does not fit runs out
+# of memory. Blocks of 1 MiB or less come from segments of their own, which the pool's first block
+# does not provide: the first captures make them.
+CAPTURE_ROOM = 64 * 2**20
 
 
 def padded_boundaries(cu: torch.Tensor, length: int) -> torch.Tensor:
@@ -129,21 +135,23 @@ class LayerGraphs:
     failed: str | None = None  # why a capture failed (graphs are then off for the run)
     refused: set = field(default_factory=set)  # keys whose call cannot be graphed (e.g. not one output)
     pool_bytes: int = 0  # the pool is made this large before the first capture (``reserve``)
+    cap_bytes: int = 0  # the allocator's cap (``max_memory_gib``), 0 without one
     _flats: dict[str, _Flat] = field(default_factory=dict)
     _scratch: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     _pool: Any = None
     _mempool: Any = None
     _stream: Any = None
 
-    def reserve(self, tokens: int, pool_bytes: int = 0) -> None:
+    def reserve(self, tokens: int, pool_bytes: int = 0, cap_bytes: int = 0) -> None:
         """Size the static buffers for micro-batches of up to ``tokens``, and the pool for graphs that
         use ``pool_bytes`` (the memory plan's count); forgets every graph when that grows (their buffers
-        are made again)."""
+        are made again). ``cap_bytes``: the allocator's cap, if the run sets one."""
         if tokens > self.capacity:
             self.graphs.clear()
             self._flats.clear()
             self.capacity = tokens
         self.pool_bytes = max(self.pool_bytes, pool_bytes)
+        self.cap_bytes = cap_bytes
 
     def pool_gib(self) -> float | None:
         """Memory the graphs' pool holds (None before the first capture, or without ``MemPool``)."""
@@ -231,23 +239,31 @@ class LayerGraphs:
                 self.refused.add(key)  # until the capture succeeds
                 if self.capture is None:  # a real capture (an emulated one replays the host code too)
                     _check_attention(hidden)
-                entry = record(functools.partial(fn.func, *fn.args, **keywords))
+                try:
+                    entry = record(functools.partial(fn.func, *fn.args, **keywords))
+                except RuntimeError as e:  # out of memory included: a capture cannot have the cache freed
+                    self._turn_off(e)
+                    return None
                 self.graphs[key] = entry
                 self.refused.discard(key)
             return entry
         except _NotGraphable:
             self.eager += 1
             return None
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as e:  # something in the layer cannot be captured: eager from now on
-            self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            self.graphs.clear()
-            _log.warn_once(
-                "layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}"
-            )
-            self.eager += 1
-            return None
+
+    def _turn_off(self, error: BaseException) -> None:
+        """A capture failed (an operation CUDA cannot record, or no memory for it): eager layers from
+        now on, and the graphs' memory (pool, static buffers, gradient scratch) goes back."""
+        self.failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        self.graphs.clear()
+        self._flats.clear()
+        self._scratch.clear()
+        real = self._stream is not None
+        self._mempool = self._pool = self._stream = None
+        if real:
+            torch.cuda.empty_cache()
+        _log.warn_once("layer-graphs-failed", f"CUDA graphs of offloaded layers are off for this run: {self.failed}")
+        self.eager += 1
 
     def forward(self, layer: torch.nn.Module, fn: Callable, hidden: torch.Tensor) -> torch.Tensor | None:
         """``fn(hidden)`` without autograd (an offloaded layer's first pass) through a graph; None
@@ -344,9 +360,16 @@ class LayerGraphs:
         self._mempool = torch.cuda.MemPool()
         self._pool = self._mempool.id
         if self.pool_bytes:
+            torch.cuda.empty_cache()  # inside use_mem_pool the allocator would not free the cache for it
             with torch.cuda.use_mem_pool(self._mempool, device=device):
                 block = torch.empty(self.pool_bytes, dtype=torch.uint8, device=device)
             del block  # back to the pool, which keeps it for the captures to split
+
+    def _make_room(self, device: torch.device) -> None:
+        """Before a capture under an allocator cap: free the allocator's cache if less than
+        ``CAPTURE_ROOM`` is left below the cap (a capture cannot have it freed)."""
+        if self.cap_bytes and torch.cuda.memory_reserved(device) + CAPTURE_ROOM > self.cap_bytes:
+            torch.cuda.empty_cache()
 
     def _cuda_capture(self, work: Callable[[], None]) -> Callable[[], None]:
         current = torch.cuda.current_stream()
@@ -363,6 +386,7 @@ class LayerGraphs:
                     a = torch.ones(16, 16, dtype=dtype, device=current.device)
                     torch.addmm(a, a, a)
             current.wait_stream(self._stream)
+        self._make_room(current.device)
         graph = torch.cuda.CUDAGraph()
         self._stream.wait_stream(current)
         # Not torch.cuda.graph(): its garbage collection and cache flush on entry cost tens of

@@ -15,7 +15,8 @@ def cap_allocator(device: torch.device, cap_gib: float | None) -> Callable[[], N
 
     Capped, the allocator frees its cached blocks and retries before it would reserve more than the
     cap (and raises out-of-memory only if the live tensors themselves do not fit), so fragmentation
-    cannot push the reserved peak over what the user allowed.
+    cannot push the reserved peak over what the user allowed. Not during a CUDA graph capture: there
+    it frees nothing (``hizli.models.layer_graphs`` makes room before each capture).
     """
     if not cap_gib or device.type != "cuda":
         return lambda: None

@@ -94,7 +94,8 @@ def plan_memory(
         ctx.bucket_limit = plan.tokens_per_micro_batch
         graphs = state_of(model).layer_graphs
         if graphs is not None:
-            graphs.reserve(plan.tokens_per_micro_batch, int(plan.graph_pool_gib * 2**30))
+            cap = int(args.max_memory_gib * 2**30) if args.max_memory_gib else 0
+            graphs.reserve(plan.tokens_per_micro_batch, int(plan.graph_pool_gib * 2**30), cap)
     _log.info(plan.describe())
     for note in plan.notes:
         _log.warn_once(f"plan-{note}", note)
