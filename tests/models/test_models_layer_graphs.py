@@ -299,3 +299,22 @@ def test_real_captures_are_refused_where_the_attention_reads_boundaries_on_the_h
             graphs.forward(layer, fn, hidden)  # the eager first call
             graphs.forward(layer, fn, hidden)
         assert bool(captured) == capturable, name
+
+
+def test_after_an_invalidated_capture_the_pool_routing_is_ended_once(monkeypatch):
+    """Where PyTorch's ``capture_end`` raised before it stopped routing allocations to the pool (the
+    allocator then never frees its cache on a retry), hizli ends it and drops the capture's pool
+    reference; where PyTorch had ended it already, nothing more is done."""
+    calls = []
+
+    def end(device, pool):
+        calls.append(("end", device, pool))
+        if routing_ended:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: calls.append(("release", d, p)), raising=False)
+    for routing_ended, expected in ((False, ["end", "release"]), (True, ["end"])):
+        calls.clear()
+        layer_graphs._stop_routing(torch.device("cuda", 1), (7, 0))
+        assert [c[0] for c in calls] == expected and all(c[1:] == (1, (7, 0)) for c in calls)

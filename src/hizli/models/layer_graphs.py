@@ -396,9 +396,28 @@ class LayerGraphs:
             try:
                 work()
             finally:
-                graph.capture_end()
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    _stop_routing(current.device, self._pool)
+                    raise
         current.wait_stream(self._stream)
         return graph.replay
+
+
+def _stop_routing(device: torch.device, pool: Any) -> None:
+    """After a capture CUDA invalidated: some PyTorch versions raise from ``capture_end`` before they
+    stop sending allocations to the graphs' pool, and while that lasts the allocator never frees its
+    cache to retry an allocation that does not fit. Ends it, and drops the pool reference the capture
+    took (the pair ``use_mem_pool`` closes with), where PyTorch has not."""
+    end, release = (getattr(torch._C, name, None) for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"))
+    if end is None or release is None:
+        return
+    try:
+        end(device.index, pool)
+    except RuntimeError:  # PyTorch had ended it, and dropped its reference
+        return
+    release(device.index, pool)
 
 
 def _check_attention(hidden: torch.Tensor) -> None:
