@@ -36,11 +36,11 @@ LEADS = [(1, 37), (2, 19)]  # a padding-free row of 37 tokens; a batch of 2 x 19
 
 
 def _parts(nf4: bool, device) -> list[LoraPart]:
-    """gate, up (ranks 8 and 4, different scalings) and down."""
+    """gate, up (ranks 8 and 4, different scalings) and down (scaling 1, lora_alpha == r: no multiply)."""
     return [
         random_lora_part(INTER, HIDDEN, nf4=nf4, device=device, seed=1),
         random_lora_part(INTER, HIDDEN, nf4=nf4, device=device, seed=2, rank=4, scaling=0.5),
-        random_lora_part(HIDDEN, INTER, nf4=nf4, device=device, seed=3),
+        random_lora_part(HIDDEN, INTER, nf4=nf4, device=device, seed=3, scaling=1.0),
     ]
 
 

@@ -38,7 +38,7 @@ LEADS = [(1, 37), (2, 19)]  # a padding-free row of 37 tokens; a batch of 2 x 19
 def _qkv_parts(nf4: bool, device) -> list[LoraPart]:
     return [
         random_lora_part(HEADS * HEAD_DIM, HIDDEN, nf4=nf4, device=device, seed=1),
-        random_lora_part(KV_HEADS * HEAD_DIM, HIDDEN, nf4=nf4, device=device, seed=2, rank=4),
+        random_lora_part(KV_HEADS * HEAD_DIM, HIDDEN, nf4=nf4, device=device, seed=2, rank=4, scaling=1.0),
         random_lora_part(KV_HEADS * HEAD_DIM, HIDDEN, nf4=nf4, device=device, seed=3, scaling=0.5),
     ]
 

@@ -45,6 +45,14 @@ def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    """``t`` multiplied in place by the LoRA scaling ``s``; nothing when ``s`` is 1 (``lora_alpha == r``,
+    the recipe's setting), where the multiply would be a kernel launch that changes no bit."""
+    if s != 1.0:
+        t.mul_(s)
+    return t
+
+
 def dequantize_into(base: Any, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
     """Write ``base``'s weight, dequantized if 4-bit, into ``out`` (``[out_features, in_features]``),
     or only its rows ``[start, stop)`` (an NF4 range must start and end on a block boundary: see

@@ -34,6 +34,7 @@ from hizli.kernels._lora import (
     no_autocast,
     projection_reference,
     row_chunk,
+    scaled,
 )
 from hizli.kernels.dispatch import use_triton
 from hizli.kernels.lora_casts import ComputeCopies, compute_copy
@@ -106,8 +107,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
             # down projection
             h = swiglu_forward(gate, up)
-            d_b_down = (dy2.t() @ ha).mul_(s_down)
-            d_ha = (dy2 @ b_down).mul_(s_down)
+            d_b_down = scaled(dy2.t() @ ha, s_down)
+            d_ha = scaled(dy2 @ b_down, s_down)
             d_a_down = d_ha.t() @ h
             del h
             w = dequantized(ctx.bases[2:], (b_down.shape[0],), dtype, x2.device)
@@ -118,9 +119,9 @@ class _LoraMLPFunction(torch.autograd.Function):
             d_gate, d_up = swiglu_backward(dh, gate, up, out=(gate, up))
             del dh
             # gate and up projections
-            d_xa = torch.cat([(d_gate @ b_gate).mul_(s_gate), (d_up @ b_up).mul_(s_up)], dim=1)
-            d_b_gate = (d_gate.t() @ xa[:, :r_gate]).mul_(s_gate)
-            d_b_up = (d_up.t() @ xa[:, r_gate:]).mul_(s_up)
+            d_xa = torch.cat([scaled(d_gate @ b_gate, s_gate), scaled(d_up @ b_up, s_up)], dim=1)
+            d_b_gate = scaled(d_gate.t() @ xa[:, :r_gate], s_gate)
+            d_b_up = scaled(d_up.t() @ xa[:, r_gate:], s_up)
             d_a_gate, d_a_up = (d_xa.t() @ x2).split([r_gate, a_cat.shape[0] - r_gate], dim=0)
             dx = None
             if ctx.needs_input_grad[0]:
@@ -258,7 +259,7 @@ class _LoraMLPUnreadFunction(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
             xa = x2 @ a_cat.t()
             xa_gate, xa_up = xa[:, :r_gate], xa[:, r_gate:]
-            d_ha = (dy2 @ b_down).mul_(s_down)
+            d_ha = scaled(dy2 @ b_down, s_down)
             slices = _GateUpSlices(
                 x2, xa, r_gate, ctx.bases[:2], b_gate=b_gate, b_up=b_up, scalings=ctx.scalings, parts=UNREAD_CHUNKS
             )
@@ -287,9 +288,9 @@ class _LoraMLPUnreadFunction(torch.autograd.Function):
                 dx.addmm_(d_gate, w[0], beta=beta)
                 dx.addmm_(d_up, w[1])
             del slices, w_down
-            d_b_gate.mul_(s_gate)
-            d_b_up.mul_(s_up)
-            d_b_down = (dy2.t() @ ha).mul_(s_down)
+            scaled(d_b_gate, s_gate)
+            scaled(d_b_up, s_up)
+            d_b_down = scaled(dy2.t() @ ha, s_down)
             d_a_gate, d_a_up = (d_xa.t() @ x2).split([r_gate, a_cat.shape[0] - r_gate], dim=0)
             dx.addmm_(d_xa, a_cat)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)

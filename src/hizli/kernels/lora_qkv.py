@@ -36,6 +36,7 @@ from hizli.kernels._lora import (
     dequantized,
     no_autocast,
     projection_reference,
+    scaled,
     stacked_bias,
 )
 from hizli.kernels.dispatch import use_triton
@@ -125,8 +126,8 @@ class _LoraQKVFunction(torch.autograd.Function):
             d_xa, d_b = [], []
             r0 = 0
             for part, b, b_dtype, s, r in zip(parts, b_list, ctx.b_dtypes, scalings, ranks):
-                d_xa.append((part @ b).mul_(s))
-                d_b.append((part.t() @ xa[:, r0 : r0 + r]).mul_(s).to(b_dtype))
+                d_xa.append(scaled(part @ b, s))
+                d_b.append(scaled(part.t() @ xa[:, r0 : r0 + r], s).to(b_dtype))
                 r0 += r
             del parts
             d_xa_cat = torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]
