@@ -345,3 +345,24 @@ def test_kernel_out_reuse_cuda(monkeypatch, dtype):
             assert got.data_ptr() == buffer[row : row + rows].data_ptr()
             row += rows
         assert torch.equal(buffer, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_gpu_direct_launch_matches_jit(monkeypatch, nested):
+    """HIZLI_TRITON_LAUNCH=direct (hizli.kernels.launch): after the first launch of each output
+    alignment, launches skip Triton's JIT launcher and write the same bits as bitsandbytes, into an
+    aligned buffer and into one whose address is 2 bytes off (a kernel compiled apart), in turn."""
+    device = _cuda_triton(monkeypatch)
+    monkeypatch.setenv("HIZLI_TRITON_LAUNCH", "direct")
+    packed, qs = _quantize((1024, 3072), torch.bfloat16, 64, nested, device=device)
+    want = F.dequantize_4bit(packed, qs)
+    spare = torch.empty(want.numel() + 8, dtype=torch.bfloat16, device=device)
+    outs = {"aligned": spare[8:].view(want.shape), "2 bytes off": spare[1 : 1 + want.numel()].view(want.shape)}
+    for _ in range(3):
+        for name, out in outs.items():
+            out.fill_(float("nan"))
+            dequantize_nf4(packed, qs, out=out)
+            assert torch.equal(out, want), name
+    bound = nf4._resolve_cached(packed, qs, None, None).launches[False]
+    assert len(bound.compiled) == 2  # one compiled kernel per alignment, each then launched directly

@@ -31,8 +31,10 @@ LEVERS = (
     "token_buckets",
     "defer_mlp",
     "layer_graphs",
+    "direct_launch",
 )
-LEVERS_OFF_BY_DEFAULT = ("defer_mlp", "layer_graphs")  # levers of what the library does not do by default yet
+# levers of what the library does not do by default yet
+LEVERS_OFF_BY_DEFAULT = ("defer_mlp", "layer_graphs", "direct_launch")
 
 
 def default_levers() -> dict[str, bool]:
@@ -119,6 +121,10 @@ def run_recipe_bench(bench: RecipeBench) -> dict[str, Any]:
     levers = bench.levers
     if not levers["kernels"]:
         os.environ["HIZLI_KERNELS"] = "reference"
+    from hizli.kernels.launch import ENV as LAUNCH_ENV
+
+    # set either way, so that the record's lever says how this run launched its NF4 dequantization
+    os.environ[LAUNCH_ENV] = "direct" if levers["direct_launch"] else "jit"
     import torch
 
     from hizli import FastLanguageModel, SFTTrainer, TrainingArguments, get_chat_template  # as the recipe does

@@ -21,8 +21,10 @@ module: public op                      what
 ``dispatch`` is the one switch (``HIZLI_KERNELS=auto|triton|reference``): Triton on CUDA tensors when
 Triton imports, the reference elsewhere. Nothing here imports Triton until a kernel first runs, so
 these modules import on any machine. Besides the ops: ``lora_casts`` (the adapters' compute-dtype
-copies the LoRA ops reuse between optimizer steps) and private helpers (``_triton_utils``, ``_lora``,
-``_precompile``: Triton compiles ahead in a background process, started by ``hizli.models.warmup``).
+copies the LoRA ops reuse between optimizer steps), ``launch`` (a kernel launched again with most
+arguments unchanged, past Triton's per-call Python: ``HIZLI_TRITON_LAUNCH=direct``, off by default)
+and private helpers (``_triton_utils``, ``_lora``, ``_precompile``: Triton compiles ahead in a
+background process, started by ``hizli.models.warmup``).
 
 Import ops from their module (``from hizli.kernels.rms_norm import rms_norm``): the package does not
 re-export them, because three ops share their module's name and a re-export would shadow the

@@ -52,6 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hizli.kernels._triton_utils import lazy_jit, tl
 from hizli.kernels.dispatch import interpreting, use_triton
+from hizli.kernels.launch import BoundLaunch
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023, appendix E), as float32. Code 7 is an
 # exact zero; the codes are in increasing order.
@@ -163,6 +164,7 @@ class _Spec:
     offset: torch.Tensor | None = None
     block0: int = 0  # first block of a row range (``rows=``) in the whole weight
     row_specs: dict = field(default_factory=dict)  # (start, stop) -> its _Spec, made once
+    launches: dict = field(default_factory=dict)  # under the interpreter or not -> its BoundLaunch
 
 
 def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
@@ -325,6 +327,7 @@ def _row_range(spec: _Spec, rows: tuple[int, int]) -> _Spec:
         absmax=spec.absmax[block0:],
         block0=spec.block0 + block0,
         row_specs={},
+        launches={},
     )
     spec.row_specs[(start, stop)] = sub
     return sub
@@ -348,31 +351,43 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
 def _dequantize_triton(spec: _Spec, out: torch.Tensor) -> torch.Tensor:
     if spec.n == 0:
         return out
+    interpreted = interpreting()
+    bound = spec.launches.get(interpreted)
+    if bound is None:
+        bound = spec.launches[interpreted] = _bind(spec, interpreted)
+    bound(out)
+    return out
+
+
+def _bind(spec: _Spec, interpreted: bool) -> BoundLaunch:
+    """The weight's launch with every argument fixed but ``out`` (``hizli.kernels.launch``)."""
     half = spec.blocksize // 2
     blocks = max(1, _TILE_BYTES // half)
     grid = (-(-spec.n_blocks // blocks),)
     dummy = spec.absmax  # placeholders for the nested-only pointers (never read when not nested)
-    _nf4_dequant_kernel[grid](
+    args = (
         spec.packed,
         spec.absmax,
         _nf4_code(spec.packed.device),
         spec.absmax2 if spec.nested else dummy,
         spec.code2 if spec.nested else dummy,
         spec.offset if spec.nested else dummy,
-        out,
+        None,  # out, given at each call
         spec.n,
         spec.n_bytes,
         spec.n_blocks,
         spec.blocksize2 if spec.nested else 1,
         spec.block0,
+    )
+    meta = dict(
         HALF=half,
         BLOCKS=blocks,
         NESTED=spec.nested,
-        BF16_BY_BITS=spec.dtype == torch.bfloat16 and interpreting(),
+        BF16_BY_BITS=spec.dtype == torch.bfloat16 and interpreted,
         num_warps=_WARPS,
         enable_fp_fusion=False,
     )
-    return out
+    return BoundLaunch(_nf4_dequant_kernel, grid, args, meta, open_at=6)
 
 
 def _block_scales(spec: _Spec) -> torch.Tensor:
