@@ -14,6 +14,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from hizli.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference
+
 
 class LoraPart(NamedTuple):
     """One LoRA projection as the fused ops read it (a plain 4-tuple in this order works too).
@@ -63,9 +65,7 @@ def dequantize_into(base: Any, out: torch.Tensor, rows: tuple[int, int] | None =
         out.copy_(weight if rows is None else weight[rows[0] : rows[1]])
         return
     if state.quant_type == "nf4":
-        from hizli.kernels.nf4 import dequantize_nf4  # Triton on CUDA, its PyTorch reference elsewhere
-
-        dequantize_nf4(weight, state, out=out, rows=rows)
+        dequantize_nf4(weight, state, out=out, rows=rows)  # Triton on CUDA, its PyTorch reference elsewhere
         return
     import bitsandbytes.functional as bnbf
 
@@ -123,8 +123,6 @@ def weight_reference(base: Any, dtype: torch.dtype) -> torch.Tensor:
     if state is None:
         return weight.detach().to(dtype)
     if state.quant_type == "nf4":
-        from hizli.kernels.nf4 import dequantize_nf4_reference
-
         return dequantize_nf4_reference(weight.detach(), state, dtype=dtype)
     import bitsandbytes.functional as bnbf
 

@@ -44,11 +44,11 @@ were read for the layout; this code is written from the format above.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from math import prod
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from hizli.kernels._triton_utils import lazy_jit, tl
 from hizli.kernels.dispatch import interpreting, use_triton
@@ -252,9 +252,24 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
     return spec
 
 
-# Checked specs per bitsandbytes quant state, held weakly (an entry goes with its state) so that
-# nothing is written on bitsandbytes' objects.
-_SPECS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Checked specs per bitsandbytes quant state: id(state) -> (weak reference to it, {key: _Spec}). An
+# entry goes with its state (the reference's callback), and nothing is written on bitsandbytes'
+# objects. Not torch's WeakIdKeyDictionary: its lookup asks the key for attributes that a QuantState
+# lacks, and QuantState's __getattr__ makes each miss cost microseconds, on every dequantization.
+_SPECS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _specs_of(state) -> dict | None:
+    entry = _SPECS.get(id(state))
+    if entry is not None and entry[0]() is state:
+        return entry[1]
+    try:
+        ref = weakref.ref(state, lambda _ref, key=id(state): _SPECS.pop(key, None))
+    except TypeError:  # a state object without weak references: check every call
+        return None
+    cache: dict = {}
+    _SPECS[id(state)] = (ref, cache)
+    return cache
 
 
 def _resolve_cached(
@@ -270,19 +285,11 @@ def _resolve_cached(
     state = quant_state if quant_state is not None else getattr(packed, "quant_state", None)
     data = packed.data if isinstance(packed, torch.nn.Parameter) else packed
     want = dtype if dtype is not None else (out.dtype if out is not None else getattr(state, "dtype", None))
-    try:
-        cache = _SPECS.get(state) if state is not None else None
-    except TypeError:  # a state object without weak references: check every call
-        cache = None
-    spec = cache.get((data.data_ptr(), data.device, want)) if cache is not None else None
+    cache = _specs_of(state) if state is not None else None
+    key = (data.data_ptr(), data.device, want)
+    spec = cache.get(key) if cache is not None else None
     if spec is None:
         spec = _resolve(packed, quant_state, want)
-        if cache is None and state is not None:
-            cache = {}
-            try:
-                _SPECS[state] = cache
-            except TypeError:
-                pass
         if cache is not None:
             cache[(data.data_ptr(), data.device, spec.dtype)] = spec
     if rows is not None:
