@@ -27,7 +27,8 @@ recipe's 3B model, 24.3 million parameters); the memory plan counts them (:meth:
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from hizli.kernels._weak import IdWeakMap
 
 
 class ComputeCopies:
@@ -35,7 +36,7 @@ class ComputeCopies:
 
     def __init__(self) -> None:
         self.steps = 0  # optimizer steps taken in this run
-        self._kept: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> (key, copy)
+        self._kept = IdWeakMap()  # parameter -> (key, copy)
 
     def step_taken(self, *_args: object) -> None:
         """An optimizer's post-step hook: every copy made before is stale, and is refreshed now, in

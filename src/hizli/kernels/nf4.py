@@ -44,13 +44,13 @@ were read for the layout; this code is written from the format above.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field, replace
 from math import prod
 
 import torch
 
 from hizli.kernels._triton_utils import lazy_jit, tl
+from hizli.kernels._weak import IdWeakMap
 from hizli.kernels.dispatch import interpreting, use_triton
 from hizli.kernels.launch import BoundLaunch
 
@@ -252,23 +252,21 @@ def _resolve(packed, quant_state, dtype: torch.dtype | None) -> _Spec:
     return spec
 
 
-# Checked specs per bitsandbytes quant state: id(state) -> (weak reference to it, {key: _Spec}). An
-# entry goes with its state (the reference's callback), and nothing is written on bitsandbytes'
-# objects. Not torch's WeakIdKeyDictionary: its lookup asks the key for attributes that a QuantState
-# lacks, and QuantState's __getattr__ makes each miss cost microseconds, on every dequantization.
-_SPECS: dict[int, tuple[weakref.ref, dict]] = {}
+# Checked specs per bitsandbytes quant state (held weakly: an entry goes with its state, and nothing
+# is written on bitsandbytes' objects): state -> {(data address, device, dtype): _Spec}.
+_SPECS = IdWeakMap()
 
 
 def _specs_of(state) -> dict | None:
-    entry = _SPECS.get(id(state))
-    if entry is not None and entry[0]() is state:
-        return entry[1]
-    try:
-        ref = weakref.ref(state, lambda _ref, key=id(state): _SPECS.pop(key, None))
-    except TypeError:  # a state object without weak references: check every call
-        return None
-    cache: dict = {}
-    _SPECS[id(state)] = (ref, cache)
+    """The state's cache of checked specs (made empty at first), or None for a state without weak
+    references (checked at every call)."""
+    cache = _SPECS.get(state)
+    if cache is None:
+        cache = {}
+        try:
+            _SPECS[state] = cache
+        except TypeError:
+            return None
     return cache
 
 
