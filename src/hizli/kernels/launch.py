@@ -14,14 +14,15 @@ open. A call specialises only the open ones, with Triton's own function (``nativ
 with the kernel's backend and each parameter's flags), and looks that up among the compiled kernels
 it has kept: a new specialisation goes through ``kernel[grid]`` (which compiles if needed, and
 launches) and its compiled kernel is kept; a known one is launched through the compiled kernel's own
-launcher. The fixed arguments are specialised by Triton at that first launch and cannot change, so
-both paths pick the same binary.
+launcher. The fixed arguments are specialised by Triton at that first launch and do not change (the
+bound launch holds them, so a tensor keeps its address), so both paths pick the same binary.
 
 ``HIZLI_TRITON_LAUNCH`` (read at every call): ``jit`` (default) always goes through
 ``kernel[grid]``; ``direct`` launches as above. Calls go through ``kernel[grid]`` whatever the mode
 under Triton's interpreter, while any launch hook is installed (a profiler such as Proton then sees
 every launch), and with a Triton that lacks the pieces used here (``triton.knobs`` and
-``native_specialize_impl``, Triton 3.4 and later; the direct path is checked with 3.6).
+``native_specialize_impl``). tests/kernels/test_kernels_launch.py checks, against Triton's own JIT,
+that both paths pass the same arguments to the same compiled kernel (Triton 3.6.0 and 3.9.0).
 """
 
 from __future__ import annotations
