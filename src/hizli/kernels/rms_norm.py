@@ -71,7 +71,9 @@ def _rms_norm_bwd_kernel(
     # bound): the tail program just loads zeros, which add nothing to dw.
     for i in range(0, rows_per_program):
         row = pid.to(tl.int64) * rows_per_program + i
-        m = mask & (row < n_rows)
+        # row < n_rows as a [BLOCK] vector: Triton 3.9's interpreter gives a scalar comparison and'ed with a
+        # vector a mask dtype its loads reject; compiled, the splat is the same.
+        m = mask & (cols * 0 + row < n_rows)
         dy = tl.load(dy_ptr + row * dy_stride + cols, mask=m, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row * x_stride + cols, mask=m, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row < n_rows, other=0.0)
