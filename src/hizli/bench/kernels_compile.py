@@ -168,11 +168,23 @@ def _sass(cubin: bytes, tools: str) -> dict[str, int]:
     return counts
 
 
+def _ptxas() -> str:
+    """The ptxas Triton itself runs for sm_90 (Triton 3.9 moved Hopper to the newer of its two)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, TypeError):
+        import triton
+
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 def compile_all() -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _ptxas()
     rows = []
     for name, (kernel, args, constexprs, warps) in _cases().items():
         source = _source(kernel, args, constexprs)
