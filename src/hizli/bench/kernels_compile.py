@@ -182,6 +182,8 @@ def _ptxas() -> str:
 
 def compile_all() -> list[dict]:
     import triton
+
+    from hizli.kernels._triton_utils import FP_FUSION
     from triton.backends.compiler import GPUTarget
 
     ptxas = _ptxas()
@@ -189,7 +191,9 @@ def compile_all() -> list[dict]:
     for name, (kernel, args, constexprs, warps) in _cases().items():
         source = _source(kernel, args, constexprs)
         start = time.time()
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": FP_FUSION}
+        )
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(compiled.asm["ptx"])
         report = subprocess.run(

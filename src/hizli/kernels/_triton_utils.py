@@ -36,6 +36,11 @@ class _TritonLanguagePlaceholder:
 
 tl: Any = _TritonLanguagePlaceholder()
 
+# Contract a * b + c into one fused multiply-add, as Triton does by default up to 3.9 (3.10 turns the
+# default off; 3.9 warns while it is unset). Every launch passes it, so results do not move with the
+# Triton version; the NF4 dequantization turns it off (bitsandbytes rounds its two steps apart).
+FP_FUSION = True
+
 
 class LazyJit:
     """A Triton kernel whose ``triton.jit`` happens at its first launch, not at module import.

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, tl
+from hizli.kernels._triton_utils import FP_FUSION, lazy_jit, next_power_of_2, tl
 from hizli.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +151,7 @@ def _chunk_step_triton(
         WRITE_GRAD=write_grad,
         BLOCK=block,
         num_warps=_CE_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, program_count, row_warps, tl
+from hizli.kernels._triton_utils import FP_FUSION, lazy_jit, next_power_of_2, program_count, row_warps, tl
 from hizli.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
             eps,
             BLOCK=block,
             num_warps=row_warps(block),
+            enable_fp_fusion=FP_FUSION,
         )
     return y.view(x.shape), rstd
 
@@ -149,6 +150,7 @@ def _rms_norm_bwd(
             BLOCK=block,
             HAS_DW=need_dw,
             num_warps=row_warps(block, most=16),
+            enable_fp_fusion=FP_FUSION,
         )
     dw = None
     if need_dw:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, tl
+from hizli.kernels._triton_utils import FP_FUSION, lazy_jit, next_power_of_2, tl
 from hizli.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +213,7 @@ def _rope_launch(
         BLOCK_D=block_d,
         BACKWARD=backward,
         num_warps=warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return qo, ko
 

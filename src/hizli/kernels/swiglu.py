@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hizli.kernels._triton_utils import lazy_jit, next_power_of_2, tl
+from hizli.kernels._triton_utils import FP_FUSION, lazy_jit, next_power_of_2, tl
 from hizli.kernels.dispatch import use_triton
 
 # 2,048 bf16 elements (4 KB) per program and 8 per thread with 8 warps: 16-byte vector loads and a
@@ -90,7 +90,16 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         block = min(_BLOCK, next_power_of_2(n_cols))
         grid = (n_rows, -(-n_cols // block))
         _swiglu_fwd_kernel[grid](
-            g2, u2, y, n_cols, g2.stride(0), u2.stride(0), y.stride(0), BLOCK=block, num_warps=_WARPS
+            g2,
+            u2,
+            y,
+            n_cols,
+            g2.stride(0),
+            u2.stride(0),
+            y.stride(0),
+            BLOCK=block,
+            num_warps=_WARPS,
+            enable_fp_fusion=FP_FUSION,
         )
     return y.view(gate.shape)
 
@@ -122,6 +131,7 @@ def _swiglu_bwd(
             du.stride(0),
             BLOCK=block,
             num_warps=_WARPS,
+            enable_fp_fusion=FP_FUSION,
         )
     return dg.view(gate.shape), du.view(up.shape)
 
