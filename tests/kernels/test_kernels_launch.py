@@ -84,7 +84,14 @@ def kernel(monkeypatch):
 def _bound(kernel, block=32):
     """The probe with x and scale fixed, out, n and start given at each call."""
     x = torch.zeros(128)
-    return BoundLaunch(kernel, (4,), (x, None, None, None, 2.0), {"BLOCK": block, "num_warps": 2}, open_at=1, n_open=3)
+    return BoundLaunch(
+        kernel,
+        (4,),
+        (x, None, None, None, 2.0),
+        {"BLOCK": block, "num_warps": 2, "enable_fp_fusion": True},
+        open_at=1,
+        n_open=3,
+    )
 
 
 def _open(n=64, start=0, out_offset=0):
