@@ -62,7 +62,7 @@ class RecipeBench:
     parallel: str | None = None  # under torchrun: "ddp" or "fsdp" (random shapes built sharded, in place)
 
 
-# configs/demo-cpu.yaml's settings (tests/bench/test_bench_recipe.py keeps them equal)
+# configs/demo-cpu.yaml's settings (tests/bench/test_bench_compare.py keeps them equal)
 CPU_DEMO = RecipeBench(
     model="smollm2-135m-instruct", data="hizli:sharegpt", steps=20, seq_len=512, chat_template="smollm2"
 )
