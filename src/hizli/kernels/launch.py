@@ -28,7 +28,7 @@ that both paths pass the same arguments to the same compiled kernel (Triton 3.6.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 ENV = "HIZLI_TRITON_LAUNCH"
 MODES = ("jit", "direct")
@@ -42,29 +42,34 @@ def launch_mode() -> str:
     return mode
 
 
-class _Site:
-    """How Triton specialises one JIT kernel's runtime arguments on one device."""
+class _Site(NamedTuple):
+    """What a direct launch of one kernel on one device needs besides the call's own arguments."""
 
-    def __init__(self, kernel: Any, backend: Any) -> None:
-        self.backend = backend
-        params = kernel.params
-        runtime = [p for p in params if not p.is_constexpr]
-        constexprs = params[len(runtime) :]
-        # Handled: untyped runtime parameters first, then the constexprs (hizli's kernels all are).
-        self.usable = all(not p.annotation_type for p in runtime) and all(p.is_constexpr for p in constexprs)
-        self.flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment) for p in runtime]
-        self.constexprs = [(p.name, p.default if p.has_default else _REQUIRED) for p in constexprs]
+    backend: Any  # Triton's backend for the device (specialisation asks it about pointers and ints)
+    open_flags: list  # (is_const, specialise, specialise alignment) of each open argument
+    constexprs: tuple  # the constexprs' values in order (the launcher skips them but expects them)
 
-    def values(self, args: tuple, meta: dict) -> tuple | None:
-        """Every parameter's value in order (the launcher skips the constexprs but expects them), or
-        None when a constexpr without a default is missing."""
-        tail = []
-        for name, default in self.constexprs:
-            value = meta.get(name, default)
-            if value is _REQUIRED:
-                return None
-            tail.append(value)
-        return args + tuple(tail)
+
+def _make_site(kernel: Any, device: int, n_args: int, open_args: slice, meta: dict) -> _Site | None:
+    """The kernel's site on ``device`` after its first launch there, or None where this module cannot
+    launch it: an interpreted kernel, typed runtime parameters, constexprs not after every runtime
+    parameter (hizli's kernels all have them last), runtime arguments not all given positionally
+    (``n_args`` of them), or a constexpr without a value."""
+    caches = getattr(kernel, "device_caches", None)  # an interpreted kernel has none
+    if caches is None or device not in caches or not hasattr(kernel, "params"):
+        return None
+    params = kernel.params
+    runtime = [p for p in params if not p.is_constexpr]
+    constexprs = params[len(runtime) :]
+    if len(runtime) != n_args or any(p.annotation_type for p in runtime):
+        return None
+    if not all(p.is_constexpr for p in constexprs):
+        return None
+    values = tuple(meta.get(p.name, p.default if p.has_default else _REQUIRED) for p in constexprs)
+    if any(v is _REQUIRED for v in values):
+        return None
+    flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment) for p in runtime]
+    return _Site(caches[device][3], flags[open_args], values)  # the entry's fourth item: the backend
 
 
 _REQUIRED: Any = object()  # a constexpr without a default
@@ -96,14 +101,6 @@ def _hooks_idle(knobs: Any) -> bool:
     return True
 
 
-def _make_site(kernel: Any, device: int) -> Any:
-    caches = getattr(kernel, "device_caches", None)  # an interpreted kernel has none
-    if caches is None or device not in caches or not hasattr(kernel, "params"):
-        return None
-    site = _Site(kernel, caches[device][3])  # the entry's fourth item: the device's backend
-    return site if site.usable else None
-
-
 def _compiled(result: Any) -> Any:
     """What ``kernel[grid](...)`` returned, if it is a compiled kernel this module can launch."""
     if hasattr(result, "result"):  # an asynchronous compile's future
@@ -133,7 +130,7 @@ class BoundLaunch:
         self.grid, self.meta, self.open = tuple(grid), dict(meta), slice(open_at, open_at + n_open)
         self.grid3 = (self.grid + (1, 1))[:3]
         self.head, self.tail = tuple(args[:open_at]), tuple(args[open_at + n_open :])
-        self.devices: dict[int, Any] = {}  # device -> (backend, open arguments' flags, constexpr values), or None
+        self.devices: dict[int, _Site | None] = {}  # None: this kernel always launches through Triton
         self.compiled: dict[tuple, Any] = {}  # (device, open arguments' specialisation) -> compiled kernel
 
     def __call__(self, *values: Any) -> None:
@@ -150,13 +147,8 @@ class BoundLaunch:
             return
         if known is _UNSEEN:  # the first call on this device: Triton binds, compiles and launches
             compiled = _compiled(self.kernel[self.grid](*args, **self.meta))
-            site = _make_site(self.kernel, device)
-            values_all = site.values(args, self.meta) if site is not None and len(args) == len(site.flags) else None
-            if values_all is None:
-                self.devices[device] = None
-                return
-            known = self.devices[device] = (site.backend, site.flags[self.open], values_all[len(args) :])
-            if compiled is not None:
+            known = self.devices[device] = _make_site(self.kernel, device, len(args), self.open, self.meta)
+            if known is not None and compiled is not None:
                 self.compiled[self._key(device, known, values, specialize)] = compiled
             return
         key = self._key(device, known, values, specialize)
@@ -178,10 +170,9 @@ class BoundLaunch:
             None,
             None,
             *args,
-            *known[2],
+            *known.constexprs,
         )
 
     @staticmethod
-    def _key(device: int, known: tuple, values: tuple, specialize: Any) -> tuple:
-        backend, flags = known[0], known[1]
-        return (device,) + tuple(specialize(backend, v, *f) for v, f in zip(values, flags))
+    def _key(device: int, site: _Site, values: tuple, specialize: Any) -> tuple:
+        return (device,) + tuple(specialize(site.backend, v, *f) for v, f in zip(values, site.open_flags))
