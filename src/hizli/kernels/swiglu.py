@@ -29,6 +29,7 @@ from hizli.kernels.dispatch import use_triton
 # grid of 48,000 programs at the recipe shape, many waves over 132 multiprocessors.
 _BLOCK = 2048
 _WARPS = 8
+_OPTIONS = {"num_warps": _WARPS, "enable_fp_fusion": FP_FUSION}  # both directions launch with these
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -89,18 +90,7 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if y.numel():
         block = min(_BLOCK, next_power_of_2(n_cols))
         grid = (n_rows, -(-n_cols // block))
-        _swiglu_fwd_kernel[grid](
-            g2,
-            u2,
-            y,
-            n_cols,
-            g2.stride(0),
-            u2.stride(0),
-            y.stride(0),
-            BLOCK=block,
-            num_warps=_WARPS,
-            enable_fp_fusion=FP_FUSION,
-        )
+        _swiglu_fwd_kernel[grid](g2, u2, y, n_cols, g2.stride(0), u2.stride(0), y.stride(0), BLOCK=block, **_OPTIONS)
     return y.view(gate.shape)
 
 
@@ -130,8 +120,7 @@ def _swiglu_bwd(
             dg.stride(0),
             du.stride(0),
             BLOCK=block,
-            num_warps=_WARPS,
-            enable_fp_fusion=FP_FUSION,
+            **_OPTIONS,
         )
     return dg.view(gate.shape), du.view(up.shape)
 
